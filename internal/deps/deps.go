@@ -1,0 +1,26 @@
+package main
+import (
+	_ "github.com/containerd/containerd/v2/core/snapshots"
+	_ "github.com/containerd/containerd/v2/core/snapshots/storage"
+	_ "github.com/containerd/containerd/v2/core/snapshots/testsuite"
+	_ "github.com/containerd/containerd/v2/core/remotes/docker"
+	_ "github.com/containerd/containerd/v2/core/remotes/docker/config"
+	_ "github.com/containerd/containerd/v2/pkg/archive"
+	_ "github.com/containerd/containerd/v2/contrib/snapshotservice"
+	_ "github.com/containerd/containerd/v2/pkg/snapshotters"
+	_ "github.com/containerd/containerd/api/services/snapshots/v1"
+	_ "github.com/containerd/continuity/fs"
+	_ "github.com/containerd/errdefs"
+	_ "github.com/containerd/log"
+	_ "google.golang.org/grpc"
+	_ "github.com/klauspost/compress/zstd"
+	_ "github.com/klauspost/compress/gzip"
+	_ "github.com/opencontainers/go-digest"
+	_ "github.com/opencontainers/image-spec/specs-go/v1"
+	_ "github.com/pelletier/go-toml/v2"
+	_ "golang.org/x/sync/singleflight"
+	_ "golang.org/x/sys/unix"
+	_ "github.com/hanwen/go-fuse/v2/fs"
+	_ "github.com/containerd/stargz-snapshotter/estargz"
+)
+func main(){}
