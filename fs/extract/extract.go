@@ -1,0 +1,167 @@
+package extract
+
+import (
+	"bufio"
+	"bytes"
+	"context"
+	"errors"
+	"fmt"
+	"io"
+	"syscall"
+
+	"github.com/containerd/containerd/v2/pkg/archive"
+	"github.com/klauspost/compress/gzip"
+	"github.com/klauspost/compress/zstd"
+	"github.com/opencontainers/go-digest"
+)
+
+// ErrInvalid is wrapped by every error that means the layer's data is wrong:
+// a digest or size mismatch, a corrupt compressed stream or tar, an entry
+// that would escape the layer root. errdefs.IsDataLoss reports true for it.
+var ErrInvalid error = invalidError{}
+
+type invalidError struct{}
+
+func (invalidError) Error() string { return "invalid layer data" }
+
+// DataLoss marks the error for containerd's errdefs.IsDataLoss.
+func (invalidError) DataLoss() {}
+
+// Options describe the blob being extracted.
+type Options struct {
+	// Digest is the digest of the (compressed) blob. Required.
+	Digest digest.Digest
+	// Size is the blob's size in bytes; 0 skips the size check.
+	Size int64
+	// DiffID, when set, is the digest the uncompressed tar must have.
+	DiffID digest.Digest
+	// Parents are the directories of the layers below, topmost first.
+	// Directories the tar creates without listing them take their
+	// attributes from there, as containerd's applier does.
+	Parents []string
+}
+
+// Result tells what an extraction found.
+type Result struct {
+	// DiffID is the digest of the uncompressed tar.
+	DiffID digest.Digest
+	// ImplicitDirs is true when the tar created a directory it did not
+	// list; such directories depend on Options.Parents.
+	ImplicitDirs bool
+}
+
+var (
+	magicGzip = []byte{0x1f, 0x8b}
+	magicZstd = []byte{0x28, 0xb5, 0x2f, 0xfd}
+)
+
+// Layer reads a layer blob from r (gzip, zstd or a plain tar, told apart by
+// their magic bytes) and extracts it into dir, which must exist. It reads r
+// to its end and verifies the blob before returning; on error dir may hold
+// part of the layer and must be discarded by the caller.
+func Layer(ctx context.Context, r io.Reader, dir string, opts Options) (Result, error) {
+	if err := opts.Digest.Validate(); err != nil {
+		return Result{}, fmt.Errorf("layer digest %q: %w", opts.Digest, err)
+	}
+	blobHash := opts.Digest.Algorithm().Digester()
+	raw := &countingReader{r: io.TeeReader(r, blobHash.Hash())}
+	br := bufio.NewReaderSize(raw, 1<<20)
+
+	tarStream, closeDecompressor, err := decompress(br)
+	if err != nil {
+		return Result{}, fmt.Errorf("layer %s: %w", opts.Digest, err)
+	}
+	defer closeDecompressor()
+
+	diffHash := digest.SHA256.Digester()
+	tarReader := io.TeeReader(tarStream, diffHash.Hash())
+	guard := newPathGuard()
+	applyOpts := []archive.ApplyOpt{
+		archive.WithConvertWhiteout(archive.OverlayConvertWhiteout),
+		archive.WithFilter(guard.check),
+	}
+	if len(opts.Parents) > 0 {
+		applyOpts = append(applyOpts, archive.WithParents(opts.Parents))
+	}
+	if _, err := archive.Apply(ctx, dir, tarReader, applyOpts...); err != nil {
+		return Result{}, fmt.Errorf("layer %s: %w", opts.Digest, raw.classify(err))
+	}
+	// The tar reader stops at the end-of-archive marker; the digests cover
+	// the whole stream, padding and compressed trailer included.
+	if _, err := io.Copy(io.Discard, tarReader); err != nil {
+		return Result{}, fmt.Errorf("layer %s: after the tar archive: %w", opts.Digest, raw.classify(err))
+	}
+	if _, err := io.Copy(io.Discard, br); err != nil {
+		return Result{}, fmt.Errorf("layer %s: after the compressed stream: %w", opts.Digest, err)
+	}
+
+	if opts.Size > 0 && raw.n != opts.Size {
+		return Result{}, fmt.Errorf("layer %s: blob has %d bytes, the manifest says %d: %w", opts.Digest, raw.n, opts.Size, ErrInvalid)
+	}
+	if got := blobHash.Digest(); got != opts.Digest {
+		return Result{}, fmt.Errorf("layer %s: blob bytes have digest %s: %w", opts.Digest, got, ErrInvalid)
+	}
+	res := Result{DiffID: diffHash.Digest(), ImplicitDirs: guard.implicitDirs}
+	if opts.DiffID != "" && res.DiffID != opts.DiffID {
+		return Result{}, fmt.Errorf("layer %s: uncompressed tar has digest %s, the image config says %s: %w", opts.Digest, res.DiffID, opts.DiffID, ErrInvalid)
+	}
+	return res, nil
+}
+
+// decompress returns the tar stream inside br.
+func decompress(br *bufio.Reader) (io.Reader, func(), error) {
+	magic, err := br.Peek(4)
+	if err != nil && err != io.EOF {
+		return nil, nil, fmt.Errorf("read blob header: %w", err)
+	}
+	switch {
+	case bytes.HasPrefix(magic, magicGzip):
+		zr, err := gzip.NewReader(br)
+		if err != nil {
+			return nil, nil, fmt.Errorf("gzip header: %w: %w", err, ErrInvalid)
+		}
+		return zr, func() { zr.Close() }, nil
+	case bytes.HasPrefix(magic, magicZstd):
+		zr, err := zstd.NewReader(br, zstd.WithDecoderConcurrency(1))
+		if err != nil {
+			return nil, nil, fmt.Errorf("zstd header: %w: %w", err, ErrInvalid)
+		}
+		return zr, zr.Close, nil
+	default:
+		return br, func() {}, nil
+	}
+}
+
+// classify marks an extraction error as ErrInvalid when it can only come
+// from bad data. Errors of the source (a registry that went away) and of the
+// local system (a full disk) pass through unchanged, so that the caller can
+// try another way.
+func (c *countingReader) classify(err error) error {
+	var errno syscall.Errno
+	switch {
+	case errors.Is(err, ErrInvalid):
+		return err
+	case c.err != nil && c.err != io.EOF:
+		return err
+	case errors.As(err, &errno):
+		return err
+	}
+	return fmt.Errorf("%w: %w", err, ErrInvalid)
+}
+
+// countingReader counts the bytes read from the source and remembers the
+// source's error.
+type countingReader struct {
+	r   io.Reader
+	n   int64
+	err error
+}
+
+func (c *countingReader) Read(p []byte) (int, error) {
+	n, err := c.r.Read(p)
+	c.n += int64(n)
+	if err != nil {
+		c.err = err
+	}
+	return n, err
+}
