@@ -1,0 +1,328 @@
+package remote
+
+import (
+	"bytes"
+	"context"
+	"encoding/base64"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"io"
+	"net/http"
+	"net/http/httptest"
+	"net/url"
+	"os"
+	"path/filepath"
+	"strings"
+	"sync/atomic"
+	"testing"
+	"time"
+
+	"github.com/containerd/errdefs"
+	"github.com/opencontainers/go-digest"
+	ocispec "github.com/opencontainers/image-spec/specs-go/v1"
+)
+
+func TestReadRange(t *testing.T) {
+	const size = 5000
+	for _, ignoreRange := range []bool{false, true} {
+		reg := newRegistry(t)
+		blob, desc := reg.addBlob(size)
+		if ignoreRange {
+			reg.setMisbehave(func(w http.ResponseWriter, r *http.Request, seen int) bool {
+				serveIgnoringRange(w, blob)
+				return true
+			})
+		}
+		b, err := NewResolver(testOptions(t)).Blob(t.Context(), reg.host+"/foo:latest", desc)
+		if err != nil {
+			t.Fatal(err)
+		}
+		for _, rg := range [][2]int64{{0, 1}, {0, size}, {size - 1, 1}, {1000, 2500}, {size, 0}} {
+			t.Run(fmt.Sprintf("ignoreRange=%v/%d+%d", ignoreRange, rg[0], rg[1]), func(t *testing.T) {
+				rc, err := b.ReadRange(t.Context(), rg[0], rg[1])
+				if err != nil {
+					t.Fatal(err)
+				}
+				defer rc.Close()
+				got, err := io.ReadAll(rc)
+				if err != nil {
+					t.Fatal(err)
+				}
+				if want := blob[rg[0] : rg[0]+rg[1]]; !bytes.Equal(got, want) {
+					t.Fatalf("got %d bytes, want %d (equal prefix %d)", len(got), len(want), commonPrefix(got, want))
+				}
+			})
+		}
+		for _, rg := range [][2]int64{{-1, 1}, {0, size + 1}, {size, 1}, {1, -1}} {
+			if _, err := b.ReadRange(t.Context(), rg[0], rg[1]); !errors.Is(err, errdefs.ErrInvalidArgument) {
+				t.Errorf("ReadRange(%d, %d) = %v, want ErrInvalidArgument", rg[0], rg[1], err)
+			}
+		}
+	}
+}
+
+func TestReadRangeNotFound(t *testing.T) {
+	reg := newRegistry(t)
+	_, desc := reg.addBlob(10)
+	desc.Digest = digest.Digest("sha256:" + strings.Repeat("0", 64))
+	b, err := NewResolver(testOptions(t)).Blob(t.Context(), reg.host+"/foo:latest", desc)
+	if err != nil {
+		t.Fatal(err)
+	}
+	_, err = b.ReadRange(t.Context(), 0, 10)
+	if !errors.Is(err, ErrUnavailable) || !strings.Contains(err.Error(), "HTTP 404 (BLOB_UNKNOWN: not here)") {
+		t.Fatalf("got %v, want ErrUnavailable naming the 404", err)
+	}
+	if reqs := len(reg.blobRequests()); reqs != 1 {
+		t.Errorf("registry saw %d requests for a missing blob, want 1", reqs)
+	}
+}
+
+func TestBlobInvalid(t *testing.T) {
+	r := NewResolver(testOptions(t))
+	good := ocispec.Descriptor{Digest: digest.Digest("sha256:" + strings.Repeat("a", 64)), Size: 1}
+	for _, tc := range []struct {
+		ref  string
+		desc ocispec.Descriptor
+	}{
+		{"127.0.0.1:5000/foo", ocispec.Descriptor{Digest: good.Digest, Size: 0}},
+		{"127.0.0.1:5000/foo", ocispec.Descriptor{Digest: "sha256:abc", Size: 1}},
+		{"127.0.0.1:5000", good},
+		{"http://127.0.0.1:5000/foo", good},
+	} {
+		if _, err := r.Blob(t.Context(), tc.ref, tc.desc); !errors.Is(err, errdefs.ErrInvalidArgument) {
+			t.Errorf("Blob(%q, %v) = %v, want ErrInvalidArgument", tc.ref, tc.desc, err)
+		}
+	}
+}
+
+func TestUnreachable(t *testing.T) {
+	addr := closedAddr(t)
+	desc := ocispec.Descriptor{Digest: digest.Digest("sha256:" + strings.Repeat("a", 64)), Size: 3000}
+	r := NewResolver(testOptions(t))
+	ctx, cancel := context.WithTimeout(t.Context(), 20*time.Second)
+	defer cancel()
+	b, err := r.Blob(ctx, addr+"/foo:latest", desc)
+	if err != nil {
+		t.Fatal(err)
+	}
+	s := b.Stream(ctx)
+	defer s.Close()
+	_, err = io.ReadAll(s)
+	if !errors.Is(err, ErrUnavailable) || !strings.Contains(err.Error(), "connection refused") {
+		t.Errorf("Stream: got %v, want ErrUnavailable naming the refused connection", err)
+	}
+	if _, err := b.ReadRange(ctx, 10, 10); !errors.Is(err, ErrUnavailable) {
+		t.Errorf("ReadRange: got %v, want ErrUnavailable", err)
+	}
+	if _, err := r.Manifest(ctx, addr+"/foo:latest", desc.Digest); !errors.Is(err, ErrUnavailable) {
+		t.Errorf("Manifest: got %v, want ErrUnavailable", err)
+	}
+}
+
+func TestStall(t *testing.T) {
+	reg := newRegistry(t)
+	blob, desc := reg.addBlob(3000)
+	var bodyStalls atomic.Int32
+	reg.setMisbehave(func(w http.ResponseWriter, r *http.Request, seen int) bool {
+		first, last := requestedRange(t, r)
+		switch {
+		case first == 0: // never answers
+		case first == 1024 && seen == 0: // answers, then stalls half-way
+			bodyStalls.Add(1)
+			w.Header().Set("Content-Range", fmt.Sprintf("bytes %d-%d/%d", first, last, len(blob)))
+			w.Header().Set("Content-Length", fmt.Sprint(last-first+1))
+			w.WriteHeader(http.StatusPartialContent)
+			_, _ = w.Write(blob[first : first+10])
+			w.(http.Flusher).Flush()
+		default:
+			return false
+		}
+		<-r.Context().Done()
+		return true
+	})
+	opts := testOptions(t)
+	opts.Timeout = 100 * time.Millisecond
+	opts.Retries = 2
+	b, err := NewResolver(opts).Blob(t.Context(), reg.host+"/foo:latest", desc)
+	if err != nil {
+		t.Fatal(err)
+	}
+
+	rc, err := b.ReadRange(t.Context(), 1024, 1024)
+	if err != nil {
+		t.Fatal(err)
+	}
+	got, err := io.ReadAll(rc)
+	rc.Close()
+	if err != nil || !bytes.Equal(got, blob[1024:2048]) {
+		t.Errorf("ReadRange after a stalled body: got %d bytes, %v", len(got), err)
+	}
+	if bodyStalls.Load() != 1 {
+		t.Errorf("%d stalled bodies, want 1", bodyStalls.Load())
+	}
+
+	_, err = b.ReadRange(t.Context(), 0, 10)
+	if !errors.Is(err, ErrUnavailable) || !strings.Contains(err.Error(), "no progress for 100ms (after 2 attempts)") {
+		t.Errorf("ReadRange from a stalled registry: got %v, want ErrUnavailable naming the stall", err)
+	}
+}
+
+// TestRedirect follows a registry that sends blob reads to storage on another
+// host: the Range header must reach the storage.
+func TestRedirect(t *testing.T) {
+	reg := newRegistry(t)
+	blob, desc := reg.addBlob(3000)
+	var ranged, unranged atomic.Int32
+	storage := httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		if r.Header.Get("Range") == "" {
+			unranged.Add(1)
+		} else {
+			ranged.Add(1)
+		}
+		http.ServeContent(w, r, "", time.Time{}, bytes.NewReader(blob))
+	}))
+	t.Cleanup(storage.Close)
+	reg.setMisbehave(func(w http.ResponseWriter, r *http.Request, seen int) bool {
+		http.Redirect(w, r, storage.URL+"/data?sig=x", http.StatusTemporaryRedirect)
+		return true
+	})
+	b, err := NewResolver(testOptions(t)).Blob(t.Context(), reg.host+"/foo:latest", desc)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if got := readStream(t, b); !bytes.Equal(got, blob) {
+		t.Fatalf("got %d bytes, want %d", len(got), len(blob))
+	}
+	if ranged.Load() != 3 || unranged.Load() != 0 {
+		t.Errorf("storage saw %d ranged and %d unranged requests, want 3 and 0", ranged.Load(), unranged.Load())
+	}
+}
+
+func TestMirror(t *testing.T) {
+	upstream := closedAddr(t)
+	mirror := newRegistry(t)
+	blob, desc := mirror.addBlob(3000)
+	mdgst, mbytes := testManifest(t, desc)
+	mirror.addManifest(mdgst, mbytes)
+	hostsDir := t.TempDir()
+	writeHostsToml(t, hostsDir, upstream, fmt.Sprintf(`server = "http://%s"
+
+[host."http://%s"]
+  capabilities = ["pull", "resolve"]
+`, upstream, mirror.host))
+	opts := testOptions(t)
+	opts.HostsDir = hostsDir
+	r := NewResolver(opts)
+	ref := upstream + "/foo:latest"
+
+	if _, err := r.Manifest(t.Context(), ref, mdgst); err != nil {
+		t.Fatal(err)
+	}
+	b, err := r.Blob(t.Context(), ref, desc)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if got := readStream(t, b); !bytes.Equal(got, blob) {
+		t.Fatalf("got %d bytes, want %d", len(got), len(blob))
+	}
+	reqs := mirror.allRequests()
+	if len(reqs) != 4 {
+		t.Errorf("mirror saw %d requests, want 4 (a manifest, 3 ranges)", len(reqs))
+	}
+	for _, req := range reqs {
+		if q, _ := url.ParseQuery(req.query); q.Get("ns") != upstream {
+			t.Errorf("mirror request %s has query %q, want ns=%s", req.path, req.query, upstream)
+		}
+	}
+}
+
+// TestMirrorFallback asks a mirror that lacks the blob, then the registry.
+func TestMirrorFallback(t *testing.T) {
+	upstream, mirror := newRegistry(t), newRegistry(t)
+	blob, desc := upstream.addBlob(3000)
+	hostsDir := t.TempDir()
+	writeHostsToml(t, hostsDir, upstream.host, fmt.Sprintf(`server = "http://%s"
+
+[host."http://%s"]
+  capabilities = ["pull"]
+`, upstream.host, mirror.host))
+	opts := testOptions(t)
+	opts.HostsDir = hostsDir
+	b, err := NewResolver(opts).Blob(t.Context(), upstream.host+"/foo:latest", desc)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if got := readStream(t, b); !bytes.Equal(got, blob) {
+		t.Fatalf("got %d bytes, want %d", len(got), len(blob))
+	}
+	if m, u := len(mirror.blobRequests()), len(upstream.blobRequests()); m != 3 || u != 3 {
+		t.Errorf("mirror saw %d requests and upstream %d, want 3 each", m, u)
+	}
+}
+
+func TestBearerAuth(t *testing.T) {
+	const user, password, token = "alice", "s3cret", "tok-123"
+	for _, tc := range []struct {
+		name   string
+		config string // config.json, with HOST for the registry
+		ok     bool
+	}{
+		{"auth", `{"auths":{"HOST":{"auth":"` + base64.StdEncoding.EncodeToString([]byte(user+":"+password)) + `"}}}`, true},
+		{"username", `{"auths":{"http://HOST/v2/":{"username":"alice","password":"s3cret"}}}`, true},
+		{"wrong password", `{"auths":{"HOST":{"username":"alice","password":"guess"}}}`, false},
+		{"no credentials", `{}`, false},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			reg := newRegistry(t)
+			blob, desc := reg.addBlob(3000)
+			var tokens atomic.Int32
+			reg.setMisbehave(func(w http.ResponseWriter, r *http.Request, seen int) bool {
+				if r.URL.Path == "/token" {
+					u, p, ok := r.BasicAuth()
+					if r.Method == http.MethodPost {
+						u, p, ok = r.PostFormValue("username"), r.PostFormValue("password"), r.PostFormValue("grant_type") == "password"
+					}
+					if !ok || u != user || p != password || r.FormValue("scope") != "repository:foo:pull" {
+						w.WriteHeader(http.StatusUnauthorized)
+						return true
+					}
+					tokens.Add(1)
+					_ = json.NewEncoder(w).Encode(map[string]string{"token": token, "access_token": token})
+					return true
+				}
+				if r.Header.Get("Authorization") != "Bearer "+token {
+					w.Header().Set("WWW-Authenticate", fmt.Sprintf(`Bearer realm="%s/token",service="test",scope="repository:foo:pull"`, reg.srv.URL))
+					w.WriteHeader(http.StatusUnauthorized)
+					return true
+				}
+				return false
+			})
+			opts := testOptions(t)
+			config := strings.ReplaceAll(tc.config, "HOST", reg.host)
+			if err := os.WriteFile(filepath.Join(opts.DockerConfig, "config.json"), []byte(config), 0o600); err != nil {
+				t.Fatal(err)
+			}
+			b, err := NewResolver(opts).Blob(t.Context(), reg.host+"/foo:latest", desc)
+			if err != nil {
+				t.Fatal(err)
+			}
+			s := b.Stream(t.Context())
+			defer s.Close()
+			got, err := io.ReadAll(s)
+			if !tc.ok {
+				if !errors.Is(err, ErrUnavailable) || !strings.Contains(err.Error(), "401") {
+					t.Fatalf("got %v, want ErrUnavailable naming the 401", err)
+				}
+				return
+			}
+			if err != nil || !bytes.Equal(got, blob) {
+				t.Fatalf("got %d bytes, %v; want %d bytes", len(got), err, len(blob))
+			}
+			if tokens.Load() != 1 {
+				t.Errorf("%d tokens issued, want 1 (cached for all ranges)", tokens.Load())
+			}
+		})
+	}
+}

@@ -1,0 +1,182 @@
+package remote
+
+import (
+	"context"
+	"fmt"
+	"strings"
+	"sync"
+	"sync/atomic"
+	"time"
+
+	"github.com/containerd/containerd/v2/core/remotes/docker"
+	"github.com/containerd/containerd/v2/core/remotes/docker/config"
+	"github.com/containerd/containerd/v2/pkg/reference"
+	"github.com/containerd/errdefs"
+)
+
+// Defaults for zero Options fields.
+const (
+	DefaultRangeSize   = 4 << 20
+	DefaultConcurrency = 4
+	DefaultRetries     = 4
+	DefaultBackoff     = 100 * time.Millisecond
+	DefaultTimeout     = 30 * time.Second
+
+	// maxBackoff bounds the wait between two attempts.
+	maxBackoff = 10 * time.Second
+)
+
+// Options configure registry access. Zero fields take the defaults above.
+type Options struct {
+	// HostsDir is the root of containerd's hosts.toml directory layout, e.g.
+	// /etc/containerd/certs.d. Empty means no host configuration: each
+	// registry is reached at its own name (plain HTTP allowed for localhost).
+	HostsDir string
+	// DockerConfig is the directory holding docker's config.json. Empty means
+	// $DOCKER_CONFIG, or ~/.docker when that is unset.
+	DockerConfig string
+	// RangeSize is the size of one ranged GET in Blob.Stream.
+	RangeSize int64
+	// Concurrency is the number of parallel ranged GETs of one Blob.Stream.
+	Concurrency int
+	// Retries is the number of attempts a request gets on transient errors
+	// (connection errors, stalls, 429, 5xx), so 1 means no retry.
+	Retries int
+	// Backoff is the wait before the second attempt; it doubles with each
+	// further attempt (with jitter), up to 10s.
+	Backoff time.Duration
+	// Timeout is how long a request may go without an answer or a byte of
+	// body before it is abandoned (and retried).
+	Timeout time.Duration
+}
+
+func (o Options) withDefaults() Options {
+	if o.RangeSize <= 0 {
+		o.RangeSize = DefaultRangeSize
+	}
+	if o.Concurrency <= 0 {
+		o.Concurrency = DefaultConcurrency
+	}
+	if o.Retries <= 0 {
+		o.Retries = DefaultRetries
+	}
+	if o.Backoff <= 0 {
+		o.Backoff = DefaultBackoff
+	}
+	if o.Timeout <= 0 {
+		o.Timeout = DefaultTimeout
+	}
+	return o
+}
+
+// Resolver fetches manifests and blobs from registries. It is safe for
+// concurrent use. It keeps one HTTP client and one authorizer per registry
+// name, configured from the hosts directory when that registry is first used:
+// later edits of hosts.toml need a new Resolver.
+type Resolver struct {
+	opts  Options
+	creds *credentialStore
+
+	requests atomic.Int64 // HTTP requests sent to registries (token requests excluded)
+	bytes    atomic.Int64 // reply body bytes received
+
+	// authMu serializes Authorizer.Authorize calls: containerd v2.4.2's
+	// bearer handler writes a cached token's expiry outside its own lock,
+	// racing with concurrent lookups of the same token.
+	authMu sync.Mutex
+
+	mu    sync.Mutex                       // guards hosts
+	hosts map[string][]docker.RegistryHost // registry name → configured hosts, in order
+}
+
+// NewResolver returns a Resolver with opts (zero fields take defaults).
+func NewResolver(opts Options) *Resolver {
+	return &Resolver{
+		opts:  opts.withDefaults(),
+		creds: newCredentialStore(opts.DockerConfig),
+		hosts: make(map[string][]docker.RegistryHost),
+	}
+}
+
+// Stats returns the number of HTTP requests sent to registries and the number
+// of reply body bytes received since the Resolver was created.
+func (r *Resolver) Stats() (requests, bytes int64) {
+	return r.requests.Load(), r.bytes.Load()
+}
+
+// CloseIdleConnections closes the idle keep-alive connections of every
+// registry client. Requests still work afterwards; they open new connections.
+func (r *Resolver) CloseIdleConnections() {
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	for _, hosts := range r.hosts {
+		for _, h := range hosts {
+			if h.Client != nil {
+				h.Client.CloseIdleConnections()
+			}
+		}
+	}
+}
+
+// target is a repository and the hosts that serve it.
+type target struct {
+	name  string // registry name from the reference, e.g. "docker.io"
+	repo  string // repository path, e.g. "library/alpine"
+	hosts []docker.RegistryHost
+}
+
+// target returns the repository spec names, with the hosts configured for
+// its registry that have any of the capabilities in caps, in order.
+func (r *Resolver) target(ctx context.Context, spec reference.Spec, caps docker.HostCapabilities) (target, error) {
+	name := spec.Hostname()
+	repo := strings.TrimPrefix(spec.Locator, name+"/")
+	if repo == "" || repo == spec.Locator {
+		return target{}, fmt.Errorf("reference %q has no repository: %w", spec.String(), errdefs.ErrInvalidArgument)
+	}
+	if name == "docker.io" && !strings.Contains(repo, "/") {
+		repo = "library/" + repo
+	}
+	all, err := r.hostsFor(ctx, name)
+	if err != nil {
+		return target{}, err
+	}
+	t := target{name: name, repo: repo}
+	for _, h := range all {
+		if h.Capabilities&caps != 0 {
+			t.hosts = append(t.hosts, h)
+		}
+	}
+	if len(t.hosts) == 0 {
+		return target{}, fmt.Errorf("no host configured to fetch from %s: %w", name, ErrUnavailable)
+	}
+	return t, nil
+}
+
+// hostsFor returns the hosts configured for the registry name, reading the
+// hosts directory the first time.
+func (r *Resolver) hostsFor(ctx context.Context, name string) ([]docker.RegistryHost, error) {
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	if hosts, ok := r.hosts[name]; ok {
+		return hosts, nil
+	}
+	hostOpts := config.HostOptions{Credentials: r.creds.cached}
+	if r.opts.HostsDir != "" {
+		hostOpts.HostDir = config.HostDirFromRoot(r.opts.HostsDir)
+	}
+	hosts, err := config.ConfigureHosts(ctx, hostOpts)(name)
+	if err != nil {
+		return nil, fmt.Errorf("configure hosts for %s (hosts dir %q): %w", name, r.opts.HostsDir, err)
+	}
+	r.hosts[name] = hosts
+	return hosts, nil
+}
+
+// parseRef parses an image reference such as "127.0.0.1:5000/foo:latest".
+func parseRef(ref string) (reference.Spec, error) {
+	spec, err := reference.Parse(ref)
+	if err != nil {
+		return reference.Spec{}, fmt.Errorf("parse reference %q: %w: %w", ref, err, errdefs.ErrInvalidArgument)
+	}
+	return spec, nil
+}
