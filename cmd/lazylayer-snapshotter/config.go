@@ -1,0 +1,102 @@
+package main
+
+import (
+	"bytes"
+	"errors"
+	"fmt"
+	"os"
+	"time"
+
+	"github.com/docker/go-units"
+	"github.com/pelletier/go-toml/v2"
+)
+
+// config is the daemon's configuration: the TOML file given with --config,
+// then flags on top. docs/configuration.md documents every field.
+type config struct {
+	Root     string      `toml:"root"`
+	Address  string      `toml:"address"`
+	HostsDir string      `toml:"hosts_dir"`
+	LogLevel string      `toml:"log_level"`
+	Fetch    fetchConfig `toml:"fetch"`
+}
+
+type fetchConfig struct {
+	// RangeSize is the size of one ranged GET, e.g. "4MiB".
+	RangeSize string `toml:"range_size"`
+	// Concurrency is the number of ranged GETs in flight per layer.
+	Concurrency int `toml:"concurrency"`
+	// Retries is the number of attempts per request.
+	Retries int `toml:"retries"`
+	// Timeout bounds a request that makes no progress, e.g. "30s".
+	Timeout string `toml:"timeout"`
+	// ConcurrentLayers is the number of layers fetched ahead at once.
+	ConcurrentLayers int `toml:"concurrent_layers"`
+}
+
+func defaultConfig() config {
+	return config{
+		Root:     "/var/lib/lazylayer",
+		Address:  "/run/lazylayer/lazylayer.sock",
+		HostsDir: "/etc/containerd/certs.d",
+		LogLevel: "info",
+		Fetch: fetchConfig{
+			RangeSize:        "4MiB",
+			Concurrency:      4,
+			Retries:          4,
+			Timeout:          "30s",
+			ConcurrentLayers: 3,
+		},
+	}
+}
+
+// load reads path over the defaults. A missing file is an error only when
+// the user named it.
+func (c *config) load(path string, explicit bool) error {
+	b, err := os.ReadFile(path)
+	if errors.Is(err, os.ErrNotExist) && !explicit {
+		return nil
+	}
+	if err != nil {
+		return fmt.Errorf("read config: %w", err)
+	}
+	dec := toml.NewDecoder(bytes.NewReader(b))
+	dec.DisallowUnknownFields()
+	if err := dec.Decode(c); err != nil {
+		var derr *toml.DecodeError
+		if errors.As(err, &derr) {
+			row, col := derr.Position()
+			return fmt.Errorf("config %s:%d:%d: %w", path, row, col, err)
+		}
+		var serr *toml.StrictMissingError
+		if errors.As(err, &serr) {
+			return fmt.Errorf("config %s: unknown setting: %s", path, serr.String())
+		}
+		return fmt.Errorf("config %s: %w", path, err)
+	}
+	return nil
+}
+
+// fetchOptions are the parsed fetch settings.
+type fetchOptions struct {
+	rangeSize        int64
+	concurrency      int
+	retries          int
+	timeout          time.Duration
+	concurrentLayers int
+}
+
+func (f fetchConfig) parse() (fetchOptions, error) {
+	rs, err := units.RAMInBytes(f.RangeSize)
+	if err != nil || rs < 64<<10 {
+		return fetchOptions{}, fmt.Errorf("fetch.range_size %q: want a size of at least 64KiB", f.RangeSize)
+	}
+	to, err := time.ParseDuration(f.Timeout)
+	if err != nil || to <= 0 {
+		return fetchOptions{}, fmt.Errorf("fetch.timeout %q: want a duration such as 30s", f.Timeout)
+	}
+	if f.Concurrency < 1 || f.Retries < 1 || f.ConcurrentLayers < 1 {
+		return fetchOptions{}, errors.New("fetch.concurrency, fetch.retries and fetch.concurrent_layers must be at least 1")
+	}
+	return fetchOptions{rangeSize: rs, concurrency: f.Concurrency, retries: f.Retries, timeout: to, concurrentLayers: f.ConcurrentLayers}, nil
+}

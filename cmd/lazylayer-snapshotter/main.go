@@ -1,0 +1,147 @@
+// Command lazylayer-snapshotter is lazylayer's daemon: a containerd
+// snapshotter served over gRPC on a unix socket, for containerd's
+// [proxy_plugins]. See docs/operations.md.
+package main
+
+import (
+	"context"
+	"errors"
+	"flag"
+	"fmt"
+	"net"
+	"os"
+	"os/signal"
+	"path/filepath"
+	"syscall"
+	"time"
+
+	snapshotsapi "github.com/containerd/containerd/api/services/snapshots/v1"
+	"github.com/containerd/containerd/v2/contrib/snapshotservice"
+	"github.com/containerd/log"
+	"google.golang.org/grpc"
+
+	"github.com/lazylayer/lazylayer/fs/layer"
+	"github.com/lazylayer/lazylayer/remote"
+	"github.com/lazylayer/lazylayer/snapshot"
+)
+
+func main() {
+	ctx, stop := signal.NotifyContext(context.Background(), syscall.SIGTERM, syscall.SIGINT)
+	defer stop()
+	if err := run(ctx, os.Args[1:]); err != nil {
+		fmt.Fprintln(os.Stderr, "lazylayer-snapshotter:", err)
+		os.Exit(1)
+	}
+}
+
+func parseFlags(args []string) (config, error) {
+	cfg := defaultConfig()
+	fl := flag.NewFlagSet("lazylayer-snapshotter", flag.ContinueOnError)
+	configPath := fl.String("config", "/etc/lazylayer/config.toml", "TOML configuration file (docs/configuration.md)")
+	root := fl.String("root", "", "state directory (default "+cfg.Root+")")
+	address := fl.String("address", "", "unix socket to serve containerd's snapshot API on (default "+cfg.Address+")")
+	hostsDir := fl.String("hosts-dir", "", "containerd hosts.toml directory for registry hosts (default "+cfg.HostsDir+")")
+	logLevel := fl.String("log-level", "", "log level: debug, info, warn, error (default "+cfg.LogLevel+")")
+	if err := fl.Parse(args); err != nil {
+		return cfg, err
+	}
+	explicit := false
+	fl.Visit(func(f *flag.Flag) { explicit = explicit || f.Name == "config" })
+	if err := cfg.load(*configPath, explicit); err != nil {
+		return cfg, err
+	}
+	for _, o := range []struct{ flag, field *string }{
+		{root, &cfg.Root}, {address, &cfg.Address}, {hostsDir, &cfg.HostsDir}, {logLevel, &cfg.LogLevel},
+	} {
+		if *o.flag != "" {
+			*o.field = *o.flag
+		}
+	}
+	return cfg, nil
+}
+
+func run(ctx context.Context, args []string) error {
+	cfg, err := parseFlags(args)
+	if err != nil {
+		return err
+	}
+	if err := log.SetLevel(cfg.LogLevel); err != nil {
+		return fmt.Errorf("log level %q: %w", cfg.LogLevel, err)
+	}
+	fetch, err := cfg.Fetch.parse()
+	if err != nil {
+		return err
+	}
+	if err := os.MkdirAll(cfg.Root, 0o700); err != nil {
+		return err
+	}
+	unlock, err := lockRoot(cfg.Root)
+	if err != nil {
+		return err
+	}
+	defer unlock()
+	if err := checkOverlayUpper(cfg.Root); err != nil {
+		return err
+	}
+
+	resolver := remote.NewResolver(remote.Options{
+		HostsDir:    cfg.HostsDir,
+		RangeSize:   fetch.rangeSize,
+		Concurrency: fetch.concurrency,
+		Retries:     fetch.retries,
+		Timeout:     fetch.timeout,
+	})
+	layers, err := layer.New(ctx, layer.FromResolver(resolver), layer.Config{
+		Staging:          filepath.Join(cfg.Root, "staging"),
+		ConcurrentLayers: fetch.concurrentLayers,
+	})
+	if err != nil {
+		return err
+	}
+	defer layers.Close()
+	sn, err := snapshot.New(ctx, cfg.Root, snapshot.WithFileSystem(layers))
+	if err != nil {
+		return err
+	}
+	defer sn.Close()
+
+	return serve(ctx, cfg.Address, sn)
+}
+
+// serve answers containerd's snapshot API on the unix socket address until
+// ctx is done, then stops gracefully.
+func serve(ctx context.Context, address string, sn *snapshot.Snapshotter) error {
+	if err := os.MkdirAll(filepath.Dir(address), 0o700); err != nil {
+		return err
+	}
+	// The root lock is held: a socket left here is from a dead instance.
+	if err := os.Remove(address); err != nil && !errors.Is(err, os.ErrNotExist) {
+		return fmt.Errorf("remove stale socket: %w", err)
+	}
+	l, err := net.Listen("unix", address)
+	if err != nil {
+		return fmt.Errorf("listen on %s: %w", address, err)
+	}
+	defer os.Remove(address)
+
+	srv := grpc.NewServer()
+	snapshotsapi.RegisterSnapshotsServer(srv, snapshotservice.FromSnapshotter(sn))
+	errc := make(chan error, 1)
+	go func() { errc <- srv.Serve(l) }()
+	log.G(ctx).WithField("address", address).Info("lazylayer-snapshotter serving")
+
+	select {
+	case err := <-errc:
+		return fmt.Errorf("serve: %w", err)
+	case <-ctx.Done():
+	}
+	log.G(ctx).Info("shutting down")
+	stopped := make(chan struct{})
+	go func() { srv.GracefulStop(); close(stopped) }()
+	select {
+	case <-stopped:
+	case <-time.After(10 * time.Second):
+		srv.Stop()
+	}
+	return nil
+}
