@@ -4,6 +4,8 @@ import (
 	"fmt"
 	"os"
 	"syscall"
+
+	"golang.org/x/sys/unix"
 )
 
 // moveTree replaces the empty directory dst with the tree src. The root of
@@ -23,7 +25,9 @@ func moveTree(src, dst string) error {
 	if err := os.Chmod(src, st.Mode().Perm()); err != nil {
 		return err
 	}
-	if err := os.Rename(src, dst); err != nil {
+	// os.Rename refuses an existing directory as target; rename(2) replaces
+	// an empty one atomically.
+	if err := unix.Rename(src, dst); err != nil {
 		return fmt.Errorf("move layer tree into place: %w", err)
 	}
 	return nil

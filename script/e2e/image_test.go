@@ -1,0 +1,104 @@
+package e2e
+
+import (
+	"context"
+	"encoding/json"
+	"fmt"
+	"io"
+	"net/http"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"strings"
+	"testing"
+
+	"github.com/opencontainers/go-digest"
+	"github.com/opencontainers/image-spec/identity"
+	ocispec "github.com/opencontainers/image-spec/specs-go/v1"
+	"golang.org/x/sys/unix"
+
+	"github.com/lazylayer/lazylayer/script/internal/testimage"
+)
+
+// pushed is an image a test pushed.
+type pushed struct {
+	ref      string // registry/repo:tag
+	manifest digest.Digest
+	layers   []ocispec.Descriptor
+}
+
+func push(t *testing.T, regAddr, repoTag string, img testimage.Image) pushed {
+	t.Helper()
+	dgst, layers, err := testimage.Push(context.Background(), regAddr, repoTag, img)
+	if err != nil {
+		t.Fatalf("push %s: %v", repoTag, err)
+	}
+	return pushed{ref: regAddr + "/" + repoTag, manifest: dgst, layers: layers}
+}
+
+// chainID returns the snapshot name of the image's top layer, computed from
+// the diff IDs of its config in the registry.
+func (p pushed) chainID(t *testing.T) string {
+	t.Helper()
+	host, repo, _ := strings.Cut(p.ref, "/")
+	repo, _, _ = strings.Cut(repo, ":")
+	var m ocispec.Manifest
+	getJSON(t, fmt.Sprintf("http://%s/v2/%s/manifests/%s", host, repo, p.manifest), &m)
+	var cfg ocispec.Image
+	getJSON(t, fmt.Sprintf("http://%s/v2/%s/blobs/%s", host, repo, m.Config.Digest), &cfg)
+	return identity.ChainID(cfg.RootFS.DiffIDs).String()
+}
+
+func getJSON(t *testing.T, url string, v any) {
+	t.Helper()
+	req, _ := http.NewRequest("GET", url, nil)
+	req.Header.Set("Accept", ocispec.MediaTypeImageManifest)
+	resp, err := http.DefaultClient.Do(req)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer resp.Body.Close()
+	b, _ := io.ReadAll(resp.Body)
+	if resp.StatusCode != 200 {
+		t.Fatalf("GET %s: %s", url, resp.Status)
+	}
+	if err := json.Unmarshal(b, v); err != nil {
+		t.Fatalf("GET %s: %v", url, err)
+	}
+}
+
+// mountView mounts a read-only view of snapshot parent of snapshotter sn and
+// returns where; it is unmounted and removed in t.Cleanup.
+func (e *env) mountView(sn, key, parent string) string {
+	e.t.Helper()
+	e.ctr("snapshots", "--snapshotter", sn, "view", key, parent)
+	target := filepath.Join(e.dir, "view-"+key)
+	if err := os.MkdirAll(target, 0o755); err != nil {
+		e.t.Fatal(err)
+	}
+	cmdline := strings.TrimSpace(e.ctr("snapshots", "--snapshotter", sn, "mounts", target, key))
+	if out, err := exec.Command("sh", "-c", cmdline).CombinedOutput(); err != nil {
+		e.t.Fatalf("%s: %v\n%s", cmdline, err, out)
+	}
+	e.t.Cleanup(func() {
+		if err := unix.Unmount(target, 0); err != nil {
+			e.t.Errorf("unmount %s: %v", target, err)
+		}
+		e.ctrErr("snapshots", "--snapshotter", sn, "rm", key)
+	})
+	return target
+}
+
+// contentHas reports which of the image's layer blobs containerd's content
+// store holds.
+func (e *env) contentHas(p pushed) []digest.Digest {
+	e.t.Helper()
+	out := e.ctr("content", "ls", "-q")
+	var held []digest.Digest
+	for _, l := range p.layers {
+		if strings.Contains(out, l.Digest.String()) {
+			held = append(held, l.Digest)
+		}
+	}
+	return held
+}
