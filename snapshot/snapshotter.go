@@ -175,7 +175,7 @@ func (s *Snapshotter) Prepare(ctx context.Context, key, parent string, opts ...s
 		if rerr := s.Remove(ctx, key); rerr != nil {
 			log.G(ctx).WithError(rerr).WithField("key", key).Warn("remove snapshot of rejected layer")
 		}
-		return nil, fmt.Errorf("layer %s rejected: %w", base.Labels[labelTargetLayer], err)
+		return nil, fmt.Errorf("lazylayer rejected the layer: %w", err)
 	case ctx.Err() != nil:
 		if rerr := s.Remove(context.WithoutCancel(ctx), key); rerr != nil {
 			log.G(ctx).WithError(rerr).WithField("key", key).Warn("remove snapshot of cancelled fetch")

@@ -274,23 +274,30 @@ func (e *env) lazyLogText() string {
 	return string(b)
 }
 
-// leftovers lists what lazylayer's root holds beyond its committed and
-// active snapshots: staging trees, temporary snapshot directories, snapshot
-// directories the metastore does not know.
-func (e *env) leftovers() []string {
-	e.t.Helper()
+// snapshotDirs lists the snapshot directories under lazylayer's root.
+func (e *env) snapshotDirs() map[string]bool {
+	dirs, _ := os.ReadDir(filepath.Join(e.lazyRoot, "snapshots"))
+	set := map[string]bool{}
+	for _, d := range dirs {
+		set[d.Name()] = true
+	}
+	return set
+}
+
+// leftovers lists what lazylayer's root holds that was not there before
+// (snapshot directories not in before) plus any staging tree. containerd
+// removes snapshots of deleted containers lazily, so only new directories
+// count.
+func (e *env) leftovers(before map[string]bool) []string {
 	var left []string
 	staging, _ := os.ReadDir(filepath.Join(e.lazyRoot, "staging"))
 	for _, s := range staging {
 		left = append(left, "staging/"+s.Name())
 	}
-	dirs, _ := os.ReadDir(filepath.Join(e.lazyRoot, "snapshots"))
-	known := len(strings.Split(strings.TrimSpace(e.ctr("snapshots", "--snapshotter", "lazylayer", "ls")), "\n")) - 1
-	if len(dirs) != known {
-		for _, d := range dirs {
-			left = append(left, "snapshots/"+d.Name())
+	for d := range e.snapshotDirs() {
+		if !before[d] {
+			left = append(left, "snapshots/"+d)
 		}
-		left = append(left, fmt.Sprintf("(%d snapshot directories for %d snapshots)", len(dirs), known))
 	}
 	return left
 }
@@ -338,10 +345,12 @@ func (e *env) dumpLogs() {
 	}
 }
 
+// writeHosts makes upstream the only place requests for host go: with a
+// server of its own, containerd's hosts.toml would fall back to host itself.
 func writeHosts(t *testing.T, dir, host, upstream string) {
 	t.Helper()
 	writeFile(t, filepath.Join(dir, host, "hosts.toml"), fmt.Sprintf(
-		"server = \"http://%s\"\n\n[host.\"http://%s\"]\n  capabilities = [\"pull\", \"resolve\", \"push\"]\n", host, upstream))
+		"server = \"http://%s\"\n\n[host.\"http://%s\"]\n  capabilities = [\"pull\", \"resolve\", \"push\"]\n", upstream, upstream))
 }
 
 func writeFile(t *testing.T, path, content string) {
