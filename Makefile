@@ -1,0 +1,46 @@
+# lazylayer. `make demo` and `make test` are all a new machine needs (root,
+# Debian 12): both install their tools first (script/setup.sh).
+SHELL := /bin/bash
+GO ?= go
+TOOLS ?= $(CURDIR)/.tools
+export TOOLS
+export PATH := $(TOOLS)/bin:$(CURDIR)/bin:$(PATH)
+
+BINARIES := bin/lazylayer-snapshotter bin/lazylayer bin/mkimage
+
+.PHONY: all build setup demo demo-stop test unit e2e lint bench bench-quick clean
+
+all: build
+
+setup:
+	@bash script/setup.sh
+
+build:
+	$(GO) build -o bin/ ./cmd/... ./script/mkimage
+
+demo: setup build
+	@bash script/demo.sh
+
+demo-stop:
+	@bash script/demo-stop.sh
+
+test: setup lint unit e2e
+
+lint:
+	@out=$$(gofmt -l $$(git ls-files '*.go')); if [ -n "$$out" ]; then echo "gofmt needed:"; echo "$$out"; exit 1; fi
+	$(GO) vet ./...
+
+unit:
+	$(GO) test -race -count=1 $$($(GO) list ./... | grep -v /script/e2e)
+
+e2e: build
+	$(GO) test -count=1 -timeout 40m -v ./script/e2e/ 2>&1 | tee .tools/e2e.log | grep -E '^(=== RUN|--- |PASS|FAIL|ok|panic)|_test.go:'; exit $${PIPESTATUS[0]}
+
+bench: setup build
+	@bash script/bench.sh
+
+bench-quick: setup build
+	@bash script/bench.sh --quick
+
+clean: demo-stop
+	rm -rf bin .run
