@@ -7,6 +7,7 @@ import (
 	"os"
 	"path/filepath"
 	"strings"
+	"sync"
 
 	"github.com/containerd/containerd/v2/core/mount"
 	"github.com/containerd/containerd/v2/core/snapshots"
@@ -27,6 +28,9 @@ const (
 
 	// StateLocal is the LabelState value of a complete local layer tree.
 	StateLocal = "local"
+	// StateLazy is the LabelState value of a layer served from
+	// snapshots/<id>/lazy while its content is fetched on demand.
+	StateLazy = "lazy"
 )
 
 // Labels of containerd's remote-snapshot protocol (pkg/snapshotters).
@@ -40,21 +44,33 @@ const (
 
 // FileSystem provides the content of remote layers.
 //
-// Fetch makes the layer described by labels (the labels containerd passed to
-// Prepare: image reference, manifest and layer digests, ...) available as a
-// complete, verified directory tree in dir, which exists and is empty. parents
-// lists the directories of the layers below, topmost first; directories the
-// layer creates implicitly inherit their attributes from them, as containerd's
-// own applier does. On error dir may hold partial content; the caller discards
-// it.
+// Prepare makes the layer described by labels (the labels containerd passed
+// to Prepare: image reference, manifest and layer digests, ...) available in
+// the snapshot directory dir, and reports how:
 //
-// Fetch returns an error for which errdefs.IsDataLoss is true when the
+//   - StateLocal: dir/fs, which exists and is empty, now holds the complete,
+//     verified tree of the layer;
+//   - StateLazy: the layer is mounted read-only at dir/lazy, which exists,
+//     and its content is fetched on demand.
+//
+// parents lists the directories of the layers below, topmost first;
+// directories the layer creates implicitly inherit their attributes from
+// them, as containerd's own applier does. On error dir/fs may hold partial
+// content, which the caller discards, and nothing is mounted.
+//
+// Prepare returns an error for which errdefs.IsDataLoss is true when the
 // registry's data was wrong (digest mismatch, corrupt or malicious archive):
 // such a layer must not be used. Any other error means the layer could not be
 // obtained (registry down, no credentials, disk full): the snapshotter then
 // lets containerd pull the layer itself.
+//
+// Restore mounts a lazy layer at dir/lazy again when the snapshotter starts.
+// Release stops serving a lazy layer before its snapshot is removed; overlays
+// still using it keep working until they are unmounted.
 type FileSystem interface {
-	Fetch(ctx context.Context, dir string, parents []string, labels map[string]string) error
+	Prepare(ctx context.Context, dir string, parents []string, labels map[string]string) (state string, err error)
+	Restore(ctx context.Context, dir string, labels map[string]string) error
+	Release(ctx context.Context, dir string) error
 }
 
 // Snapshotter is a containerd snapshots.Snapshotter over overlayfs that can
@@ -64,6 +80,9 @@ type Snapshotter struct {
 	ms      *storage.MetaStore
 	fs      FileSystem // nil: a plain overlay snapshotter
 	options []string   // extra overlay mount options
+
+	mu   sync.Mutex
+	lazy map[string]bool // ids of committed lazy layers; guarded by mu
 }
 
 // Opt configures a Snapshotter.
@@ -85,7 +104,7 @@ func New(ctx context.Context, root string, opts ...Opt) (*Snapshotter, error) {
 	if err != nil {
 		return nil, fmt.Errorf("open metastore: %w", err)
 	}
-	s := &Snapshotter{root: root, ms: ms}
+	s := &Snapshotter{root: root, ms: ms, lazy: map[string]bool{}}
 	if _, err := os.Stat("/sys/module/overlay/parameters/index"); err == nil {
 		s.options = append(s.options, "index=off")
 	}
@@ -96,7 +115,50 @@ func New(ctx context.Context, root string, opts ...Opt) (*Snapshotter, error) {
 		ms.Close()
 		return nil, err
 	}
+	if err := s.restoreLazy(ctx); err != nil {
+		ms.Close()
+		return nil, err
+	}
 	return s, nil
+}
+
+// restoreLazy finds the committed lazy layers and mounts them again. A
+// layer that cannot be mounted is logged: the snapshotter still serves
+// everything else.
+func (s *Snapshotter) restoreLazy(ctx context.Context) error {
+	type lazyLayer struct {
+		id     string
+		labels map[string]string
+	}
+	var layers []lazyLayer
+	err := s.ms.WithTransaction(ctx, false, func(ctx context.Context) error {
+		return storage.WalkInfo(ctx, func(ctx context.Context, info snapshots.Info) error {
+			if info.Kind != snapshots.KindCommitted || info.Labels[LabelState] != StateLazy {
+				return nil
+			}
+			id, _, _, err := storage.GetInfo(ctx, info.Name)
+			if err != nil {
+				return err
+			}
+			layers = append(layers, lazyLayer{id: id, labels: info.Labels})
+			return nil
+		})
+	})
+	if err != nil && !errdefs.IsNotFound(err) {
+		return fmt.Errorf("find lazy layers: %w", err)
+	}
+	for _, l := range layers {
+		s.mu.Lock()
+		s.lazy[l.id] = true
+		s.mu.Unlock()
+		if s.fs == nil {
+			continue
+		}
+		if err := s.fs.Restore(ctx, s.snapshotDir(l.id), l.labels); err != nil {
+			log.G(ctx).WithError(err).WithField("layer", l.labels[LabelLayerDigest]).Error("cannot mount lazy layer again")
+		}
+	}
+	return nil
 }
 
 // Stat returns the info of the snapshot key.
@@ -197,19 +259,29 @@ func (s *Snapshotter) Prepare(ctx context.Context, key, parent string, opts ...s
 func (s *Snapshotter) fetchRemote(ctx context.Context, key, target string, snap storage.Snapshot, labels map[string]string) error {
 	parents := make([]string, len(snap.ParentIDs))
 	for i, id := range snap.ParentIDs {
-		parents[i] = s.upperPath(id)
+		parents[i] = s.lowerPath(id)
 	}
-	if err := s.fs.Fetch(ctx, s.upperPath(snap.ID), parents, labels); err != nil {
+	dir := s.snapshotDir(snap.ID)
+	if err := os.Mkdir(s.lazyPath(snap.ID), 0o755); err != nil {
+		return err
+	}
+	state, err := s.fs.Prepare(ctx, dir, parents, labels)
+	if err != nil {
 		return err
 	}
 	commitLabels := map[string]string{
-		LabelState:       StateLocal,
+		LabelState:       state,
 		LabelLayerDigest: labels[labelTargetLayer],
 	}
 	for k, v := range labels {
 		commitLabels[k] = v
 	}
-	err := s.Commit(ctx, target, key, snapshots.WithLabels(commitLabels))
+	if state == StateLazy {
+		s.mu.Lock()
+		s.lazy[snap.ID] = true
+		s.mu.Unlock()
+	}
+	err = s.Commit(ctx, target, key, snapshots.WithLabels(commitLabels))
 	if err != nil && errdefs.IsAlreadyExists(err) {
 		// Another pull of the same chain committed first.
 		if rerr := s.Remove(ctx, key); rerr != nil {
@@ -304,6 +376,10 @@ func (s *Snapshotter) Remove(ctx context.Context, key string) error {
 	if err != nil {
 		return err
 	}
+	if err := s.release(ctx, id); err != nil {
+		log.G(ctx).WithError(err).WithField("id", id).Warn("release lazy layer; Cleanup will retry")
+		return nil
+	}
 	if err := os.RemoveAll(s.snapshotDir(id)); err != nil {
 		log.G(ctx).WithError(err).WithField("id", id).Warn("remove snapshot directory; Cleanup will retry")
 	}
@@ -339,6 +415,9 @@ func (s *Snapshotter) Cleanup(ctx context.Context) error {
 			continue
 		}
 		dir := filepath.Join(s.root, "snapshots", e.Name())
+		if err := unmountUnder(dir); err != nil {
+			return fmt.Errorf("cleanup %s: %w", dir, err)
+		}
 		if err := os.RemoveAll(dir); err != nil {
 			return fmt.Errorf("cleanup %s: %w", dir, err)
 		}
@@ -427,11 +506,11 @@ func (s *Snapshotter) mounts(snap storage.Snapshot, _ snapshots.Info) []mount.Mo
 			"upperdir="+s.upperPath(snap.ID),
 		)
 	} else if len(snap.ParentIDs) == 1 {
-		return []mount.Mount{{Type: "bind", Source: s.upperPath(snap.ParentIDs[0]), Options: []string{"ro", "rbind"}}}
+		return []mount.Mount{{Type: "bind", Source: s.lowerPath(snap.ParentIDs[0]), Options: []string{"ro", "rbind"}}}
 	}
 	lowers := make([]string, len(snap.ParentIDs))
 	for i, id := range snap.ParentIDs {
-		lowers[i] = s.upperPath(id)
+		lowers[i] = s.lowerPath(id)
 	}
 	options = append(options, "lowerdir="+strings.Join(lowers, ":"))
 	options = append(options, s.options...)
@@ -444,6 +523,37 @@ func (s *Snapshotter) snapshotDir(id string) string {
 
 func (s *Snapshotter) upperPath(id string) string {
 	return filepath.Join(s.root, "snapshots", id, "fs")
+}
+
+// lowerPath is the directory a committed layer contributes to an overlay:
+// its FUSE mount while it is lazy, its tree once it is local.
+func (s *Snapshotter) lowerPath(id string) string {
+	s.mu.Lock()
+	lazy := s.lazy[id]
+	s.mu.Unlock()
+	if lazy {
+		return s.lazyPath(id)
+	}
+	return s.upperPath(id)
+}
+
+func (s *Snapshotter) lazyPath(id string) string {
+	return filepath.Join(s.root, "snapshots", id, "lazy")
+}
+
+// release stops serving snapshot id's lazy layer, if it has one, and
+// makes sure nothing stays mounted under its directory.
+func (s *Snapshotter) release(ctx context.Context, id string) error {
+	s.mu.Lock()
+	lazy := s.lazy[id]
+	delete(s.lazy, id)
+	s.mu.Unlock()
+	if lazy && s.fs != nil {
+		if err := s.fs.Release(ctx, s.snapshotDir(id)); err != nil {
+			return err
+		}
+	}
+	return unmountUnder(s.snapshotDir(id))
 }
 
 func (s *Snapshotter) workPath(id string) string {

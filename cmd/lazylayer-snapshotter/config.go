@@ -19,6 +19,17 @@ type config struct {
 	HostsDir string      `toml:"hosts_dir"`
 	LogLevel string      `toml:"log_level"`
 	Fetch    fetchConfig `toml:"fetch"`
+	Lazy     lazyConfig  `toml:"lazy"`
+}
+
+type lazyConfig struct {
+	// Enabled serves eStargz and zstd:chunked layers lazily over FUSE.
+	Enabled bool `toml:"enabled"`
+	// CacheSize bounds the chunk cache under root/cache, e.g. "10GiB".
+	CacheSize string `toml:"cache_size"`
+	// ReadTimeout is how long a read waits for an unavailable registry
+	// before it fails with EIO, e.g. "30s".
+	ReadTimeout string `toml:"read_timeout"`
 }
 
 type fetchConfig struct {
@@ -46,6 +57,11 @@ func defaultConfig() config {
 			Retries:          4,
 			Timeout:          "30s",
 			ConcurrentLayers: 3,
+		},
+		Lazy: lazyConfig{
+			Enabled:     true,
+			CacheSize:   "10GiB",
+			ReadTimeout: "30s",
 		},
 	}
 }
@@ -99,4 +115,22 @@ func (f fetchConfig) parse() (fetchOptions, error) {
 		return fetchOptions{}, errors.New("fetch.concurrency, fetch.retries and fetch.concurrent_layers must be at least 1")
 	}
 	return fetchOptions{rangeSize: rs, concurrency: f.Concurrency, retries: f.Retries, timeout: to, concurrentLayers: f.ConcurrentLayers}, nil
+}
+
+type lazyOptions struct {
+	enabled     bool
+	cacheSize   int64
+	readTimeout time.Duration
+}
+
+func (l lazyConfig) parse() (lazyOptions, error) {
+	size, err := units.RAMInBytes(l.CacheSize)
+	if err != nil || size < 0 {
+		return lazyOptions{}, fmt.Errorf("lazy.cache_size %q: want a size such as 10GiB", l.CacheSize)
+	}
+	to, err := time.ParseDuration(l.ReadTimeout)
+	if err != nil || to <= 0 {
+		return lazyOptions{}, fmt.Errorf("lazy.read_timeout %q: want a duration such as 30s", l.ReadTimeout)
+	}
+	return lazyOptions{enabled: l.Enabled, cacheSize: size, readTimeout: to}, nil
 }

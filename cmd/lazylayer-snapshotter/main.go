@@ -20,7 +20,9 @@ import (
 	"github.com/containerd/log"
 	"google.golang.org/grpc"
 
+	"github.com/lazylayer/lazylayer/cache"
 	"github.com/lazylayer/lazylayer/fs/layer"
+	"github.com/lazylayer/lazylayer/fs/lazy"
 	"github.com/lazylayer/lazylayer/remote"
 	"github.com/lazylayer/lazylayer/snapshot"
 )
@@ -72,6 +74,10 @@ func run(ctx context.Context, args []string) error {
 	if err != nil {
 		return err
 	}
+	lazyOpts, err := cfg.Lazy.parse()
+	if err != nil {
+		return err
+	}
 	if err := os.MkdirAll(cfg.Root, 0o700); err != nil {
 		return err
 	}
@@ -91,10 +97,19 @@ func run(ctx context.Context, args []string) error {
 		Retries:     fetch.retries,
 		Timeout:     fetch.timeout,
 	})
-	layers, err := layer.New(ctx, layer.FromResolver(resolver), layer.Config{
+	layerCfg := layer.Config{
 		Staging:          filepath.Join(cfg.Root, "staging"),
 		ConcurrentLayers: fetch.concurrentLayers,
-	})
+	}
+	if lazyOpts.enabled {
+		chunks, err := cache.Open(ctx, filepath.Join(cfg.Root, "cache"), lazyOpts.cacheSize)
+		if err != nil {
+			return fmt.Errorf("open chunk cache: %w", err)
+		}
+		defer chunks.Close()
+		layerCfg.Lazy = lazy.Options{Cache: chunks, ReadTimeout: lazyOpts.readTimeout}
+	}
+	layers, err := layer.New(ctx, layer.FromResolver(resolver), layerCfg)
 	if err != nil {
 		return err
 	}
@@ -105,12 +120,12 @@ func run(ctx context.Context, args []string) error {
 	}
 	defer sn.Close()
 
-	return serve(ctx, cfg.Address, sn)
+	return serve(ctx, cfg.Address, sn, &status{sn: sn, layers: layers})
 }
 
 // serve answers containerd's snapshot API on the unix socket address until
 // ctx is done, then stops gracefully.
-func serve(ctx context.Context, address string, sn *snapshot.Snapshotter) error {
+func serve(ctx context.Context, address string, sn *snapshot.Snapshotter, st *status) error {
 	if err := os.MkdirAll(filepath.Dir(address), 0o700); err != nil {
 		return err
 	}
@@ -128,6 +143,12 @@ func serve(ctx context.Context, address string, sn *snapshot.Snapshotter) error 
 	snapshotsapi.RegisterSnapshotsServer(srv, snapshotservice.FromSnapshotter(sn))
 	errc := make(chan error, 1)
 	go func() { errc <- srv.Serve(l) }()
+	stopStatus, err := st.serve(ctx, StatusAddress(address))
+	if err != nil {
+		srv.Stop()
+		return err
+	}
+	defer stopStatus()
 	log.G(ctx).WithField("address", address).Info("lazylayer-snapshotter serving")
 
 	select {

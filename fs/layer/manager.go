@@ -6,6 +6,7 @@ import (
 	"fmt"
 	"io"
 	"os"
+	"path/filepath"
 	"strings"
 	"sync"
 	"time"
@@ -17,7 +18,14 @@ import (
 	"golang.org/x/sync/singleflight"
 
 	"github.com/lazylayer/lazylayer/fs/extract"
+	"github.com/lazylayer/lazylayer/fs/lazy"
 	"github.com/lazylayer/lazylayer/remote"
+)
+
+// The states Prepare reports, as the snapshot package names them.
+const (
+	stateLocal = "local"
+	stateLazy  = "lazy"
 )
 
 // Labels containerd passes to Prepare for an image layer.
@@ -35,6 +43,9 @@ type Registry interface {
 	Manifest(ctx context.Context, ref string, dgst digest.Digest) (ocispec.Manifest, error)
 	// Open returns the whole blob desc of ref's repository, unverified.
 	Open(ctx context.Context, ref string, desc ocispec.Descriptor) (io.ReadCloser, error)
+	// Ranges returns the blob desc of ref's repository for ranged reads,
+	// without network I/O.
+	Ranges(ctx context.Context, ref string, desc ocispec.Descriptor) (lazy.Blob, error)
 }
 
 // Config tunes a Manager.
@@ -49,6 +60,9 @@ type Config struct {
 	// StagedTTL is how long a layer fetched ahead waits to be claimed
 	// before it is deleted (default 10 minutes).
 	StagedTTL time.Duration
+	// Lazy, when its Cache is set, serves eStargz and zstd:chunked layers
+	// lazily over FUSE instead of fetching them in full.
+	Lazy lazy.Options
 }
 
 // Manager obtains image layers from a registry and hands them to snapshots
@@ -71,6 +85,7 @@ type Manager struct {
 	mu        sync.Mutex
 	jobs      map[digest.Digest]*job             // guarded by mu
 	manifests map[digest.Digest]ocispec.Manifest // guarded by mu
+	lazy      map[string]*lazyLayer              // by snapshot directory; guarded by mu
 }
 
 // job is one layer being fetched and extracted into a staging directory.
@@ -113,44 +128,72 @@ func New(ctx context.Context, reg Registry, cfg Config) (*Manager, error) {
 		sem:       make(chan struct{}, cfg.ConcurrentLayers),
 		jobs:      map[digest.Digest]*job{},
 		manifests: map[digest.Digest]ocispec.Manifest{},
+		lazy:      map[string]*lazyLayer{},
 	}, nil
 }
 
-// Close stops background fetches and deletes staged layers.
+// Close stops background fetches, deletes staged layers and detaches the
+// lazy mounts (overlays that use them keep them until they are unmounted).
 func (m *Manager) Close() error {
 	m.cancel()
 	m.wg.Wait()
-	return os.RemoveAll(m.cfg.Staging)
+	m.mu.Lock()
+	dirs := make([]string, 0, len(m.lazy))
+	for dir := range m.lazy {
+		dirs = append(dirs, dir)
+	}
+	m.mu.Unlock()
+	var errs []error
+	for _, dir := range dirs {
+		errs = append(errs, m.Release(context.Background(), dir))
+	}
+	errs = append(errs, os.RemoveAll(m.cfg.Staging))
+	return errors.Join(errs...)
 }
 
-// Fetch implements snapshot.FileSystem: it fills dir with the verified tree
-// of the layer the labels name.
-func (m *Manager) Fetch(ctx context.Context, dir string, parents []string, labels map[string]string) error {
+// Prepare implements snapshot.FileSystem: it mounts the layer the labels
+// name lazily at dir/lazy when it can, and fills dir/fs with its verified
+// tree otherwise.
+func (m *Manager) Prepare(ctx context.Context, dir string, parents []string, labels map[string]string) (string, error) {
 	ref := labels[labelImageRef]
 	mdgst, err := digest.Parse(labels[labelManifest])
 	if err != nil {
-		return fmt.Errorf("label %s: %w", labelManifest, err)
+		return "", fmt.Errorf("label %s: %w", labelManifest, err)
 	}
 	ldgst, err := digest.Parse(labels[labelLayer])
 	if err != nil {
-		return fmt.Errorf("label %s: %w", labelLayer, err)
+		return "", fmt.Errorf("label %s: %w", labelLayer, err)
 	}
 	manifest, err := m.manifest(ctx, ref, mdgst)
 	if err != nil {
-		return err
+		return "", err
 	}
 	desc, ok := findLayer(manifest, ldgst)
 	if !ok {
-		return fmt.Errorf("layer %s is not in manifest %s of %s", ldgst, mdgst, ref)
+		return "", fmt.Errorf("layer %s is not in manifest %s of %s", ldgst, mdgst, ref)
 	}
-
-	j := m.start(ref, desc, true)
 	for _, d := range strings.Split(labels[labelImageLayers], ",") {
-		if next, ok := findLayer(manifest, digest.Digest(d)); ok && next.Digest != ldgst {
+		if next, ok := findLayer(manifest, digest.Digest(d)); ok && next.Digest != ldgst && !m.lazyCapable(next) {
 			m.start(ref, next, false)
 		}
 	}
+	if m.lazyCapable(desc) {
+		err := m.mountLazy(ctx, dir, ref, desc)
+		if err == nil {
+			return stateLazy, nil
+		}
+		log.G(ctx).WithError(err).WithField("layer", desc.Digest).Warn("cannot serve layer lazily; fetching it in full")
+	}
+	if err := m.fetch(ctx, filepath.Join(dir, "fs"), ref, desc, parents, labels[labelDiffID]); err != nil {
+		return "", err
+	}
+	return stateLocal, nil
+}
 
+// fetch fills dir with the verified tree of desc.
+func (m *Manager) fetch(ctx context.Context, dir, ref string, desc ocispec.Descriptor, parents []string, diffID string) error {
+	ldgst := desc.Digest
+	j := m.start(ref, desc, true)
 	select {
 	case <-j.done:
 	case <-ctx.Done():
@@ -160,7 +203,7 @@ func (m *Manager) Fetch(ctx context.Context, dir string, parents []string, label
 	if j.err != nil {
 		return j.err
 	}
-	if want := labels[labelDiffID]; want != "" && j.res.DiffID.String() != want {
+	if want := diffID; want != "" && j.res.DiffID.String() != want {
 		os.RemoveAll(j.dir)
 		return fmt.Errorf("layer %s: uncompressed tar has digest %s, the image config says %s: %w",
 			ldgst, j.res.DiffID, want, extract.ErrInvalid)

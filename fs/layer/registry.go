@@ -7,6 +7,7 @@ import (
 
 	ocispec "github.com/opencontainers/image-spec/specs-go/v1"
 
+	"github.com/lazylayer/lazylayer/fs/lazy"
 	"github.com/lazylayer/lazylayer/remote"
 )
 
@@ -25,4 +26,12 @@ func (r resolverRegistry) Open(ctx context.Context, ref string, desc ocispec.Des
 		return nil, fmt.Errorf("open layer %s of %s: %w", desc.Digest, ref, err)
 	}
 	return b.Stream(ctx), nil
+}
+
+func (r resolverRegistry) Ranges(ctx context.Context, ref string, desc ocispec.Descriptor) (lazy.Blob, error) {
+	b, err := r.Blob(ctx, ref, desc)
+	if err != nil {
+		return nil, fmt.Errorf("open layer %s of %s: %w", desc.Digest, ref, err)
+	}
+	return b, nil
 }

@@ -1,0 +1,163 @@
+package layer
+
+import (
+	"context"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"io"
+	"os"
+	"path/filepath"
+	"time"
+
+	"github.com/containerd/log"
+	ocispec "github.com/opencontainers/image-spec/specs-go/v1"
+
+	"github.com/lazylayer/lazylayer/fs/lazy"
+)
+
+// Files a lazy layer keeps in its snapshot directory, so that it can be
+// mounted again after a restart without the registry.
+const (
+	lazyDescFile = "layer.json" // the image reference and layer descriptor
+	lazyTOCFile  = "toc"        // footer and TOC bytes (lazy.Recorded)
+	lazyMount    = "lazy"
+)
+
+// lazyLayer is a mounted lazy layer.
+type lazyLayer struct {
+	ref   string
+	desc  ocispec.Descriptor
+	layer *lazy.Layer
+}
+
+type savedLayer struct {
+	Ref        string             `json:"ref"`
+	Descriptor ocispec.Descriptor `json:"descriptor"`
+}
+
+func (m *Manager) lazyCapable(desc ocispec.Descriptor) bool {
+	if m.cfg.Lazy.Cache == nil {
+		return false
+	}
+	_, ok := lazy.Capable(desc)
+	return ok
+}
+
+// mountLazy reads the layer's TOC from the registry, saves it in dir and
+// mounts the layer at dir/lazy.
+func (m *Manager) mountLazy(ctx context.Context, dir, ref string, desc ocispec.Descriptor) error {
+	tocDigest, _ := lazy.Capable(desc)
+	blob, err := m.reg.Ranges(ctx, ref, desc)
+	if err != nil {
+		return err
+	}
+	start := time.Now()
+	l, err := lazy.Open(ctx, blobReaderAt{ctx: ctx, b: blob}, blob, desc, tocDigest, m.cfg.Lazy)
+	if err != nil {
+		return err
+	}
+	if err := l.TOC().Save(filepath.Join(dir, lazyTOCFile)); err != nil {
+		return err
+	}
+	b, err := json.Marshal(savedLayer{Ref: ref, Descriptor: desc})
+	if err != nil {
+		return err
+	}
+	if err := os.WriteFile(filepath.Join(dir, lazyDescFile), b, 0o600); err != nil {
+		return err
+	}
+	if err := m.mount(ctx, dir, &lazyLayer{ref: ref, desc: desc, layer: l}); err != nil {
+		return err
+	}
+	log.G(ctx).WithFields(log.Fields{
+		"layer": desc.Digest, "entries": l.Entries(), "elapsed": time.Since(start).Round(time.Millisecond),
+	}).Info("layer mounted lazily")
+	return nil
+}
+
+func (m *Manager) mount(ctx context.Context, dir string, ll *lazyLayer) error {
+	mp := filepath.Join(dir, lazyMount)
+	if err := ll.layer.Mount(ctx, mp); err != nil {
+		return err
+	}
+	m.mu.Lock()
+	m.lazy[dir] = ll
+	m.mu.Unlock()
+	return nil
+}
+
+// Restore implements snapshot.FileSystem: it mounts the lazy layer of dir
+// again from the TOC saved there. The registry is needed only for reads of
+// chunks that are not cached.
+func (m *Manager) Restore(ctx context.Context, dir string, _ map[string]string) error {
+	if m.cfg.Lazy.Cache == nil {
+		return errors.New("lazy layers are disabled")
+	}
+	b, err := os.ReadFile(filepath.Join(dir, lazyDescFile))
+	if err != nil {
+		return err
+	}
+	var saved savedLayer
+	if err := json.Unmarshal(b, &saved); err != nil {
+		return fmt.Errorf("%s: %w", lazyDescFile, err)
+	}
+	tocDigest, ok := lazy.Capable(saved.Descriptor)
+	if !ok {
+		return fmt.Errorf("%s: not a lazy layer", lazyDescFile)
+	}
+	rec, err := lazy.LoadRecorded(filepath.Join(dir, lazyTOCFile))
+	if err != nil {
+		return err
+	}
+	blob, err := m.reg.Ranges(ctx, saved.Ref, saved.Descriptor)
+	if err != nil {
+		return err
+	}
+	l, err := lazy.Open(ctx, rec, blob, saved.Descriptor, tocDigest, m.cfg.Lazy)
+	if err != nil {
+		return err
+	}
+	// A mount left by a daemon that died answers nothing (ENOTCONN).
+	mp := filepath.Join(dir, lazyMount)
+	if err := detach(mp); err != nil {
+		return err
+	}
+	return m.mount(ctx, dir, &lazyLayer{ref: saved.Ref, desc: saved.Descriptor, layer: l})
+}
+
+// Release implements snapshot.FileSystem: it detaches the lazy mount of
+// dir. Overlays still using it keep it until they are unmounted.
+func (m *Manager) Release(ctx context.Context, dir string) error {
+	m.mu.Lock()
+	ll, ok := m.lazy[dir]
+	delete(m.lazy, dir)
+	m.mu.Unlock()
+	if !ok {
+		return detach(filepath.Join(dir, lazyMount))
+	}
+	done, err := ll.layer.Unmount()
+	if err != nil {
+		return err
+	}
+	go func() {
+		<-done
+		log.G(ctx).WithField("layer", ll.desc.Digest).Debug("lazy layer's FUSE server stopped")
+	}()
+	return nil
+}
+
+// blobReaderAt reads a blob with ranged requests under one context.
+type blobReaderAt struct {
+	ctx context.Context
+	b   lazy.Blob
+}
+
+func (r blobReaderAt) ReadAt(p []byte, off int64) (int, error) {
+	rc, err := r.b.ReadRange(r.ctx, off, int64(len(p)))
+	if err != nil {
+		return 0, err
+	}
+	defer rc.Close()
+	return io.ReadFull(rc, p)
+}

@@ -1,0 +1,13 @@
+// Package lazy serves an eStargz or zstd:chunked layer over FUSE before it
+// is downloaded: the tree comes from the layer's table of contents (TOC),
+// verified against the digest in the image manifest, and file contents are
+// fetched from the registry on first read, chunk by chunk, each chunk
+// verified against its TOC digest and kept in the chunk cache.
+//
+// The tree is what overlayfs expects of a lower layer (whiteouts as 0/0
+// character devices, opaque directories with trusted.overlay.opaque), read
+// only, with stable inode numbers and long kernel cache timeouts.
+//
+// It does not decide which layers are lazy or where they are mounted; the
+// fs/layer package does.
+package lazy

@@ -1,0 +1,225 @@
+package lazy
+
+import (
+	"bytes"
+	"context"
+	"errors"
+	"fmt"
+	"io"
+	"sort"
+	"sync/atomic"
+	"time"
+
+	"github.com/containerd/log"
+	"github.com/containerd/stargz-snapshotter/estargz"
+	"github.com/opencontainers/go-digest"
+
+	"github.com/lazylayer/lazylayer/cache"
+)
+
+// Blob is the registry side of a lazy layer: any byte range of the blob.
+type Blob interface {
+	ReadRange(ctx context.Context, off, n int64) (io.ReadCloser, error)
+}
+
+// fetcher gets chunks: from the chunk cache, or from the blob, merging the
+// chunks one read needs into as few ranged requests as possible. Every
+// chunk is verified against its TOC digest before it is cached or served
+// (cache.Store.Load verifies).
+type fetcher struct {
+	layer   digest.Digest
+	blob    Blob
+	cache   *cache.Store
+	dec     estargz.Decompressor
+	timeout time.Duration // how long a read waits for an unavailable registry
+	maxSpan int64         // largest merged request
+
+	requests atomic.Int64 // ranged requests made
+	fetched  atomic.Int64 // compressed bytes received
+}
+
+// verifyRetries is how often a chunk that failed verification is fetched
+// again before the read fails.
+const verifyRetries = 2
+
+// load returns the bytes of the chunks cs, in order. It retries while the
+// registry is unavailable, up to f.timeout, and a chunk that failed
+// verification up to verifyRetries times.
+func (f *fetcher) load(ctx context.Context, cs []chunk) ([][]byte, error) {
+	ds := make([]digest.Digest, len(cs))
+	for i := range cs {
+		ds[i] = cs[i].dgst()
+	}
+	fetch := func(ctx context.Context, missing []digest.Digest) (map[digest.Digest][]byte, error) {
+		return f.fetch(ctx, cs, missing)
+	}
+	deadline := time.Now().Add(f.timeout)
+	backoff := 50 * time.Millisecond
+	badData := 0
+	for {
+		bufs, err := f.cache.Load(ctx, ds, fetch)
+		if err == nil {
+			return bufs, nil
+		}
+		if ctx.Err() != nil {
+			return nil, ctx.Err()
+		}
+		if errors.Is(err, cache.ErrDigestMismatch) || errors.Is(err, errCorrupt) {
+			if badData++; badData > verifyRetries {
+				return nil, err
+			}
+			continue
+		}
+		if time.Now().Add(backoff).After(deadline) {
+			return nil, fmt.Errorf("registry did not answer within %v: %w", f.timeout, err)
+		}
+		log.G(ctx).WithError(err).WithField("layer", f.layer).Debug("chunk fetch failed; retrying")
+		select {
+		case <-time.After(backoff):
+		case <-ctx.Done():
+			return nil, ctx.Err()
+		}
+		backoff = min(backoff*2, 2*time.Second)
+	}
+}
+
+// errCorrupt marks a compressed stream that does not decompress.
+var errCorrupt = errors.New("corrupt compressed chunk")
+
+// fetch downloads the chunks among cs whose digests are missing.
+func (f *fetcher) fetch(ctx context.Context, cs []chunk, missing []digest.Digest) (map[digest.Digest][]byte, error) {
+	want := make(map[digest.Digest]bool, len(missing))
+	for _, d := range missing {
+		want[d] = true
+	}
+	var todo []chunk
+	for _, c := range cs {
+		if d := c.dgst(); want[d] {
+			todo = append(todo, c)
+			delete(want, d) // one copy of chunks with equal content
+		}
+	}
+	sort.Slice(todo, func(i, j int) bool {
+		if todo[i].offset != todo[j].offset {
+			return todo[i].offset < todo[j].offset
+		}
+		return todo[i].inner < todo[j].inner
+	})
+	out := make(map[digest.Digest][]byte, len(todo))
+	for len(todo) > 0 {
+		n := f.span(todo)
+		if err := f.fetchSpan(ctx, todo[:n], out); err != nil {
+			return nil, err
+		}
+		todo = todo[n:]
+	}
+	return out, nil
+}
+
+// span returns how many of the sorted chunks cs one request should cover:
+// chunks whose compressed streams touch, up to maxSpan bytes.
+func (f *fetcher) span(cs []chunk) int {
+	start, end := cs[0].offset, cs[0].end
+	n := 1
+	for ; n < len(cs); n++ {
+		c := cs[n]
+		if c.offset > end || c.end-start > f.maxSpan {
+			break
+		}
+		end = max(end, c.end)
+	}
+	return n
+}
+
+// fetchSpan downloads the compressed streams of cs in one ranged request
+// and decompresses each chunk into out.
+func (f *fetcher) fetchSpan(ctx context.Context, cs []chunk, out map[digest.Digest][]byte) error {
+	start, end := cs[0].offset, cs[0].end
+	for _, c := range cs {
+		end = max(end, c.end)
+	}
+	rc, err := f.blob.ReadRange(ctx, start, end-start)
+	if err != nil {
+		return err
+	}
+	buf := make([]byte, end-start)
+	n, err := io.ReadFull(rc, buf)
+	rc.Close()
+	f.requests.Add(1)
+	f.fetched.Add(int64(n))
+	if err != nil {
+		return fmt.Errorf("read bytes %d-%d: %w", start, end-1, err)
+	}
+	for i := 0; i < len(cs); {
+		// Chunks sharing a compressed stream are decompressed together.
+		j := i + 1
+		for j < len(cs) && cs[j].offset == cs[i].offset {
+			j++
+		}
+		if err := f.decompress(buf[cs[i].offset-start:cs[i].end-start], cs[i:j], out); err != nil {
+			return err
+		}
+		i = j
+	}
+	return nil
+}
+
+// decompress reads the chunks cs, sorted by inner offset, out of one
+// compressed stream.
+func (f *fetcher) decompress(stream []byte, cs []chunk, out map[digest.Digest][]byte) error {
+	dr, err := f.dec.Reader(bytes.NewReader(stream))
+	if err != nil {
+		return fmt.Errorf("chunk %s at blob offset %d: %w: %w", cs[0].dgst(), cs[0].offset, err, errCorrupt)
+	}
+	defer dr.Close()
+	pos := int64(0)
+	for _, c := range cs {
+		if c.inner < pos {
+			continue // same bytes as the previous chunk
+		}
+		if _, err := io.CopyN(io.Discard, dr, c.inner-pos); err != nil {
+			return fmt.Errorf("chunk %s at blob offset %d: %w: %w", c.dgst(), c.offset, err, errCorrupt)
+		}
+		b := make([]byte, c.size)
+		if _, err := io.ReadFull(dr, b); err != nil {
+			return fmt.Errorf("chunk %s at blob offset %d: %w: %w", c.dgst(), c.offset, err, errCorrupt)
+		}
+		out[c.dgst()] = b
+		pos = c.inner + c.size
+	}
+	return nil
+}
+
+// readAt reads file content at off into p. ahead is how many bytes past
+// the read to fetch along with it (sequential reads read ahead).
+func (f *fetcher) readAt(ctx context.Context, cs []chunk, size int64, p []byte, off, ahead int64) (int, error) {
+	if off >= size {
+		return 0, io.EOF
+	}
+	end := min(off+int64(len(p)), size)
+	i := sort.Search(len(cs), func(i int) bool { return cs[i].fileOff+cs[i].size > off })
+	j := i
+	for j < len(cs) && cs[j].fileOff < end {
+		j++
+	}
+	need := j
+	for j < len(cs) && cs[j].fileOff < end+ahead {
+		j++
+	}
+	bufs, err := f.load(ctx, cs[i:j])
+	if err != nil {
+		return 0, err
+	}
+	n := 0
+	for k := i; k < need; k++ {
+		c, b := cs[k], bufs[k-i]
+		if int64(len(b)) != c.size {
+			// Two TOC chunks with one digest but different sizes.
+			return 0, fmt.Errorf("chunk %s is %d bytes, the TOC says %d: %w", c.dgst(), len(b), c.size, errCorrupt)
+		}
+		lo := max(off, c.fileOff) - c.fileOff
+		hi := min(end, c.fileOff+c.size) - c.fileOff
+		n += copy(p[n:], b[lo:hi])
+	}
+	return n, nil
+}

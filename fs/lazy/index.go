@@ -1,0 +1,291 @@
+package lazy
+
+import (
+	"encoding/hex"
+	"fmt"
+	"sort"
+	"strings"
+	"syscall"
+
+	"github.com/containerd/stargz-snapshotter/estargz"
+	"github.com/opencontainers/go-digest"
+	"golang.org/x/sys/unix"
+)
+
+// Names eStargz adds to a layer for its own use; they are not part of the
+// image's file system and are hidden.
+var metadataNames = map[string]bool{
+	estargz.PrefetchLandmark:   true,
+	estargz.NoPrefetchLandmark: true,
+	estargz.TOCTarName:         true,
+}
+
+const (
+	whiteoutPrefix = ".wh."
+	opaqueMarker   = ".wh..wh..opq"
+	opaqueXattr    = "trusted.overlay.opaque"
+)
+
+// index is a layer's table of contents in a compact, immutable form: the
+// parsed TOC is dropped once the index is built. Entry i has inode number
+// i+1; entry 0 is the root. All fields are read-only after build.
+type index struct {
+	entries  []entry
+	children []uint32 // child entry numbers of every directory, by directory, sorted by name
+	names    []string // the name of each child in children (hard links have several)
+	chunks   []chunk  // chunks of every regular file, by file, in file order
+
+	links  map[uint32]string            // symlink targets
+	rdevs  map[uint32]uint32            // device numbers
+	xattrs map[uint32]map[string][]byte // extended attributes
+
+	// prefetchEnd is the blob offset where the files eStargz prioritized
+	// end (the prefetch landmark); 0 when the layer has no landmark.
+	prefetchEnd int64
+}
+
+// entry is one inode: 48 bytes. Names live in index.names.
+type entry struct {
+	mode     uint32 // st_mode, type bits included
+	uid, gid uint32
+	nlink    uint32
+	size     int64
+	mtime    int64  // nanoseconds since the epoch
+	first    uint32 // first child (directories) or chunk (files)
+	count    uint32 // number of children or chunks
+}
+
+// chunk locates a piece of a file's content in the blob.
+type chunk struct {
+	offset  int64 // where the compressed stream holding the chunk starts
+	end     int64 // where that stream ends
+	inner   int64 // where the chunk starts in the decompressed stream
+	fileOff int64 // where the chunk starts in the file
+	size    int64
+	digest  [32]byte // sha256 of the chunk's bytes
+}
+
+func (c *chunk) dgst() digest.Digest {
+	return digest.NewDigestFromBytes(digest.SHA256, c.digest[:])
+}
+
+func (ix *index) dirChildren(e *entry) []uint32 { return ix.children[e.first : e.first+e.count] }
+func (ix *index) dirNames(e *entry) []string    { return ix.names[e.first : e.first+e.count] }
+func (ix *index) fileChunks(e *entry) []chunk   { return ix.chunks[e.first : e.first+e.count] }
+
+// lookup finds name among the children of directory e.
+func (ix *index) lookup(e *entry, name string) (uint32, bool) {
+	names := ix.dirNames(e)
+	i := sort.SearchStrings(names, name)
+	if i < len(names) && names[i] == name {
+		return ix.dirChildren(e)[i], true
+	}
+	return 0, false
+}
+
+// buildIndex converts an opened eStargz (or zstd:chunked) reader into an
+// index. Whiteouts become overlay whiteouts (0/0 character devices), opaque
+// markers become the overlay opaque xattr on their directory, and eStargz's
+// own metadata files are hidden, so the tree is what overlayfs expects of a
+// lower layer.
+func buildIndex(r *estargz.Reader) (*index, error) {
+	root, ok := r.Lookup("")
+	if !ok {
+		return nil, fmt.Errorf("TOC has no root directory")
+	}
+	b := &builder{
+		r:    r,
+		ix:   &index{links: map[uint32]string{}, rdevs: map[uint32]uint32{}, xattrs: map[uint32]map[string][]byte{}},
+		seen: map[*estargz.TOCEntry]uint32{},
+	}
+	if lm, ok := r.Lookup(estargz.PrefetchLandmark); ok {
+		b.ix.prefetchEnd = lm.Offset
+	}
+	b.ix.entries = append(b.ix.entries, entry{nlink: 1})
+	if err := b.fill(0, root); err != nil {
+		return nil, err
+	}
+	return b.ix, nil
+}
+
+type builder struct {
+	r    *estargz.Reader
+	ix   *index
+	seen map[*estargz.TOCEntry]uint32 // hard links: TOC entry → entry number
+}
+
+// fill sets entry n from the TOC entry te, recursing into directories.
+func (b *builder) fill(n uint32, te *estargz.TOCEntry) error {
+	e := entry{
+		uid:   uint32(te.UID),
+		gid:   uint32(te.GID),
+		nlink: b.ix.entries[n].nlink, // counted by dir for hard links
+		size:  te.Size,
+		mtime: te.ModTime().UnixNano(),
+	}
+	perm := uint32(te.Stat().Mode().Perm()) | modeBits(te.Mode)
+	switch te.Type {
+	case "dir":
+		e.mode = syscall.S_IFDIR | perm
+		e.size = 4096
+	case "reg":
+		e.mode = syscall.S_IFREG | perm
+	case "symlink":
+		e.mode = syscall.S_IFLNK | 0o777
+		e.size = int64(len(te.LinkName))
+		b.ix.links[n] = te.LinkName
+	case "char", "block":
+		e.mode = syscall.S_IFCHR | perm
+		if te.Type == "block" {
+			e.mode = syscall.S_IFBLK | perm
+		}
+		b.ix.rdevs[n] = uint32(unix.Mkdev(uint32(te.DevMajor), uint32(te.DevMinor)))
+	case "fifo":
+		e.mode = syscall.S_IFIFO | perm
+	default:
+		return fmt.Errorf("TOC entry %q: unsupported type %q", te.Name, te.Type)
+	}
+	if len(te.Xattrs) > 0 {
+		b.ix.xattrs[n] = te.Xattrs
+	}
+	if te.Type == "reg" {
+		if err := b.fileChunks(&e, te); err != nil {
+			return err
+		}
+	}
+	b.ix.entries[n] = e
+	if te.Type == "dir" {
+		return b.dir(n, te)
+	}
+	return nil
+}
+
+// dir adds the children of directory n.
+func (b *builder) dir(n uint32, te *estargz.TOCEntry) error {
+	type kid struct {
+		name string
+		te   *estargz.TOCEntry
+		wh   bool // a whiteout: a 0/0 character device named name
+	}
+	var kids []kid
+	var err error
+	te.ForeachChild(func(base string, c *estargz.TOCEntry) bool {
+		switch {
+		case n == 0 && metadataNames[base]:
+		case base == opaqueMarker:
+			xa := map[string][]byte{}
+			for k, v := range b.ix.xattrs[n] {
+				xa[k] = v
+			}
+			xa[opaqueXattr] = []byte("y")
+			b.ix.xattrs[n] = xa
+		case strings.HasPrefix(base, whiteoutPrefix):
+			kids = append(kids, kid{name: base[len(whiteoutPrefix):], te: c, wh: true})
+		case base == "" || base == "." || base == ".." || strings.Contains(base, "/"):
+			err = fmt.Errorf("TOC entry %q: invalid name %q", te.Name, base)
+			return false
+		default:
+			kids = append(kids, kid{name: base, te: c})
+		}
+		return true
+	})
+	if err != nil {
+		return err
+	}
+	sort.Slice(kids, func(i, j int) bool { return kids[i].name < kids[j].name })
+	for i := 1; i < len(kids); i++ {
+		if kids[i].name == kids[i-1].name {
+			return fmt.Errorf("TOC directory %q: %q appears twice", te.Name, kids[i].name)
+		}
+	}
+
+	first := uint32(len(b.ix.children))
+	numbers := make([]uint32, len(kids))
+	var fills []int
+	for i, k := range kids {
+		if k.wh {
+			numbers[i] = b.add(entry{mode: syscall.S_IFCHR, uid: uint32(k.te.UID),
+				gid: uint32(k.te.GID), nlink: 1, mtime: k.te.ModTime().UnixNano()})
+			continue
+		}
+		if m, ok := b.seen[k.te]; ok {
+			if k.te.Type == "dir" {
+				return fmt.Errorf("TOC directory %q: %q links to a directory", te.Name, k.name)
+			}
+			b.ix.entries[m].nlink++ // another name of a hard-linked file
+			numbers[i] = m
+			continue
+		}
+		numbers[i] = b.add(entry{nlink: 1})
+		b.seen[k.te] = numbers[i]
+		fills = append(fills, i)
+	}
+	b.ix.children = append(b.ix.children, numbers...)
+	for _, k := range kids {
+		b.ix.names = append(b.ix.names, strings.Clone(k.name))
+	}
+	d := &b.ix.entries[n]
+	d.first, d.count = first, uint32(len(numbers))
+
+	subdirs := uint32(0)
+	for _, i := range fills {
+		if err := b.fill(numbers[i], kids[i].te); err != nil {
+			return err
+		}
+		if kids[i].te.Type == "dir" {
+			subdirs++
+		}
+	}
+	b.ix.entries[n].nlink = 2 + subdirs
+	return nil
+}
+
+func (b *builder) add(e entry) uint32 {
+	b.ix.entries = append(b.ix.entries, e)
+	return uint32(len(b.ix.entries) - 1)
+}
+
+// fileChunks records the chunks of regular file te in e.
+func (b *builder) fileChunks(e *entry, te *estargz.TOCEntry) error {
+	e.first = uint32(len(b.ix.chunks))
+	if te.Size == 0 {
+		return nil
+	}
+	for off := int64(0); off < te.Size; {
+		ce, ok := b.r.ChunkEntryForOffset(te.Name, off)
+		if !ok || ce.ChunkOffset != off || ce.ChunkSize <= 0 {
+			return fmt.Errorf("TOC entry %q: no chunk at offset %d", te.Name, off)
+		}
+		d, err := digest.Parse(ce.ChunkDigest)
+		if err != nil || d.Algorithm() != digest.SHA256 {
+			return fmt.Errorf("TOC entry %q: chunk at offset %d: digest %q: want sha256", te.Name, off, ce.ChunkDigest)
+		}
+		end := ce.NextOffset()
+		if ce.Offset <= 0 || end <= ce.Offset || ce.InnerOffset < 0 {
+			return fmt.Errorf("TOC entry %q: chunk at offset %d: bad blob range %d-%d", te.Name, off, ce.Offset, end)
+		}
+		c := chunk{offset: ce.Offset, end: end, inner: ce.InnerOffset, fileOff: off, size: ce.ChunkSize}
+		if _, err := hex.Decode(c.digest[:], []byte(d.Encoded())); err != nil {
+			return fmt.Errorf("TOC entry %q: chunk digest %q: %w", te.Name, ce.ChunkDigest, err)
+		}
+		b.ix.chunks = append(b.ix.chunks, c)
+		off += ce.ChunkSize
+	}
+	e.count = uint32(len(b.ix.chunks)) - e.first
+	return nil
+}
+
+// modeBits returns the setuid, setgid and sticky bits of a tar mode.
+func modeBits(tarMode int64) uint32 {
+	var m uint32
+	if tarMode&04000 != 0 {
+		m |= syscall.S_ISUID
+	}
+	if tarMode&02000 != 0 {
+		m |= syscall.S_ISGID
+	}
+	if tarMode&01000 != 0 {
+		m |= syscall.S_ISVTX
+	}
+	return m
+}

@@ -1,0 +1,231 @@
+package lazy
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"io"
+	"sort"
+	"sync"
+	"sync/atomic"
+	"time"
+
+	"github.com/containerd/log"
+	"github.com/containerd/stargz-snapshotter/estargz"
+	"github.com/containerd/stargz-snapshotter/estargz/zstdchunked"
+	"github.com/hanwen/go-fuse/v2/fs"
+	"github.com/hanwen/go-fuse/v2/fuse"
+	"github.com/opencontainers/go-digest"
+	ocispec "github.com/opencontainers/image-spec/specs-go/v1"
+	"golang.org/x/sys/unix"
+
+	"github.com/lazylayer/lazylayer/cache"
+)
+
+// TOCDigestAnnotation is the layer annotation holding the digest of the
+// layer's TOC, set by eStargz and zstd:chunked converters.
+const TOCDigestAnnotation = "containerd.io/snapshot/stargz/toc.digest"
+
+// ErrTOCMismatch is wrapped when a TOC does not have the digest the image
+// manifest gave for it: the layer must not be served lazily.
+var ErrTOCMismatch = errors.New("TOC does not match its digest")
+
+// Options tune a lazy layer.
+type Options struct {
+	// Cache holds verified chunks. Required.
+	Cache *cache.Store
+	// ReadTimeout is how long a read waits for an unavailable registry
+	// before it fails with EIO (default 30s).
+	ReadTimeout time.Duration
+	// MaxRequest bounds one merged ranged request (default 16 MiB).
+	MaxRequest int64
+}
+
+// Capable reports whether desc is a layer lazylayer can serve lazily: an
+// eStargz or zstd:chunked layer whose TOC digest the manifest records.
+func Capable(desc ocispec.Descriptor) (digest.Digest, bool) {
+	d, err := digest.Parse(desc.Annotations[TOCDigestAnnotation])
+	if err != nil {
+		return "", false
+	}
+	switch desc.MediaType {
+	case ocispec.MediaTypeImageLayerGzip, "application/vnd.docker.image.rootfs.diff.tar.gzip", ocispec.MediaTypeImageLayerZstd:
+		return d, true
+	}
+	return "", false
+}
+
+// Layer is a layer served lazily over FUSE from its TOC.
+type Layer struct {
+	desc ocispec.Descriptor
+	ix   *index
+	f    *fetcher
+	toc  *Recorded // footer and TOC bytes as read, to save for restarts
+
+	reads atomic.Int64 // FUSE read requests served
+
+	mu         sync.Mutex
+	server     *fuse.Server // guarded by mu
+	mountpoint string       // guarded by mu
+	cancel     context.CancelFunc
+}
+
+// Open reads the footer and TOC of the layer desc through ra (normally the
+// registry blob, or a Recorded copy after a restart), checks the TOC against
+// tocDigest and indexes it. Chunks are later fetched from blob.
+func Open(ctx context.Context, ra io.ReaderAt, blob Blob, desc ocispec.Descriptor, tocDigest digest.Digest, o Options) (*Layer, error) {
+	if o.Cache == nil {
+		return nil, errors.New("lazy layer: no chunk cache")
+	}
+	if o.ReadTimeout <= 0 {
+		o.ReadTimeout = 30 * time.Second
+	}
+	if o.MaxRequest <= 0 {
+		o.MaxRequest = 16 << 20
+	}
+	var (
+		dec  estargz.Decompressor = new(estargz.GzipDecompressor)
+		opts []estargz.OpenOption
+	)
+	if desc.MediaType == ocispec.MediaTypeImageLayerZstd {
+		dec = new(zstdchunked.Decompressor)
+		opts = append(opts, estargz.WithDecompressors(dec))
+	}
+	rec := &Recorded{src: ra}
+	r, err := estargz.Open(io.NewSectionReader(rec, 0, desc.Size), opts...)
+	if err != nil {
+		return nil, fmt.Errorf("layer %s: read TOC: %w", desc.Digest, err)
+	}
+	if got := r.TOCDigest(); got != tocDigest {
+		return nil, fmt.Errorf("layer %s: TOC has digest %s, the manifest says %s: %w", desc.Digest, got, tocDigest, ErrTOCMismatch)
+	}
+	if _, err := r.VerifyTOC(tocDigest); err != nil {
+		return nil, fmt.Errorf("layer %s: %w: %w", desc.Digest, err, ErrTOCMismatch)
+	}
+	ix, err := buildIndex(r)
+	if err != nil {
+		return nil, fmt.Errorf("layer %s: %w", desc.Digest, err)
+	}
+	rec.src = nil
+	return &Layer{
+		desc: desc,
+		ix:   ix,
+		toc:  rec,
+		f: &fetcher{
+			layer:   desc.Digest,
+			blob:    blob,
+			cache:   o.Cache,
+			dec:     dec,
+			timeout: o.ReadTimeout,
+			maxSpan: o.MaxRequest,
+		},
+	}, nil
+}
+
+// TOC returns the footer and TOC bytes Open read, for Open after a restart.
+func (l *Layer) TOC() *Recorded { return l.toc }
+
+// Entries is the number of inodes in the layer.
+func (l *Layer) Entries() int { return len(l.ix.entries) }
+
+// Stats is what a lazy layer has done so far.
+type Stats struct {
+	Requests     int64 // ranged requests made for chunks
+	FetchedBytes int64 // compressed bytes received for chunks
+	Reads        int64 // FUSE read requests served
+}
+
+// Stats returns the layer's counters.
+func (l *Layer) Stats() Stats {
+	return Stats{Requests: l.f.requests.Load(), FetchedBytes: l.f.fetched.Load(), Reads: l.reads.Load()}
+}
+
+// entryTimeout is how long the kernel may cache names and attributes: a
+// layer never changes.
+const entryTimeout = time.Hour
+
+// Mount serves the layer read-only at mountpoint and starts fetching the
+// files eStargz prioritized.
+func (l *Layer) Mount(ctx context.Context, mountpoint string) error {
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	if l.server != nil {
+		return fmt.Errorf("layer %s is already mounted at %s", l.desc.Digest, l.mountpoint)
+	}
+	timeout := entryTimeout
+	root := &node{l: l, num: 0}
+	server, err := fs.Mount(mountpoint, root, &fs.Options{
+		MountOptions: fuse.MountOptions{
+			AllowOther:    true,
+			FsName:        "lazylayer",
+			Name:          "lazylayer",
+			DirectMount:   true,
+			MaxStackDepth: 1,
+			Options:       []string{"ro", "default_permissions"},
+		},
+		EntryTimeout:    &timeout,
+		AttrTimeout:     &timeout,
+		NegativeTimeout: &timeout,
+		NullPermissions: true,
+	})
+	if err != nil {
+		return fmt.Errorf("mount layer %s at %s: %w", l.desc.Digest, mountpoint, err)
+	}
+	l.server, l.mountpoint = server, mountpoint
+	bg, cancel := context.WithCancel(context.WithoutCancel(ctx))
+	l.cancel = cancel
+	go l.prefetch(bg)
+	return nil
+}
+
+// Unmount detaches the mount from the file system tree. Overlays that use
+// it keep reading through the server until they are unmounted; done is
+// closed when the server has stopped.
+func (l *Layer) Unmount() (done <-chan struct{}, err error) {
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	ch := make(chan struct{})
+	if l.server == nil {
+		close(ch)
+		return ch, nil
+	}
+	l.cancel()
+	if err := unix.Unmount(l.mountpoint, unix.MNT_DETACH); err != nil && err != unix.EINVAL {
+		return nil, fmt.Errorf("unmount %s: %w", l.mountpoint, err)
+	}
+	server := l.server
+	l.server = nil
+	go func() {
+		server.Wait()
+		close(ch)
+	}()
+	return ch, nil
+}
+
+// prefetch fetches the chunks of the files eStargz placed before its
+// prefetch landmark, in blob order.
+func (l *Layer) prefetch(ctx context.Context) {
+	if l.ix.prefetchEnd <= 0 {
+		return
+	}
+	var cs []chunk
+	for _, c := range l.ix.chunks {
+		if c.offset < l.ix.prefetchEnd {
+			cs = append(cs, c)
+		}
+	}
+	sort.Slice(cs, func(i, j int) bool { return cs[i].offset < cs[j].offset })
+	start := time.Now()
+	for len(cs) > 0 {
+		n := l.f.span(cs)
+		if _, err := l.f.load(ctx, cs[:n]); err != nil {
+			if ctx.Err() == nil {
+				log.G(ctx).WithError(err).WithField("layer", l.desc.Digest).Warn("prefetch of prioritized files failed")
+			}
+			return
+		}
+		cs = cs[n:]
+	}
+	log.G(ctx).WithField("layer", l.desc.Digest).WithField("elapsed", time.Since(start).Round(time.Millisecond)).
+		Debug("prioritized files fetched")
+}
