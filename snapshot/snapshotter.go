@@ -82,7 +82,7 @@ type Snapshotter struct {
 	options []string   // extra overlay mount options
 
 	mu   sync.Mutex
-	lazy map[string]bool // ids of committed lazy layers; guarded by mu
+	lazy map[string]string // id → name of committed lazy layers; guarded by mu
 }
 
 // Opt configures a Snapshotter.
@@ -104,7 +104,7 @@ func New(ctx context.Context, root string, opts ...Opt) (*Snapshotter, error) {
 	if err != nil {
 		return nil, fmt.Errorf("open metastore: %w", err)
 	}
-	s := &Snapshotter{root: root, ms: ms, lazy: map[string]bool{}}
+	s := &Snapshotter{root: root, ms: ms, lazy: map[string]string{}}
 	if _, err := os.Stat("/sys/module/overlay/parameters/index"); err == nil {
 		s.options = append(s.options, "index=off")
 	}
@@ -127,8 +127,8 @@ func New(ctx context.Context, root string, opts ...Opt) (*Snapshotter, error) {
 // everything else.
 func (s *Snapshotter) restoreLazy(ctx context.Context) error {
 	type lazyLayer struct {
-		id     string
-		labels map[string]string
+		id, name string
+		labels   map[string]string
 	}
 	var layers []lazyLayer
 	err := s.ms.WithTransaction(ctx, false, func(ctx context.Context) error {
@@ -140,7 +140,7 @@ func (s *Snapshotter) restoreLazy(ctx context.Context) error {
 			if err != nil {
 				return err
 			}
-			layers = append(layers, lazyLayer{id: id, labels: info.Labels})
+			layers = append(layers, lazyLayer{id: id, name: info.Name, labels: info.Labels})
 			return nil
 		})
 	})
@@ -149,7 +149,7 @@ func (s *Snapshotter) restoreLazy(ctx context.Context) error {
 	}
 	for _, l := range layers {
 		s.mu.Lock()
-		s.lazy[l.id] = true
+		s.lazy[l.id] = l.name
 		s.mu.Unlock()
 		if s.fs == nil {
 			continue
@@ -278,7 +278,7 @@ func (s *Snapshotter) fetchRemote(ctx context.Context, key, target string, snap 
 	}
 	if state == StateLazy {
 		s.mu.Lock()
-		s.lazy[snap.ID] = true
+		s.lazy[snap.ID] = target
 		s.mu.Unlock()
 	}
 	err = s.Commit(ctx, target, key, snapshots.WithLabels(commitLabels))
@@ -529,7 +529,7 @@ func (s *Snapshotter) upperPath(id string) string {
 // its FUSE mount while it is lazy, its tree once it is local.
 func (s *Snapshotter) lowerPath(id string) string {
 	s.mu.Lock()
-	lazy := s.lazy[id]
+	_, lazy := s.lazy[id]
 	s.mu.Unlock()
 	if lazy {
 		return s.lazyPath(id)
@@ -537,18 +537,52 @@ func (s *Snapshotter) lowerPath(id string) string {
 	return s.upperPath(id)
 }
 
+// MarkLocal records that the lazy layer in snapshot directory dir is now
+// complete and verified in dir/fs: the mounts handed out from now on use
+// dir/fs instead of the FUSE mount. The FileSystem calls it once it has
+// moved the complete tree into place.
+func (s *Snapshotter) MarkLocal(ctx context.Context, dir string) error {
+	id := filepath.Base(dir)
+	if s.snapshotDir(id) != filepath.Clean(dir) {
+		return fmt.Errorf("%s is not a snapshot directory of %s", dir, s.root)
+	}
+	s.mu.Lock()
+	name, ok := s.lazy[id]
+	s.mu.Unlock()
+	if !ok {
+		return fmt.Errorf("snapshot %s has no lazy layer", id)
+	}
+	err := s.ms.WithTransaction(ctx, true, func(ctx context.Context) error {
+		_, info, _, err := storage.GetInfo(ctx, name)
+		if err != nil {
+			return err
+		}
+		info.Labels[LabelState] = StateLocal
+		_, err = storage.UpdateInfo(ctx, info, "labels."+LabelState)
+		return err
+	})
+	if err != nil {
+		return fmt.Errorf("mark layer %s local: %w", name, err)
+	}
+	s.mu.Lock()
+	delete(s.lazy, id)
+	s.mu.Unlock()
+	return nil
+}
+
 func (s *Snapshotter) lazyPath(id string) string {
 	return filepath.Join(s.root, "snapshots", id, "lazy")
 }
 
-// release stops serving snapshot id's lazy layer, if it has one, and
-// makes sure nothing stays mounted under its directory.
+// release stops serving snapshot id's lazy layer, if it has or had one,
+// and makes sure nothing stays mounted under its directory.
 func (s *Snapshotter) release(ctx context.Context, id string) error {
 	s.mu.Lock()
-	lazy := s.lazy[id]
 	delete(s.lazy, id)
 	s.mu.Unlock()
-	if lazy && s.fs != nil {
+	// A layer that turned local may still have a FUSE mount serving
+	// running containers: release it either way.
+	if s.fs != nil {
 		if err := s.fs.Release(ctx, s.snapshotDir(id)); err != nil {
 			return err
 		}

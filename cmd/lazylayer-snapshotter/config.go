@@ -30,6 +30,16 @@ type lazyConfig struct {
 	// ReadTimeout is how long a read waits for an unavailable registry
 	// before it fails with EIO, e.g. "30s".
 	ReadTimeout string `toml:"read_timeout"`
+	// PopulateConcurrency is the number of ranged requests in flight per
+	// layer while it downloads in the background.
+	PopulateConcurrency int `toml:"populate_concurrency"`
+	// PopulateBandwidth bounds background downloads per layer, e.g.
+	// "50MiB" (per second); "0" means no bound. On-demand reads are never
+	// bounded and always go first.
+	PopulateBandwidth string `toml:"populate_bandwidth"`
+	// SwapGrace is how long a layer's FUSE mount stays attached after the
+	// layer turned local, e.g. "30s".
+	SwapGrace string `toml:"swap_grace"`
 }
 
 type fetchConfig struct {
@@ -59,9 +69,12 @@ func defaultConfig() config {
 			ConcurrentLayers: 3,
 		},
 		Lazy: lazyConfig{
-			Enabled:     true,
-			CacheSize:   "10GiB",
-			ReadTimeout: "30s",
+			Enabled:             true,
+			CacheSize:           "10GiB",
+			ReadTimeout:         "30s",
+			PopulateConcurrency: 4,
+			PopulateBandwidth:   "0",
+			SwapGrace:           "30s",
 		},
 	}
 }
@@ -118,9 +131,12 @@ func (f fetchConfig) parse() (fetchOptions, error) {
 }
 
 type lazyOptions struct {
-	enabled     bool
-	cacheSize   int64
-	readTimeout time.Duration
+	enabled             bool
+	cacheSize           int64
+	readTimeout         time.Duration
+	populateConcurrency int
+	populateBandwidth   int64 // bytes per second; 0 unbounded
+	swapGrace           time.Duration
 }
 
 func (l lazyConfig) parse() (lazyOptions, error) {
@@ -132,5 +148,17 @@ func (l lazyConfig) parse() (lazyOptions, error) {
 	if err != nil || to <= 0 {
 		return lazyOptions{}, fmt.Errorf("lazy.read_timeout %q: want a duration such as 30s", l.ReadTimeout)
 	}
-	return lazyOptions{enabled: l.Enabled, cacheSize: size, readTimeout: to}, nil
+	bw, err := units.RAMInBytes(l.PopulateBandwidth)
+	if err != nil || bw < 0 {
+		return lazyOptions{}, fmt.Errorf("lazy.populate_bandwidth %q: want a size per second such as 50MiB, or 0", l.PopulateBandwidth)
+	}
+	grace, err := time.ParseDuration(l.SwapGrace)
+	if err != nil || grace <= 0 {
+		return lazyOptions{}, fmt.Errorf("lazy.swap_grace %q: want a duration such as 30s", l.SwapGrace)
+	}
+	if l.PopulateConcurrency < 1 {
+		return lazyOptions{}, errors.New("lazy.populate_concurrency must be at least 1")
+	}
+	return lazyOptions{enabled: l.Enabled, cacheSize: size, readTimeout: to, populateConcurrency: l.PopulateConcurrency,
+		populateBandwidth: bw, swapGrace: grace}, nil
 }

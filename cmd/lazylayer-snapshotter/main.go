@@ -18,6 +18,7 @@ import (
 	snapshotsapi "github.com/containerd/containerd/api/services/snapshots/v1"
 	"github.com/containerd/containerd/v2/contrib/snapshotservice"
 	"github.com/containerd/log"
+	"golang.org/x/time/rate"
 	"google.golang.org/grpc"
 
 	"github.com/lazylayer/lazylayer/cache"
@@ -107,18 +108,32 @@ func run(ctx context.Context, args []string) error {
 			return fmt.Errorf("open chunk cache: %w", err)
 		}
 		defer chunks.Close()
-		layerCfg.Lazy = lazy.Options{Cache: chunks, ReadTimeout: lazyOpts.readTimeout}
+		passthrough, why := lazy.PassthroughSupport(cfg.Root)
+		if !passthrough {
+			log.G(ctx).WithField("reason", why).Warn("FUSE passthrough unavailable: local layers of running lazy containers are read through the daemon")
+		}
+		layerCfg.Lazy = lazy.Options{Cache: chunks, ReadTimeout: lazyOpts.readTimeout, Passthrough: passthrough}
+		layerCfg.Populate = lazy.PopulateOptions{Concurrency: lazyOpts.populateConcurrency, RangeSize: fetch.rangeSize}
+		if lazyOpts.populateBandwidth > 0 {
+			layerCfg.Populate.Limit = rate.NewLimiter(rate.Limit(lazyOpts.populateBandwidth), int(min(lazyOpts.populateBandwidth, fetch.rangeSize)))
+		}
+		layerCfg.SwapGrace = lazyOpts.swapGrace
 	}
 	layers, err := layer.New(ctx, layer.FromResolver(resolver), layerCfg)
 	if err != nil {
 		return err
 	}
-	defer layers.Close()
 	sn, err := snapshot.New(ctx, cfg.Root, snapshot.WithFileSystem(layers))
 	if err != nil {
+		layers.Close()
 		return err
 	}
-	defer sn.Close()
+	// Background population calls into the snapshotter: stop it first.
+	defer func() {
+		layers.Close()
+		sn.Close()
+	}()
+	layers.SetOnLocal(sn.MarkLocal)
 
 	return serve(ctx, cfg.Address, sn, &status{sn: sn, layers: layers})
 }

@@ -39,6 +39,9 @@ type Options struct {
 	// Directories the tar creates without listing them take their
 	// attributes from there, as containerd's applier does.
 	Parents []string
+	// HideRoot names entries at the root of the layer that are not
+	// extracted (eStargz's metadata files). They are still verified.
+	HideRoot []string
 }
 
 // Result tells what an extraction found.
@@ -75,7 +78,7 @@ func Layer(ctx context.Context, r io.Reader, dir string, opts Options) (Result, 
 
 	diffHash := digest.SHA256.Digester()
 	tarReader := io.TeeReader(tarStream, diffHash.Hash())
-	guard := newPathGuard()
+	guard := newPathGuard(opts.HideRoot)
 	applyOpts := []archive.ApplyOpt{
 		archive.WithConvertWhiteout(archive.OverlayConvertWhiteout),
 		archive.WithFilter(guard.check),

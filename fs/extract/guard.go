@@ -12,13 +12,18 @@ import (
 // that would escape; lazylayer refuses such a layer instead, because an image
 // that tries it is not one to run.
 type pathGuard struct {
+	hide         map[string]bool     // root entries not to extract
 	symlinks     map[string]struct{} // names this layer made symlinks
 	dirs         map[string]struct{} // directories this layer lists
 	implicitDirs bool                // an entry's parent was not listed
 }
 
-func newPathGuard() *pathGuard {
-	return &pathGuard{symlinks: map[string]struct{}{}, dirs: map[string]struct{}{}}
+func newPathGuard(hide []string) *pathGuard {
+	g := &pathGuard{hide: map[string]bool{}, symlinks: map[string]struct{}{}, dirs: map[string]struct{}{}}
+	for _, h := range hide {
+		g.hide[h] = true
+	}
+	return g
 }
 
 // check is an archive.Filter. hdr.Name has been cleaned by archive.Apply.
@@ -26,6 +31,9 @@ func (g *pathGuard) check(hdr *tar.Header) (bool, error) {
 	name := hdr.Name
 	if err := g.checkPath(name); err != nil {
 		return false, fmt.Errorf("tar entry %q: %w", name, err)
+	}
+	if g.hide[name] {
+		return false, nil
 	}
 	if hdr.Typeflag == tar.TypeLink {
 		if err := g.checkPath(path.Clean(hdr.Linkname)); err != nil {

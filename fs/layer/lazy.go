@@ -8,6 +8,7 @@ import (
 	"io"
 	"os"
 	"path/filepath"
+	"sync/atomic"
 	"time"
 
 	"github.com/containerd/log"
@@ -21,14 +22,17 @@ import (
 const (
 	lazyDescFile = "layer.json" // the image reference and layer descriptor
 	lazyTOCFile  = "toc"        // footer and TOC bytes (lazy.Recorded)
+	lazyBlobFile = "blob"       // the blob as population downloads it
 	lazyMount    = "lazy"
 )
 
 // lazyLayer is a mounted lazy layer.
 type lazyLayer struct {
-	ref   string
-	desc  ocispec.Descriptor
-	layer *lazy.Layer
+	ref    string
+	desc   ocispec.Descriptor
+	layer  *lazy.Layer
+	cancel context.CancelFunc // stops population
+	state  atomic.Value       // string: stateLazy, statePopulating or stateLocal
 }
 
 type savedLayer struct {
@@ -53,7 +57,7 @@ func (m *Manager) mountLazy(ctx context.Context, dir, ref string, desc ocispec.D
 		return err
 	}
 	start := time.Now()
-	l, err := lazy.Open(ctx, blobReaderAt{ctx: ctx, b: blob}, blob, desc, tocDigest, m.cfg.Lazy)
+	l, err := lazy.Open(ctx, blobReaderAt{ctx: ctx, b: blob}, blob, desc, tocDigest, m.lazyOptions(dir))
 	if err != nil {
 		return err
 	}
@@ -76,14 +80,28 @@ func (m *Manager) mountLazy(ctx context.Context, dir, ref string, desc ocispec.D
 	return nil
 }
 
+// lazyOptions are the options of the lazy layer in snapshot directory dir.
+func (m *Manager) lazyOptions(dir string) lazy.Options {
+	o := m.cfg.Lazy
+	o.BlobPath = filepath.Join(dir, lazyBlobFile)
+	return o
+}
+
+// mount serves ll at dir/lazy and starts its population.
 func (m *Manager) mount(ctx context.Context, dir string, ll *lazyLayer) error {
 	mp := filepath.Join(dir, lazyMount)
 	if err := ll.layer.Mount(ctx, mp); err != nil {
+		ll.layer.Close()
 		return err
 	}
+	ll.state.Store(stateLazy)
+	popCtx, cancel := context.WithCancel(m.ctx)
+	ll.cancel = cancel
 	m.mu.Lock()
 	m.lazy[dir] = ll
 	m.mu.Unlock()
+	m.wg.Add(1)
+	go m.populate(popCtx, dir, ll)
 	return nil
 }
 
@@ -114,7 +132,7 @@ func (m *Manager) Restore(ctx context.Context, dir string, _ map[string]string) 
 	if err != nil {
 		return err
 	}
-	l, err := lazy.Open(ctx, rec, blob, saved.Descriptor, tocDigest, m.cfg.Lazy)
+	l, err := lazy.Open(ctx, rec, blob, saved.Descriptor, tocDigest, m.lazyOptions(dir))
 	if err != nil {
 		return err
 	}
@@ -136,6 +154,8 @@ func (m *Manager) Release(ctx context.Context, dir string) error {
 	if !ok {
 		return detach(filepath.Join(dir, lazyMount))
 	}
+	ll.cancel()
+	ll.layer.Close()
 	done, err := ll.layer.Unmount()
 	if err != nil {
 		return err

@@ -63,6 +63,12 @@ type Config struct {
 	// Lazy, when its Cache is set, serves eStargz and zstd:chunked layers
 	// lazily over FUSE instead of fetching them in full.
 	Lazy lazy.Options
+	// Populate tunes the background download of lazy layers.
+	Populate lazy.PopulateOptions
+	// SwapGrace is how long a layer's FUSE mount stays attached after the
+	// layer turned local, for containers handed it just before (default
+	// 30 s).
+	SwapGrace time.Duration
 }
 
 // Manager obtains image layers from a registry and hands them to snapshots
@@ -81,6 +87,10 @@ type Manager struct {
 	wg     sync.WaitGroup
 	sem    chan struct{} // slots for layers fetched ahead
 	group  singleflight.Group
+
+	onLocalOnce sync.Once
+	onLocal     func(ctx context.Context, dir string) error // set once, before ready closes
+	ready       chan struct{}                               // closed by SetOnLocal
 
 	mu        sync.Mutex
 	jobs      map[digest.Digest]*job             // guarded by mu
@@ -113,6 +123,9 @@ func New(ctx context.Context, reg Registry, cfg Config) (*Manager, error) {
 	if cfg.StagedTTL <= 0 {
 		cfg.StagedTTL = 10 * time.Minute
 	}
+	if cfg.SwapGrace <= 0 {
+		cfg.SwapGrace = 30 * time.Second
+	}
 	if err := os.RemoveAll(cfg.Staging); err != nil {
 		return nil, fmt.Errorf("clear staging directory: %w", err)
 	}
@@ -129,6 +142,7 @@ func New(ctx context.Context, reg Registry, cfg Config) (*Manager, error) {
 		jobs:      map[digest.Digest]*job{},
 		manifests: map[digest.Digest]ocispec.Manifest{},
 		lazy:      map[string]*lazyLayer{},
+		ready:     make(chan struct{}),
 	}, nil
 }
 

@@ -33,9 +33,11 @@ type fetcher struct {
 	dec     estargz.Decompressor
 	timeout time.Duration // how long a read waits for an unavailable registry
 	maxSpan int64         // largest merged request
+	partial *partialBlob  // local copy of the blob, filled as bytes arrive; may be nil
 
 	requests atomic.Int64 // ranged requests made
 	fetched  atomic.Int64 // compressed bytes received
+	inflight atomic.Int64 // on-demand requests under way; population waits for them
 }
 
 // verifyRetries is how often a chunk that failed verification is fetched
@@ -138,17 +140,9 @@ func (f *fetcher) fetchSpan(ctx context.Context, cs []chunk, out map[digest.Dige
 	for _, c := range cs {
 		end = max(end, c.end)
 	}
-	rc, err := f.blob.ReadRange(ctx, start, end-start)
+	buf, err := f.read(ctx, span{start, end})
 	if err != nil {
 		return err
-	}
-	buf := make([]byte, end-start)
-	n, err := io.ReadFull(rc, buf)
-	rc.Close()
-	f.requests.Add(1)
-	f.fetched.Add(int64(n))
-	if err != nil {
-		return fmt.Errorf("read bytes %d-%d: %w", start, end-1, err)
 	}
 	for i := 0; i < len(cs); {
 		// Chunks sharing a compressed stream are decompressed together.
@@ -162,6 +156,36 @@ func (f *fetcher) fetchSpan(ctx context.Context, cs []chunk, out map[digest.Dige
 		i = j
 	}
 	return nil
+}
+
+// read returns the compressed bytes of s: from the local copy of the blob
+// when it holds them, else from the registry (and then into the copy).
+func (f *fetcher) read(ctx context.Context, s span) ([]byte, error) {
+	buf := make([]byte, s.len())
+	if f.partial != nil && f.partial.has(s) {
+		if _, err := f.partial.f.ReadAt(buf, s.start); err == nil {
+			return buf, nil
+		}
+	}
+	f.inflight.Add(1)
+	defer f.inflight.Add(-1)
+	rc, err := f.blob.ReadRange(ctx, s.start, s.len())
+	if err != nil {
+		return nil, err
+	}
+	n, err := io.ReadFull(rc, buf)
+	rc.Close()
+	f.requests.Add(1)
+	f.fetched.Add(int64(n))
+	if err != nil {
+		return nil, fmt.Errorf("read bytes %d-%d: %w", s.start, s.end-1, err)
+	}
+	if f.partial != nil {
+		if err := f.partial.WriteAt(buf, s.start); err != nil {
+			log.G(ctx).WithError(err).WithField("layer", f.layer).Warn("cannot keep fetched bytes for population")
+		}
+	}
+	return buf, nil
 }
 
 // decompress reads the chunks cs, sorted by inner offset, out of one

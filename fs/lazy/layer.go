@@ -39,6 +39,12 @@ type Options struct {
 	ReadTimeout time.Duration
 	// MaxRequest bounds one merged ranged request (default 16 MiB).
 	MaxRequest int64
+	// BlobPath, if set, is where the layer keeps its local copy of the
+	// blob for population (and a list of the ranges it holds beside it).
+	BlobPath string
+	// Passthrough opens files with FUSE passthrough once the layer is
+	// local. Set it only where PassthroughSupport says yes.
+	Passthrough bool
 }
 
 // Capable reports whether desc is a layer lazylayer can serve lazily: an
@@ -62,7 +68,11 @@ type Layer struct {
 	f    *fetcher
 	toc  *Recorded // footer and TOC bytes as read, to save for restarts
 
-	reads atomic.Int64 // FUSE read requests served
+	reads       atomic.Int64           // FUSE read requests served
+	popFetched  atomic.Int64           // bytes population fetched
+	popStart    atomic.Int64           // when population started, unix ns
+	local       atomic.Pointer[string] // the complete local tree, once there is one
+	passthrough bool
 
 	mu         sync.Mutex
 	server     *fuse.Server // guarded by mu
@@ -107,10 +117,17 @@ func Open(ctx context.Context, ra io.ReaderAt, blob Blob, desc ocispec.Descripto
 		return nil, fmt.Errorf("layer %s: %w", desc.Digest, err)
 	}
 	rec.src = nil
+	var partial *partialBlob
+	if o.BlobPath != "" {
+		if partial, err = openPartial(o.BlobPath, desc.Size); err != nil {
+			return nil, fmt.Errorf("layer %s: local blob copy: %w", desc.Digest, err)
+		}
+	}
 	return &Layer{
-		desc: desc,
-		ix:   ix,
-		toc:  rec,
+		desc:        desc,
+		ix:          ix,
+		toc:         rec,
+		passthrough: o.Passthrough,
 		f: &fetcher{
 			layer:   desc.Digest,
 			blob:    blob,
@@ -118,8 +135,49 @@ func Open(ctx context.Context, ra io.ReaderAt, blob Blob, desc ocispec.Descripto
 			dec:     dec,
 			timeout: o.ReadTimeout,
 			maxSpan: o.MaxRequest,
+			partial: partial,
 		},
 	}, nil
+}
+
+// SetLocal tells the layer that dir holds its complete, verified tree:
+// files opened from now on are served from there (with FUSE passthrough
+// where enabled), and open files read from there too.
+func (l *Layer) SetLocal(dir string) { l.local.Store(&dir) }
+
+// localDir returns the local tree, or "" while there is none.
+func (l *Layer) localDir() string {
+	if p := l.local.Load(); p != nil {
+		return *p
+	}
+	return ""
+}
+
+// Chunks lists the digests of the layer's chunks, for removing them from
+// the cache once the layer is local.
+func (l *Layer) Chunks() []digest.Digest {
+	ds := make([]digest.Digest, len(l.ix.chunks))
+	for i := range l.ix.chunks {
+		ds[i] = l.ix.chunks[i].dgst()
+	}
+	return ds
+}
+
+// DropBlob deletes the local blob copy: the layer is local and needs it
+// no more.
+func (l *Layer) DropBlob() error {
+	if l.f.partial == nil {
+		return nil
+	}
+	return l.f.partial.remove()
+}
+
+// Close saves what the local blob copy holds and closes it.
+func (l *Layer) Close() error {
+	if l.f.partial == nil {
+		return nil
+	}
+	return l.f.partial.close()
 }
 
 // TOC returns the footer and TOC bytes Open read, for Open after a restart.

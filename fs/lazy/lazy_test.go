@@ -77,6 +77,7 @@ func sampleTar(t testing.TB) ([]byte, map[string][]byte) {
 type testBlob struct {
 	data     []byte
 	requests atomic.Int64
+	served   atomic.Int64
 	down     atomic.Bool // answer every request with an error
 	corrupt  atomic.Bool // flip bytes in what is served past the footer
 }
@@ -89,6 +90,7 @@ func (b *testBlob) ReadRange(ctx context.Context, off, n int64) (io.ReadCloser, 
 		return nil, errDown
 	}
 	p := append([]byte(nil), b.data[off:off+n]...)
+	b.served.Add(n)
 	if b.corrupt.Load() && len(p) > 100 {
 		for i := 50; i < len(p)-50; i += 7 {
 			p[i] ^= 0xff
@@ -138,6 +140,9 @@ func newFixture(t *testing.T, o Options) *fixture {
 	if !ok {
 		t.Fatal("an eStargz layer with a TOC annotation is not lazy-capable")
 	}
+	if o.BlobPath == "" {
+		o.BlobPath = filepath.Join(t.TempDir(), "blob")
+	}
 	l, err := Open(context.Background(), bytes.NewReader(data), blob, desc, tocDigest, o)
 	if err != nil {
 		t.Fatal(err)
@@ -154,6 +159,7 @@ func newFixture(t *testing.T, o Options) *fixture {
 			return
 		}
 		<-done
+		l.Close()
 	})
 	return &fixture{blob: blob, layer: l, mnt: mnt, files: files}
 }

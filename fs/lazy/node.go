@@ -2,6 +2,8 @@ package lazy
 
 import (
 	"context"
+	"io"
+	"os"
 	"sync"
 	"syscall"
 
@@ -11,11 +13,19 @@ import (
 )
 
 // node is one inode of the lazy tree; it serves entry num of the layer's
-// index. Layers are immutable, so nodes hold no mutable state.
+// index.
+//
+// The kernel refuses to mix passthrough and page-cache opens of one inode
+// (the second kind gets EIO), so a node counts its opens of each kind and
+// opens a file with passthrough only while it has no page-cache opens.
 type node struct {
 	fs.Inode
 	l   *Layer
 	num uint32
+
+	mu          sync.Mutex
+	cachedOpens int // open handles served through the page cache; guarded by mu
+	passOpens   int // open handles with FUSE passthrough; guarded by mu
 }
 
 var (
@@ -165,19 +175,102 @@ func (n *node) Open(ctx context.Context, flags uint32) (fs.FileHandle, uint32, s
 	if n.entry().mode&syscall.S_IFMT != syscall.S_IFREG {
 		return nil, 0, syscall.EINVAL
 	}
+	n.mu.Lock()
+	defer n.mu.Unlock()
+	if local := n.l.localDir(); local != "" && n.l.passthrough && n.cachedOpens == 0 {
+		f, err := openBeneath(local, n.Path(nil))
+		if err == nil {
+			n.passOpens++
+			return &passHandle{n: n, f: f}, 0, 0
+		}
+		log.G(ctx).WithError(err).WithField("layer", n.l.desc.Digest).Warn("cannot open local file for passthrough")
+	}
+	if n.passOpens > 0 {
+		// Page-cache opens cannot join passthrough ones.
+		return nil, 0, syscall.EIO
+	}
+	n.cachedOpens++
 	return &handle{n: n}, fuse.FOPEN_KEEP_CACHE, 0
 }
 
-// handle is an open regular file. It notices sequential reads and then
-// fetches ahead.
+// passHandle is a file opened with FUSE passthrough: the kernel reads the
+// local file itself. Read is called only if the kernel declined
+// passthrough for the mount.
+type passHandle struct {
+	n *node
+	f *os.File
+}
+
+var (
+	_ fs.FilePassthroughFder = (*passHandle)(nil)
+	_ fs.FileReader          = (*passHandle)(nil)
+	_ fs.FileReleaser        = (*passHandle)(nil)
+)
+
+func (h *passHandle) PassthroughFd() (int, bool) { return int(h.f.Fd()), true }
+
+func (h *passHandle) Read(ctx context.Context, dest []byte, off int64) (fuse.ReadResult, syscall.Errno) {
+	h.n.l.reads.Add(1)
+	n, err := h.f.ReadAt(dest, off)
+	if err != nil && err != io.EOF {
+		return nil, fs.ToErrno(err)
+	}
+	return fuse.ReadResultData(dest[:n]), 0
+}
+
+func (h *passHandle) Release(ctx context.Context) syscall.Errno {
+	h.n.mu.Lock()
+	h.n.passOpens--
+	h.n.mu.Unlock()
+	h.f.Close()
+	return 0
+}
+
+// handle is a regular file opened through the page cache. Until the layer
+// is local it reads chunks, fetching ahead on sequential reads; then it
+// reads the local file.
 type handle struct {
 	n *node
 
 	mu      sync.Mutex
-	nextOff int64 // where a sequential read would continue; guarded by mu
+	nextOff int64    // where a sequential read would continue; guarded by mu
+	local   *os.File // the local file, once the layer is local; guarded by mu
 }
 
-var _ fs.FileReader = (*handle)(nil)
+var (
+	_ fs.FileReader   = (*handle)(nil)
+	_ fs.FileReleaser = (*handle)(nil)
+)
+
+func (h *handle) Release(ctx context.Context) syscall.Errno {
+	h.n.mu.Lock()
+	h.n.cachedOpens--
+	h.n.mu.Unlock()
+	h.mu.Lock()
+	if h.local != nil {
+		h.local.Close()
+	}
+	h.mu.Unlock()
+	return 0
+}
+
+// localFile returns the local file once the layer is local, else nil.
+func (h *handle) localFile() *os.File {
+	dir := h.n.l.localDir()
+	if dir == "" {
+		return nil
+	}
+	h.mu.Lock()
+	defer h.mu.Unlock()
+	if h.local == nil {
+		f, err := openBeneath(dir, h.n.Path(nil))
+		if err != nil {
+			return nil // keep reading chunks
+		}
+		h.local = f
+	}
+	return h.local
+}
 
 // readAhead is how far past a sequential read its chunks are fetched.
 const readAhead = 8 << 20
@@ -193,6 +286,13 @@ func (h *handle) Read(ctx context.Context, dest []byte, off int64) (fuse.ReadRes
 
 	l, e := h.n.l, h.n.entry()
 	l.reads.Add(1)
+	if f := h.localFile(); f != nil {
+		n, err := f.ReadAt(dest, off)
+		if err != nil && err != io.EOF {
+			return nil, fs.ToErrno(err)
+		}
+		return fuse.ReadResultData(dest[:n]), 0
+	}
 	n, err := l.f.readAt(ctx, l.ix.fileChunks(e), e.size, dest, off, ahead)
 	if err != nil && n == 0 && off < e.size {
 		log.G(ctx).WithError(err).WithFields(log.Fields{

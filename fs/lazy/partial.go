@@ -1,0 +1,168 @@
+package lazy
+
+import (
+	"encoding/binary"
+	"fmt"
+	"io"
+	"os"
+	"sort"
+	"sync"
+)
+
+// partialBlob is a local copy of a layer blob that fills in as ranges
+// arrive, from on-demand reads and from population alike, so that no byte
+// is fetched twice. Which ranges it holds is saved next to it; after a
+// crash the saved list may claim bytes that never reached the disk, which
+// the whole-blob digest check catches.
+type partialBlob struct {
+	path string
+	size int64
+
+	mu   sync.Mutex
+	f    *os.File // guarded by mu for Close; WriteAt/ReadAt are safe concurrently
+	have []span   // sorted, disjoint, not adjacent; guarded by mu
+}
+
+// span is the byte range [start, end).
+type span struct{ start, end int64 }
+
+func (s span) len() int64 { return s.end - s.start }
+
+// openPartial opens (or creates) the partial blob at path for a blob of
+// size bytes, with the list of ranges it holds from path+".ranges".
+func openPartial(path string, size int64) (*partialBlob, error) {
+	f, err := os.OpenFile(path, os.O_RDWR|os.O_CREATE, 0o600)
+	if err != nil {
+		return nil, err
+	}
+	if err := f.Truncate(size); err != nil {
+		f.Close()
+		return nil, err
+	}
+	p := &partialBlob{path: path, size: size, f: f}
+	if b, err := os.ReadFile(path + ".ranges"); err == nil {
+		for ; len(b) >= 16; b = b[16:] {
+			s := span{int64(binary.LittleEndian.Uint64(b)), int64(binary.LittleEndian.Uint64(b[8:]))}
+			if s.start >= 0 && s.start < s.end && s.end <= size {
+				p.add(s)
+			}
+		}
+	}
+	return p, nil
+}
+
+// WriteAt stores b at off and records the range.
+func (p *partialBlob) WriteAt(b []byte, off int64) error {
+	if off < 0 || off+int64(len(b)) > p.size {
+		return fmt.Errorf("partial blob: range %d+%d outside %d bytes", off, len(b), p.size)
+	}
+	if _, err := p.f.WriteAt(b, off); err != nil {
+		return err
+	}
+	p.mu.Lock()
+	p.add(span{off, off + int64(len(b))})
+	p.mu.Unlock()
+	return nil
+}
+
+// add merges s into p.have. Caller holds mu.
+func (p *partialBlob) add(s span) {
+	i := sort.Search(len(p.have), func(i int) bool { return p.have[i].end >= s.start })
+	j := i
+	for j < len(p.have) && p.have[j].start <= s.end {
+		s.start = min(s.start, p.have[j].start)
+		s.end = max(s.end, p.have[j].end)
+		j++
+	}
+	p.have = append(p.have[:i], append([]span{s}, p.have[j:]...)...)
+}
+
+// missing returns the ranges not yet held, each at most max bytes.
+func (p *partialBlob) missing(max int64) []span {
+	p.mu.Lock()
+	defer p.mu.Unlock()
+	var out []span
+	pos := int64(0)
+	emit := func(s span) {
+		for s.start < s.end {
+			e := min(s.end, s.start+max)
+			out = append(out, span{s.start, e})
+			s.start = e
+		}
+	}
+	for _, h := range p.have {
+		if h.start > pos {
+			emit(span{pos, h.start})
+		}
+		pos = h.end
+	}
+	if pos < p.size {
+		emit(span{pos, p.size})
+	}
+	return out
+}
+
+// held returns how many bytes are held.
+func (p *partialBlob) held() int64 {
+	p.mu.Lock()
+	defer p.mu.Unlock()
+	n := int64(0)
+	for _, h := range p.have {
+		n += h.len()
+	}
+	return n
+}
+
+// has reports whether all of s is held.
+func (p *partialBlob) has(s span) bool {
+	p.mu.Lock()
+	defer p.mu.Unlock()
+	i := sort.Search(len(p.have), func(i int) bool { return p.have[i].end > s.start })
+	return i < len(p.have) && p.have[i].start <= s.start && p.have[i].end >= s.end
+}
+
+// reader reads the whole blob from the local copy.
+func (p *partialBlob) reader() io.Reader { return io.NewSectionReader(p.f, 0, p.size) }
+
+// save writes the list of held ranges.
+func (p *partialBlob) save() error {
+	p.mu.Lock()
+	b := make([]byte, 0, 16*len(p.have))
+	for _, h := range p.have {
+		b = binary.LittleEndian.AppendUint64(b, uint64(h.start))
+		b = binary.LittleEndian.AppendUint64(b, uint64(h.end))
+	}
+	p.mu.Unlock()
+	tmp := p.path + ".ranges.tmp"
+	if err := os.WriteFile(tmp, b, 0o600); err != nil {
+		return err
+	}
+	return os.Rename(tmp, p.path+".ranges")
+}
+
+// reset forgets everything held (after a failed digest check).
+func (p *partialBlob) reset() {
+	p.mu.Lock()
+	p.have = nil
+	p.mu.Unlock()
+	os.Remove(p.path + ".ranges")
+}
+
+// remove closes and deletes the partial blob and its range list.
+func (p *partialBlob) remove() error {
+	p.mu.Lock()
+	defer p.mu.Unlock()
+	p.f.Close()
+	os.Remove(p.path + ".ranges")
+	return os.Remove(p.path)
+}
+
+func (p *partialBlob) close() error {
+	err := p.save()
+	p.mu.Lock()
+	defer p.mu.Unlock()
+	if cerr := p.f.Close(); err == nil {
+		err = cerr
+	}
+	return err
+}

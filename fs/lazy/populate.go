@@ -1,0 +1,163 @@
+package lazy
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"io"
+	"sync"
+	"time"
+
+	"github.com/containerd/log"
+	"golang.org/x/time/rate"
+
+	"github.com/lazylayer/lazylayer/fs/extract"
+)
+
+// PopulateOptions tune the background download of a lazy layer.
+type PopulateOptions struct {
+	// Concurrency is the number of ranged requests in flight (default 2).
+	Concurrency int
+	// RangeSize is the size of one ranged request (default 4 MiB).
+	RangeSize int64
+	// Limit, if set, bounds population's bandwidth; on-demand reads are
+	// not limited.
+	Limit *rate.Limiter
+}
+
+// Progress is how far population got.
+type Progress struct {
+	Held    int64         // bytes of the blob held locally
+	Size    int64         // size of the blob
+	Fetched int64         // bytes population fetched itself
+	Elapsed time.Duration // since population started; 0 if it has not
+}
+
+// Progress reports population's progress.
+func (l *Layer) Progress() Progress {
+	p := Progress{Size: l.desc.Size, Fetched: l.popFetched.Load()}
+	if l.f.partial != nil {
+		p.Held = l.f.partial.held()
+	}
+	if start := l.popStart.Load(); start != 0 {
+		p.Elapsed = time.Since(time.Unix(0, start))
+	}
+	return p
+}
+
+// Populate downloads what the local copy of the blob lacks (on-demand reads
+// go first), verifies the whole blob against the layer digest and extracts
+// it into dir, an empty directory, hiding eStargz's metadata files as the
+// lazy tree does. On success dir holds the complete, verified tree; on
+// error dir may hold part of it. A blob that fails verification is
+// forgotten, so the next attempt fetches it again.
+func (l *Layer) Populate(ctx context.Context, dir string, o PopulateOptions) error {
+	if l.f.partial == nil {
+		return errors.New("populate: the layer has no local blob copy")
+	}
+	if o.Concurrency <= 0 {
+		o.Concurrency = 2
+	}
+	if o.RangeSize <= 0 {
+		o.RangeSize = 4 << 20
+	}
+	l.popStart.CompareAndSwap(0, time.Now().UnixNano())
+	if err := l.download(ctx, o); err != nil {
+		l.f.partial.save()
+		return err
+	}
+	if err := l.f.partial.save(); err != nil {
+		return err
+	}
+	hide := make([]string, 0, len(metadataNames))
+	for name := range metadataNames {
+		hide = append(hide, name)
+	}
+	_, err := extract.Layer(ctx, l.f.partial.reader(), dir, extract.Options{
+		Digest: l.desc.Digest, Size: l.desc.Size, HideRoot: hide,
+	})
+	if errors.Is(err, extract.ErrInvalid) {
+		l.f.partial.reset()
+	}
+	return err
+}
+
+// download fetches every missing range of the blob into the local copy.
+func (l *Layer) download(ctx context.Context, o PopulateOptions) error {
+	todo := make(chan span)
+	errc := make(chan error, o.Concurrency)
+	var wg sync.WaitGroup
+	ctx, cancel := context.WithCancel(ctx)
+	defer cancel()
+	for i := 0; i < o.Concurrency; i++ {
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			for s := range todo {
+				if err := l.fetchRange(ctx, s, o.Limit); err != nil {
+					errc <- err
+					cancel()
+					return
+				}
+			}
+		}()
+	}
+	saved := time.Now()
+feed:
+	for _, s := range l.f.partial.missing(o.RangeSize) {
+		select {
+		case todo <- s:
+		case <-ctx.Done():
+			break feed
+		}
+		if time.Since(saved) > 5*time.Second {
+			l.f.partial.save()
+			saved = time.Now()
+		}
+	}
+	close(todo)
+	wg.Wait()
+	select {
+	case err := <-errc:
+		return err
+	default:
+		return ctx.Err()
+	}
+}
+
+// fetchRange fetches s into the local copy, after any on-demand reads.
+func (l *Layer) fetchRange(ctx context.Context, s span, limit *rate.Limiter) error {
+	for l.f.inflight.Load() > 0 {
+		select {
+		case <-time.After(5 * time.Millisecond):
+		case <-ctx.Done():
+			return ctx.Err()
+		}
+	}
+	if l.f.partial.has(s) {
+		return nil // an on-demand read fetched it meanwhile
+	}
+	if limit != nil {
+		for n := s.len(); n > 0; n -= int64(limit.Burst()) {
+			if err := limit.WaitN(ctx, int(min(n, int64(limit.Burst())))); err != nil {
+				return err
+			}
+		}
+	}
+	rc, err := l.f.blob.ReadRange(ctx, s.start, s.len())
+	if err != nil {
+		return err
+	}
+	defer rc.Close()
+	buf := make([]byte, s.len())
+	n, err := io.ReadFull(rc, buf)
+	l.popFetched.Add(int64(n))
+	if err != nil {
+		return fmt.Errorf("populate bytes %d-%d: %w", s.start, s.end-1, err)
+	}
+	if err := l.f.partial.WriteAt(buf, s.start); err != nil {
+		return fmt.Errorf("populate: %w", err)
+	}
+	log.G(ctx).WithField("layer", l.desc.Digest).WithField("range", s.start).Trace("populated range")
+	return nil
+}
