@@ -30,6 +30,12 @@ type lazyConfig struct {
 	// ReadTimeout is how long a read waits for an unavailable registry
 	// before it fails with EIO, e.g. "30s".
 	ReadTimeout string `toml:"read_timeout"`
+	// Populate downloads lazy layers in the background until they are
+	// local. Off, layers stay lazy.
+	Populate bool `toml:"populate"`
+	// PopulateDelay is how long after a layer is mounted its background
+	// download starts, e.g. "1s".
+	PopulateDelay string `toml:"populate_delay"`
 	// PopulateConcurrency is the number of ranged requests in flight per
 	// layer while it downloads in the background.
 	PopulateConcurrency int `toml:"populate_concurrency"`
@@ -72,6 +78,8 @@ func defaultConfig() config {
 			Enabled:             true,
 			CacheSize:           "10GiB",
 			ReadTimeout:         "30s",
+			Populate:            true,
+			PopulateDelay:       "1s",
 			PopulateConcurrency: 4,
 			PopulateBandwidth:   "0",
 			SwapGrace:           "30s",
@@ -134,6 +142,7 @@ type lazyOptions struct {
 	enabled             bool
 	cacheSize           int64
 	readTimeout         time.Duration
+	populateDelay       time.Duration // negative: no population
 	populateConcurrency int
 	populateBandwidth   int64 // bytes per second; 0 unbounded
 	swapGrace           time.Duration
@@ -156,9 +165,16 @@ func (l lazyConfig) parse() (lazyOptions, error) {
 	if err != nil || grace <= 0 {
 		return lazyOptions{}, fmt.Errorf("lazy.swap_grace %q: want a duration such as 30s", l.SwapGrace)
 	}
+	delay, err := time.ParseDuration(l.PopulateDelay)
+	if err != nil || delay < 0 {
+		return lazyOptions{}, fmt.Errorf("lazy.populate_delay %q: want a duration such as 1s", l.PopulateDelay)
+	}
+	if !l.Populate {
+		delay = -1
+	}
 	if l.PopulateConcurrency < 1 {
 		return lazyOptions{}, errors.New("lazy.populate_concurrency must be at least 1")
 	}
 	return lazyOptions{enabled: l.Enabled, cacheSize: size, readTimeout: to, populateConcurrency: l.PopulateConcurrency,
-		populateBandwidth: bw, swapGrace: grace}, nil
+		populateDelay: delay, populateBandwidth: bw, swapGrace: grace}, nil
 }

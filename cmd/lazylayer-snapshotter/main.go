@@ -118,6 +118,7 @@ func run(ctx context.Context, args []string) error {
 			layerCfg.Populate.Limit = rate.NewLimiter(rate.Limit(lazyOpts.populateBandwidth), int(min(lazyOpts.populateBandwidth, fetch.rangeSize)))
 		}
 		layerCfg.SwapGrace = lazyOpts.swapGrace
+		layerCfg.PopulateDelay = lazyOpts.populateDelay
 	}
 	layers, err := layer.New(ctx, layer.FromResolver(resolver), layerCfg)
 	if err != nil {

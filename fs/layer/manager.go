@@ -65,6 +65,10 @@ type Config struct {
 	Lazy lazy.Options
 	// Populate tunes the background download of lazy layers.
 	Populate lazy.PopulateOptions
+	// PopulateDelay is how long after a lazy layer is mounted its
+	// background download starts; negative turns population off (layers
+	// then stay lazy).
+	PopulateDelay time.Duration
 	// SwapGrace is how long a layer's FUSE mount stays attached after the
 	// layer turned local, for containers handed it just before (default
 	// 30 s).

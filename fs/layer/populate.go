@@ -37,6 +37,14 @@ func (m *Manager) populate(ctx context.Context, dir string, ll *lazyLayer) {
 	case <-ctx.Done():
 		return
 	}
+	if m.cfg.PopulateDelay < 0 {
+		return
+	}
+	select {
+	case <-time.After(m.cfg.PopulateDelay):
+	case <-ctx.Done():
+		return
+	}
 	log := log.G(ctx).WithField("layer", ll.desc.Digest)
 	backoff := time.Second
 	for {

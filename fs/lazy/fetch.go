@@ -38,6 +38,8 @@ type fetcher struct {
 	requests atomic.Int64 // ranged requests made
 	fetched  atomic.Int64 // compressed bytes received
 	inflight atomic.Int64 // on-demand requests under way; population waits for them
+	// lastOnDemand is when the last on-demand request started (unix ns).
+	lastOnDemand atomic.Int64
 }
 
 // verifyRetries is how often a chunk that failed verification is fetched
@@ -168,6 +170,7 @@ func (f *fetcher) read(ctx context.Context, s span) ([]byte, error) {
 		}
 	}
 	f.inflight.Add(1)
+	f.lastOnDemand.Store(time.Now().UnixNano())
 	defer f.inflight.Add(-1)
 	rc, err := f.blob.ReadRange(ctx, s.start, s.len())
 	if err != nil {

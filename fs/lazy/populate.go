@@ -23,6 +23,10 @@ type PopulateOptions struct {
 	// Limit, if set, bounds population's bandwidth; on-demand reads are
 	// not limited.
 	Limit *rate.Limiter
+	// Quiet is how long after an on-demand request population waits
+	// before its next request (default 50 ms): a starting container reads
+	// in bursts, and each burst should find the link free.
+	Quiet time.Duration
 }
 
 // Progress is how far population got.
@@ -61,6 +65,9 @@ func (l *Layer) Populate(ctx context.Context, dir string, o PopulateOptions) err
 	if o.RangeSize <= 0 {
 		o.RangeSize = 4 << 20
 	}
+	if o.Quiet <= 0 {
+		o.Quiet = 50 * time.Millisecond
+	}
 	l.popStart.CompareAndSwap(0, time.Now().UnixNano())
 	if err := l.download(ctx, o); err != nil {
 		l.f.partial.save()
@@ -94,7 +101,7 @@ func (l *Layer) download(ctx context.Context, o PopulateOptions) error {
 		go func() {
 			defer wg.Done()
 			for s := range todo {
-				if err := l.fetchRange(ctx, s, o.Limit); err != nil {
+				if err := l.fetchRange(ctx, s, o); err != nil {
 					errc <- err
 					cancel()
 					return
@@ -126,14 +133,15 @@ feed:
 }
 
 // fetchRange fetches s into the local copy, after any on-demand reads.
-func (l *Layer) fetchRange(ctx context.Context, s span, limit *rate.Limiter) error {
-	for l.f.inflight.Load() > 0 {
+func (l *Layer) fetchRange(ctx context.Context, s span, o PopulateOptions) error {
+	for l.f.inflight.Load() > 0 || time.Since(time.Unix(0, l.f.lastOnDemand.Load())) < o.Quiet {
 		select {
 		case <-time.After(5 * time.Millisecond):
 		case <-ctx.Done():
 			return ctx.Err()
 		}
 	}
+	limit := o.Limit
 	if l.f.partial.has(s) {
 		return nil // an on-demand read fetched it meanwhile
 	}
