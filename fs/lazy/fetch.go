@@ -69,6 +69,12 @@ func (f *fetcher) load(ctx context.Context, cs []chunk) ([][]byte, error) {
 			return nil, ctx.Err()
 		}
 		if errors.Is(err, cache.ErrDigestMismatch) || errors.Is(err, errCorrupt) {
+			// The local blob copy must not keep bytes that proved wrong.
+			if f.partial != nil {
+				for _, c := range cs {
+					f.partial.forget(span{c.offset, c.end})
+				}
+			}
 			if badData++; badData > verifyRetries {
 				return nil, err
 			}

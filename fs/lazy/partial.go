@@ -77,6 +77,26 @@ func (p *partialBlob) add(s span) {
 	p.have = append(p.have[:i], append([]span{s}, p.have[j:]...)...)
 }
 
+// forget drops s from the held ranges: its bytes proved wrong.
+func (p *partialBlob) forget(s span) {
+	p.mu.Lock()
+	defer p.mu.Unlock()
+	var out []span
+	for _, h := range p.have {
+		if h.end <= s.start || h.start >= s.end {
+			out = append(out, h)
+			continue
+		}
+		if h.start < s.start {
+			out = append(out, span{h.start, s.start})
+		}
+		if h.end > s.end {
+			out = append(out, span{s.end, h.end})
+		}
+	}
+	p.have = out
+}
+
 // missing returns the ranges not yet held, each at most max bytes.
 func (p *partialBlob) missing(max int64) []span {
 	p.mu.Lock()
