@@ -6,6 +6,7 @@ import (
 	"sort"
 	"strings"
 	"syscall"
+	"time"
 
 	"github.com/containerd/stargz-snapshotter/estargz"
 	"github.com/opencontainers/go-digest"
@@ -88,15 +89,16 @@ func (ix *index) lookup(e *entry, name string) (uint32, bool) {
 // markers become the overlay opaque xattr on their directory, and eStargz's
 // own metadata files are hidden, so the tree is what overlayfs expects of a
 // lower layer.
-func buildIndex(r *estargz.Reader) (*index, error) {
+func buildIndex(r *estargz.Reader, links map[string]*linkAttrs) (*index, error) {
 	root, ok := r.Lookup("")
 	if !ok {
 		return nil, fmt.Errorf("TOC has no root directory")
 	}
 	b := &builder{
-		r:    r,
-		ix:   &index{links: map[uint32]string{}, rdevs: map[uint32]uint32{}, xattrs: map[uint32]map[string][]byte{}},
-		seen: map[*estargz.TOCEntry]uint32{},
+		r:     r,
+		ix:    &index{links: map[uint32]string{}, rdevs: map[uint32]uint32{}, xattrs: map[uint32]map[string][]byte{}},
+		seen:  map[*estargz.TOCEntry]uint32{},
+		links: links,
 	}
 	if lm, ok := r.Lookup(estargz.PrefetchLandmark); ok {
 		b.ix.prefetchEnd = lm.Offset
@@ -109,9 +111,10 @@ func buildIndex(r *estargz.Reader) (*index, error) {
 }
 
 type builder struct {
-	r    *estargz.Reader
-	ix   *index
-	seen map[*estargz.TOCEntry]uint32 // hard links: TOC entry → entry number
+	r     *estargz.Reader
+	ix    *index
+	seen  map[*estargz.TOCEntry]uint32 // hard links: TOC entry → entry number
+	links map[string]*linkAttrs        // attributes of hard-linked files, by first name
 }
 
 // fill sets entry n from the TOC entry te, recursing into directories.
@@ -121,9 +124,14 @@ func (b *builder) fill(n uint32, te *estargz.TOCEntry) error {
 		gid:   uint32(te.GID),
 		nlink: b.ix.entries[n].nlink, // counted by dir for hard links
 		size:  te.Size,
-		mtime: te.ModTime().UnixNano(),
+		mtime: unixNano(te.ModTime()),
 	}
-	perm := uint32(te.Stat().Mode().Perm()) | modeBits(te.Mode)
+	tarMode := te.Mode
+	xattrs := te.Xattrs
+	if a, ok := b.links[te.Name]; ok && te.Type != "dir" {
+		tarMode, e.uid, e.gid, e.mtime, xattrs = a.mode, uint32(a.uid), uint32(a.gid), unixNano(a.mtime), a.xattrs
+	}
+	perm := uint32(tarMode&0o777) | modeBits(tarMode)
 	switch te.Type {
 	case "dir":
 		e.mode = syscall.S_IFDIR | perm
@@ -145,8 +153,8 @@ func (b *builder) fill(n uint32, te *estargz.TOCEntry) error {
 	default:
 		return fmt.Errorf("TOC entry %q: unsupported type %q", te.Name, te.Type)
 	}
-	if len(te.Xattrs) > 0 {
-		b.ix.xattrs[n] = te.Xattrs
+	if len(xattrs) > 0 {
+		b.ix.xattrs[n] = xattrs
 	}
 	if te.Type == "reg" {
 		if err := b.fileChunks(&e, te); err != nil {
@@ -205,7 +213,7 @@ func (b *builder) dir(n uint32, te *estargz.TOCEntry) error {
 	for i, k := range kids {
 		if k.wh {
 			numbers[i] = b.add(entry{mode: syscall.S_IFCHR, uid: uint32(k.te.UID),
-				gid: uint32(k.te.GID), nlink: 1, mtime: k.te.ModTime().UnixNano()})
+				gid: uint32(k.te.GID), nlink: 1, mtime: unixNano(k.te.ModTime())})
 			continue
 		}
 		if m, ok := b.seen[k.te]; ok {
@@ -288,4 +296,13 @@ func modeBits(tarMode int64) uint32 {
 		m |= syscall.S_ISVTX
 	}
 	return m
+}
+
+// unixNano is t in nanoseconds since the epoch; a TOC without a time (or
+// with the epoch, which eStargz writes as none) gives 0.
+func unixNano(t time.Time) int64 {
+	if t.IsZero() || t.Before(time.Unix(0, 0)) {
+		return 0
+	}
+	return t.UnixNano()
 }

@@ -112,7 +112,11 @@ func Open(ctx context.Context, ra io.ReaderAt, blob Blob, desc ocispec.Descripto
 	if _, err := r.VerifyTOC(tocDigest); err != nil {
 		return nil, fmt.Errorf("layer %s: %w: %w", desc.Digest, err, ErrTOCMismatch)
 	}
-	ix, err := buildIndex(r)
+	links, err := hardlinkAttrs(dec, rec, desc.Size)
+	if err != nil {
+		return nil, fmt.Errorf("layer %s: %w", desc.Digest, err)
+	}
+	ix, err := buildIndex(r, links)
 	if err != nil {
 		return nil, fmt.Errorf("layer %s: %w", desc.Digest, err)
 	}

@@ -47,7 +47,7 @@ func sampleTar(t testing.TB) ([]byte, map[string][]byte) {
 		{hdr: tar.Header{Name: "etc/", Typeflag: tar.TypeDir, Mode: 0o755}},
 		{hdr: tar.Header{Name: "etc/hostname", Typeflag: tar.TypeReg, Mode: 0o644, Uid: 1000, Gid: 1001}, body: files["etc/hostname"]},
 		{hdr: tar.Header{Name: "etc/link", Typeflag: tar.TypeSymlink, Linkname: "hostname"}},
-		{hdr: tar.Header{Name: "etc/hard", Typeflag: tar.TypeLink, Linkname: "etc/hostname"}},
+		{hdr: tar.Header{Name: "etc/hard", Typeflag: tar.TypeLink, Linkname: "etc/hostname", Mode: 0o644, Uid: 1000, Gid: 1001}},
 		{hdr: tar.Header{Name: "etc/.wh.gone", Typeflag: tar.TypeReg, Mode: 0o644}},
 		{hdr: tar.Header{Name: "data/", Typeflag: tar.TypeDir, Mode: 0o1777}},
 		{hdr: tar.Header{Name: "data/.wh..wh..opq", Typeflag: tar.TypeReg, Mode: 0o644}},
