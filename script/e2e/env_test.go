@@ -19,6 +19,7 @@ import (
 // paths of the binaries under test and of the tools setup.sh installs.
 var (
 	snapshotterBin string // built by TestMain
+	lazylayerBin   string // built by TestMain
 	toolsBin       string // containerd, ctr, containerd-shim-runc-v2
 )
 
@@ -49,10 +50,11 @@ func runMain(m *testing.M) int {
 	}
 	defer os.RemoveAll(bin)
 	snapshotterBin = filepath.Join(bin, "lazylayer-snapshotter")
-	build := exec.Command("go", "build", "-o", snapshotterBin, "./cmd/lazylayer-snapshotter")
+	lazylayerBin = filepath.Join(bin, "lazylayer")
+	build := exec.Command("go", "build", "-o", bin+"/", "./cmd/lazylayer-snapshotter", "./cmd/lazylayer")
 	build.Dir = top
 	if out, err := build.CombinedOutput(); err != nil {
-		fmt.Fprintf(os.Stderr, "build lazylayer-snapshotter: %v\n%s", err, out)
+		fmt.Fprintf(os.Stderr, "build lazylayer: %v\n%s", err, out)
 		return 1
 	}
 	return m.Run()
@@ -122,8 +124,9 @@ type env struct {
 
 // newEnv starts containerd and lazylayer for a registry at regAddr. The
 // hosts.toml lazylayer reads sends regAddr's requests to lazyUpstream
-// (regAddr itself, or a proxy in front of it).
-func newEnv(t *testing.T, regAddr, lazyUpstream string) *env {
+// (regAddr itself, or a proxy in front of it). extraConfig is appended to
+// lazylayer's configuration file.
+func newEnv(t *testing.T, regAddr, lazyUpstream string, extraConfig ...string) *env {
 	t.Helper()
 	dir, err := os.MkdirTemp("/var/tmp", "lazylayer-e2e-")
 	if err != nil {
@@ -151,7 +154,8 @@ func newEnv(t *testing.T, regAddr, lazyUpstream string) *env {
 	writeHosts(t, lazyHosts, regAddr, lazyUpstream)
 	e.lazyArgs = []string{"--root", e.lazyRoot, "--address", e.lazySock, "--hosts-dir", lazyHosts,
 		"--config", filepath.Join(dir, "lazylayer.toml"), "--log-level", "debug"}
-	writeFile(t, filepath.Join(dir, "lazylayer.toml"), "[fetch]\n  range_size = \"1MiB\"\n  retries = 3\n  timeout = \"5s\"\n")
+	writeFile(t, filepath.Join(dir, "lazylayer.toml"), "[fetch]\n  range_size = \"1MiB\"\n  retries = 3\n  timeout = \"5s\"\n"+
+		strings.Join(extraConfig, "\n"))
 	e.startLazylayer()
 	e.startContainerd()
 	return e

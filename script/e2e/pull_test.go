@@ -9,7 +9,6 @@ import (
 
 	"github.com/lazylayer/lazylayer/script/internal/registry"
 	"github.com/lazylayer/lazylayer/script/internal/testimage"
-	"github.com/lazylayer/lazylayer/script/internal/treecmp"
 )
 
 // sampleImage is busybox plus a zstd layer with an 8 MiB file and an
@@ -99,30 +98,7 @@ func TestFidelity(t *testing.T) {
 	lazy := e.mountView("lazylayer", "fidelity-lazy", chain)
 	overlay := e.mountView("overlayfs", "fidelity-overlay", chain)
 
-	ctx := context.Background()
-	want, err := treecmp.Snapshot(ctx, overlay)
-	if err != nil {
-		t.Fatal(err)
-	}
-	got, err := treecmp.Snapshot(ctx, lazy)
-	if err != nil {
-		t.Fatal(err)
-	}
-	if len(want) < 100 {
-		t.Fatalf("overlayfs view has only %d entries: the image did not unpack", len(want))
-	}
-	// The root directory's mtime is when the top layer was unpacked, for
-	// containerd as for lazylayer (the tar's "./" entry is ignored): it is
-	// not a property of the image. Everything else must match.
-	if r, ok := got["/"]; ok {
-		r.Mtime = want["/"].Mtime
-		got["/"] = r
-	}
-	for _, d := range treecmp.Diff(got, want) {
-		t.Errorf("lazylayer vs overlayfs: %s", d)
-	}
-	tree := want
-	t.Logf("compared %d paths", len(tree))
+	compareTrees(t, lazy, overlay)
 
 	out := e.ctr("run", "--rm", "--snapshotter", "lazylayer", img.ref, "tricky-run", "sh", "-c", "echo tricky ok")
 	if !strings.Contains(out, "tricky ok") {
