@@ -45,6 +45,7 @@ type command struct {
 func (c *cli) commands() map[string]command {
 	return map[string]command{
 		"convert": {c.convert, "convert an image's layers to eStargz or zstd:chunked and push it"},
+		"status":  {c.status, "list the layers the daemon holds: state, bytes fetched, FUSE mounts"},
 	}
 }
 

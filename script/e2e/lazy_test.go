@@ -12,6 +12,7 @@ import (
 	"github.com/opencontainers/go-digest"
 	ocispec "github.com/opencontainers/image-spec/specs-go/v1"
 
+	"github.com/lazylayer/lazylayer/fs/layer"
 	"github.com/lazylayer/lazylayer/script/internal/registry"
 	"github.com/lazylayer/lazylayer/script/internal/testimage"
 	"github.com/lazylayer/lazylayer/script/internal/treecmp"
@@ -91,6 +92,34 @@ func TestLazyPullAndRun(t *testing.T) {
 	}
 	if n := len(e.lazyMounts()); n != len(img.layers) {
 		t.Fatalf("%d lazy FUSE mounts for %d eStargz layers\n%s", n, len(img.layers), e.lazyLogText())
+	}
+	// lazylayer status lists them as lazy, with their mountpoints.
+	statusOut, err := exec.Command(lazylayerBin, "status", "--address", e.lazySock, "--json").Output()
+	if err != nil {
+		t.Fatalf("lazylayer status: %v", err)
+	}
+	var st struct{ Layers []layer.Status }
+	if err := json.Unmarshal(statusOut, &st); err != nil {
+		t.Fatalf("lazylayer status --json: %v\n%s", err, statusOut)
+	}
+	for _, l := range img.layers {
+		found := false
+		for _, s := range st.Layers {
+			if s.Digest == l.Digest.String() {
+				found = true
+				if s.State != "lazy" || s.Mountpoint == "" || s.Size != l.Size {
+					t.Errorf("status of %s: %+v, want lazy with a mountpoint and size %d", l.Digest, s, l.Size)
+				}
+			}
+		}
+		if !found {
+			t.Errorf("lazylayer status does not list layer %s", l.Digest)
+		}
+	}
+	if table, err := exec.Command(lazylayerBin, "status", "--address", e.lazySock).Output(); err != nil || !strings.Contains(string(table), "lazy") {
+		t.Errorf("lazylayer status: %v\n%s", err, table)
+	} else {
+		t.Logf("lazylayer status:\n%s", table)
 	}
 	out := e.ctr("run", "--rm", "--snapshotter", "lazylayer", img.ref, "lazy-run", "sh", "-c", "cat /hello /srv/hello.txt")
 	if want := "hello from lazy\nhello from lazylayer\n"; out != want {
