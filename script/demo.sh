@@ -17,32 +17,50 @@ write_lazylayer_config
 start_lazylayer
 start_containerd
 
-IMAGE=$REGISTRY_ADDR/lazylayer/demo:latest
-say "building and pushing the sample image $IMAGE"
-mkimage -registry "$REGISTRY_ADDR" -image lazylayer/demo:latest -kind large -size-mib 96 -layers 3
+SRC=$REGISTRY_ADDR/lazylayer/demo:gzip
+IMAGE=$REGISTRY_ADDR/lazylayer/demo:estargz
+say "building and pushing the sample image $SRC (busybox + 96 MiB in 3 layers)"
+mkimage -registry "$REGISTRY_ADDR" -image lazylayer/demo:gzip -kind large -size-mib 96 -layers 3
+say "lazylayer convert $SRC $IMAGE"
+lazylayer convert --hosts-dir "$RUN/certs.d" "$SRC" "$IMAGE"
+
+served() { # bytes the registry served for the demo image's blobs so far
+	awk '$7 ~ /^\/v2\/lazylayer\/demo\/blobs\// && $9 ~ /^20/ {n += $10} END {print n + 0}' "$RUN/registry/registry.log"
+}
+before=$(served)
 
 say "ctr image pull --snapshotter lazylayer $IMAGE"
 t0=$(date +%s.%N)
-ctr image pull --snapshotter lazylayer --hosts-dir "$RUN/certs.d" "$IMAGE" | tail -n 3
+ctr image pull --snapshotter lazylayer --hosts-dir "$RUN/certs.d" "$IMAGE" | tail -n 1
 t1=$(date +%s.%N)
 say "ctr run --snapshotter lazylayer $IMAGE"
-ctr run --rm --snapshotter lazylayer "$IMAGE" demo sh -c 'echo "hello from a container on lazylayer"; cat /etc/os-release 2>/dev/null | head -n 1; ls /'
+ctr run --rm --snapshotter lazylayer "$IMAGE" demo sh -c 'echo "hello from a container on lazylayer"; ls /'
 t2=$(date +%s.%N)
+lazy_bytes=$(( $(served) - before ))
 
 say "what happened"
 awk -v a="$t0" -v b="$t1" -v c="$t2" 'BEGIN { printf "pull %.2fs, run %.2fs\n", b - a, c - b }'
-echo "layers lazylayer fetched and unpacked itself (from its log):"
-grep 'layer fetched and unpacked' "$RUN/lazylayer/lazylayer.log" |
-	sed -E 's/.*bytes=([0-9]+).*elapsed=([^ ]+).*layer="?([^ "]+).*/  \3  \1 bytes in \2/' || echo "  none"
-if grep -q 'containerd will pull' "$RUN/lazylayer/lazylayer.log"; then
-	echo "layers lazylayer left to containerd (fallback), and why:"
-	grep 'containerd will pull' "$RUN/lazylayer/lazylayer.log" | sed 's/^/  /'
-fi
-ranged=$(grep -cE '"GET /v2/lazylayer/demo/blobs/[^ ]+ HTTP/[0-9.]+" 206 ' "$RUN/registry/registry.log" || true)
-echo "registry: $ranged ranged blob GETs answered 206 Partial Content (parallel range requests)"
-echo "layer blobs in containerd's content store: $(ctr content ls | grep -c 'containerd.io/uncompressed=' || true) (lazylayer did the fetching)"
-echo "snapshots lazylayer holds:"
-ctr snapshots --snapshotter lazylayer ls | sed 's/^/  /'
+total=$(lazylayer status --address "$LAZY_SOCK" --json | awk -F'[:,]' '/"size"/ {n += $2} END {print n + 0}')
+echo "the registry served $lazy_bytes bytes of the image's $total layer bytes before the container finished"
+echo "layer blobs in containerd's content store: $(ctr content ls | grep -c 'containerd.io/uncompressed=' || true) (lazylayer does the fetching)"
+lazylayer status --address "$LAZY_SOCK"
+
+say "waiting for the layers to download in the background and turn local"
+for _ in $(seq 120); do
+	lazylayer status --address "$LAZY_SOCK" --json | grep -qE '"state": "(lazy|populating)"' || break
+	sleep 0.5
+done
+lazylayer status --address "$LAZY_SOCK"
+grep 'layer is local' "$RUN/lazylayer/lazylayer.log" |
+	sed -E 's/.*elapsed=([^ ]+).*fetched=([0-9]+).*layer="?([^ "]+).*/  \3 local after \1, \2 bytes fetched in the background/' || true
+
+say "a container started now mounts the local directories: no FUSE in its overlay"
+ctr run -d --snapshotter lazylayer "$IMAGE" demo-local sleep 30 >/dev/null
+awk '$5 ~ /demo-local\/rootfs$/' /proc/self/mountinfo | grep -o 'lowerdir=[^,]*' | tr ':' '\n' | sed 's/^/  /'
+ctr task kill -s KILL demo-local >/dev/null 2>&1 || true
+sleep 0.5
+ctr task rm -f demo-local >/dev/null 2>&1 || true
+ctr container rm demo-local >/dev/null 2>&1 || true
 cat <<TXT
 
 The demo keeps running. Try:
