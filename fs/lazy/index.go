@@ -89,32 +89,55 @@ func (ix *index) lookup(e *entry, name string) (uint32, bool) {
 // markers become the overlay opaque xattr on their directory, and eStargz's
 // own metadata files are hidden, so the tree is what overlayfs expects of a
 // lower layer.
-func buildIndex(r *estargz.Reader, links map[string]*linkAttrs) (*index, error) {
+//
+// Hard-linked files take the attributes links reports; it is called only
+// when the layer has hard links, since it parses the TOC again.
+func buildIndex(r *estargz.Reader, links func() (map[string]*linkAttrs, error)) (*index, error) {
 	root, ok := r.Lookup("")
 	if !ok {
 		return nil, fmt.Errorf("TOC has no root directory")
 	}
 	b := &builder{
-		r:     r,
-		ix:    &index{links: map[uint32]string{}, rdevs: map[uint32]uint32{}, xattrs: map[uint32]map[string][]byte{}},
-		seen:  map[*estargz.TOCEntry]uint32{},
-		links: links,
+		r:    r,
+		ix:   &index{links: map[uint32]string{}, rdevs: map[uint32]uint32{}, xattrs: map[uint32]map[string][]byte{}},
+		seen: map[*estargz.TOCEntry]uint32{},
 	}
 	if lm, ok := r.Lookup(estargz.PrefetchLandmark); ok {
 		b.ix.prefetchEnd = lm.Offset
 	}
+	b.linked = map[uint32]string{}
 	b.ix.entries = append(b.ix.entries, entry{nlink: 1})
 	if err := b.fill(0, root); err != nil {
 		return nil, err
+	}
+	if len(b.linked) > 0 {
+		attrs, err := links()
+		if err != nil {
+			return nil, err
+		}
+		for n, name := range b.linked {
+			a, ok := attrs[name]
+			if !ok {
+				continue
+			}
+			e := &b.ix.entries[n]
+			e.mode = e.mode&syscall.S_IFMT | uint32(a.mode&0o777) | modeBits(a.mode)
+			e.uid, e.gid, e.mtime = uint32(a.uid), uint32(a.gid), unixNano(a.mtime)
+			if len(a.xattrs) > 0 {
+				b.ix.xattrs[n] = a.xattrs
+			} else {
+				delete(b.ix.xattrs, n)
+			}
+		}
 	}
 	return b.ix, nil
 }
 
 type builder struct {
-	r     *estargz.Reader
-	ix    *index
-	seen  map[*estargz.TOCEntry]uint32 // hard links: TOC entry → entry number
-	links map[string]*linkAttrs        // attributes of hard-linked files, by first name
+	r      *estargz.Reader
+	ix     *index
+	seen   map[*estargz.TOCEntry]uint32 // hard links: TOC entry → entry number
+	linked map[uint32]string            // hard-linked entries → their first name
 }
 
 // fill sets entry n from the TOC entry te, recursing into directories.
@@ -126,12 +149,7 @@ func (b *builder) fill(n uint32, te *estargz.TOCEntry) error {
 		size:  te.Size,
 		mtime: unixNano(te.ModTime()),
 	}
-	tarMode := te.Mode
-	xattrs := te.Xattrs
-	if a, ok := b.links[te.Name]; ok && te.Type != "dir" {
-		tarMode, e.uid, e.gid, e.mtime, xattrs = a.mode, uint32(a.uid), uint32(a.gid), unixNano(a.mtime), a.xattrs
-	}
-	perm := uint32(tarMode&0o777) | modeBits(tarMode)
+	perm := uint32(te.Mode&0o777) | modeBits(te.Mode)
 	switch te.Type {
 	case "dir":
 		e.mode = syscall.S_IFDIR | perm
@@ -153,8 +171,8 @@ func (b *builder) fill(n uint32, te *estargz.TOCEntry) error {
 	default:
 		return fmt.Errorf("TOC entry %q: unsupported type %q", te.Name, te.Type)
 	}
-	if len(xattrs) > 0 {
-		b.ix.xattrs[n] = xattrs
+	if len(te.Xattrs) > 0 {
+		b.ix.xattrs[n] = te.Xattrs
 	}
 	if te.Type == "reg" {
 		if err := b.fileChunks(&e, te); err != nil {
@@ -221,6 +239,7 @@ func (b *builder) dir(n uint32, te *estargz.TOCEntry) error {
 				return fmt.Errorf("TOC directory %q: %q links to a directory", te.Name, k.name)
 			}
 			b.ix.entries[m].nlink++ // another name of a hard-linked file
+			b.linked[m] = k.te.Name
 			numbers[i] = m
 			continue
 		}
@@ -264,8 +283,8 @@ func (b *builder) fileChunks(e *entry, te *estargz.TOCEntry) error {
 		if !ok || ce.ChunkOffset != off || ce.ChunkSize <= 0 {
 			return fmt.Errorf("TOC entry %q: no chunk at offset %d", te.Name, off)
 		}
-		d, err := digest.Parse(ce.ChunkDigest)
-		if err != nil || d.Algorithm() != digest.SHA256 {
+		hexDigest, ok := strings.CutPrefix(ce.ChunkDigest, "sha256:")
+		if !ok || len(hexDigest) != 2*len(chunk{}.digest) {
 			return fmt.Errorf("TOC entry %q: chunk at offset %d: digest %q: want sha256", te.Name, off, ce.ChunkDigest)
 		}
 		end := ce.NextOffset()
@@ -273,7 +292,7 @@ func (b *builder) fileChunks(e *entry, te *estargz.TOCEntry) error {
 			return fmt.Errorf("TOC entry %q: chunk at offset %d: bad blob range %d-%d", te.Name, off, ce.Offset, end)
 		}
 		c := chunk{offset: ce.Offset, end: end, inner: ce.InnerOffset, fileOff: off, size: ce.ChunkSize}
-		if _, err := hex.Decode(c.digest[:], []byte(d.Encoded())); err != nil {
+		if _, err := hex.Decode(c.digest[:], []byte(hexDigest)); err != nil {
 			return fmt.Errorf("TOC entry %q: chunk digest %q: %w", te.Name, ce.ChunkDigest, err)
 		}
 		b.ix.chunks = append(b.ix.chunks, c)

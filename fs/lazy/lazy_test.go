@@ -8,7 +8,9 @@ import (
 	"io"
 	"math/rand"
 	"os"
+	"os/exec"
 	"path/filepath"
+	"strings"
 	"sync"
 	"sync/atomic"
 	"syscall"
@@ -368,5 +370,36 @@ func TestPrefetchAndRestore(t *testing.T) {
 	}
 	if l.Entries() != f.layer.Entries() {
 		t.Errorf("reopened layer has %d entries, want %d", l.Entries(), f.layer.Entries())
+	}
+}
+
+// TestPOSIXTools runs the everyday tools on the lazy tree.
+func TestPOSIXTools(t *testing.T) {
+	f := newFixture(t, Options{})
+	for _, tc := range []struct {
+		cmd  []string
+		want []string // substrings of the output
+	}{
+		{[]string{"find", f.mnt, "-printf", "%y %m %U:%G %P\n"}, []string{
+			"d 755 0:0 etc", "f 644 1000:1001 etc/hostname", "l 777 0:0 etc/link", "c 0 0:0 etc/gone",
+			"d 1777 0:0 data", "f 4755 0:0 data/big", "p 644 0:0 fifo", "c 666 0:0 null"}},
+		{[]string{"stat", "-c", "%F %s %h %t:%T", filepath.Join(f.mnt, "etc/hostname"), filepath.Join(f.mnt, "null")},
+			[]string{"regular file 10 2 0:0", "character special file 0 1 1:3"}},
+		{[]string{"readlink", filepath.Join(f.mnt, "etc/link")}, []string{"hostname"}},
+		{[]string{"getfattr", "-d", "-m", "-", "--absolute-names", filepath.Join(f.mnt, "data/small"), filepath.Join(f.mnt, "data")},
+			[]string{`user.color="blue"`, `trusted.overlay.opaque="y"`}},
+		{[]string{"sh", "-c", "ls -i " + filepath.Join(f.mnt, "etc/hostname") + " " + filepath.Join(f.mnt, "etc/hard") + " | cut -d' ' -f1 | uniq | wc -l"},
+			[]string{"1"}},
+	} {
+		out, err := exec.Command(tc.cmd[0], tc.cmd[1:]...).CombinedOutput()
+		if err != nil {
+			t.Errorf("%v: %v\n%s", tc.cmd, err, out)
+			continue
+		}
+		for _, w := range tc.want {
+			if !strings.Contains(string(out), w) {
+				t.Errorf("%v: output lacks %q:\n%s", tc.cmd[:1], w, out)
+			}
+		}
 	}
 }

@@ -1,0 +1,152 @@
+package lazy
+
+import (
+	"archive/tar"
+	"bytes"
+	"context"
+	"fmt"
+	"io"
+	"os"
+	"path/filepath"
+	"runtime"
+	"testing"
+	"time"
+
+	"github.com/containerd/stargz-snapshotter/estargz"
+	"github.com/opencontainers/go-digest"
+	ocispec "github.com/opencontainers/image-spec/specs-go/v1"
+
+	"github.com/lazylayer/lazylayer/cache"
+)
+
+// manyFiles builds an eStargz blob with n small files in 100 per directory.
+func manyFiles(b testing.TB, n int) ([]byte, digest.Digest) {
+	var buf bytes.Buffer
+	tw := tar.NewWriter(&buf)
+	for i := 0; i < n; i++ {
+		if i%100 == 0 {
+			tw.WriteHeader(&tar.Header{Name: fmt.Sprintf("usr/lib/d%05d/", i/100), Typeflag: tar.TypeDir, Mode: 0o755, ModTime: mtime})
+		}
+		body := fmt.Sprintf("file %d\n", i)
+		tw.WriteHeader(&tar.Header{Name: fmt.Sprintf("usr/lib/d%05d/module-%06d.py", i/100, i), Typeflag: tar.TypeReg,
+			Mode: 0o644, Size: int64(len(body)), ModTime: mtime})
+		io.WriteString(tw, body)
+	}
+	tw.Close()
+	rc, err := estargz.Build(io.NewSectionReader(bytes.NewReader(buf.Bytes()), 0, int64(buf.Len())))
+	if err != nil {
+		b.Fatal(err)
+	}
+	defer rc.Close()
+	data, err := io.ReadAll(rc)
+	if err != nil {
+		b.Fatal(err)
+	}
+	return data, rc.TOCDigest()
+}
+
+func heapInUse() uint64 {
+	runtime.GC()
+	runtime.GC()
+	var m runtime.MemStats
+	runtime.ReadMemStats(&m)
+	return m.HeapInuse
+}
+
+// BenchmarkIndexMemory reports the heap a lazy layer of 100k files keeps
+// once its TOC is indexed: bytes per TOC entry (goal: under 300).
+func BenchmarkIndexMemory(b *testing.B) {
+	const files = 100000
+	data, tocDigest := manyFiles(b, files)
+	c, _ := cache.Open(context.Background(), b.TempDir(), 0)
+	defer c.Close()
+	desc := ocispec.Descriptor{MediaType: ocispec.MediaTypeImageLayerGzip, Digest: digest.FromBytes(data), Size: int64(len(data))}
+	var perEntry float64
+	var opening time.Duration
+	for i := 0; i < b.N; i++ {
+		before := heapInUse()
+		start := time.Now()
+		l, err := Open(context.Background(), bytes.NewReader(data), nil, desc, tocDigest, Options{Cache: c})
+		if err != nil {
+			b.Fatal(err)
+		}
+		opening += time.Since(start)
+		l.toc = nil // the recorded TOC bytes are saved to disk, not kept by the daemon
+		after := heapInUse()
+		perEntry = float64(after-before) / float64(l.Entries())
+		runtime.KeepAlive(l)
+	}
+	b.ReportMetric(perEntry, "bytes/entry")
+	b.ReportMetric(float64(opening.Milliseconds())/float64(b.N), "open-ms")
+}
+
+// BenchmarkWarmSequentialRead reads a 1 GiB file through the lazy mount
+// once it is cached, and the same bytes from a file on the local disk, and
+// reports the ratio.
+func BenchmarkWarmSequentialRead(b *testing.B) {
+	if os.Getuid() != 0 {
+		b.Skip("needs root")
+	}
+	const size = 1 << 30
+	var buf bytes.Buffer
+	tw := tar.NewWriter(&buf)
+	tw.WriteHeader(&tar.Header{Name: "big", Typeflag: tar.TypeReg, Mode: 0o644, Size: size, ModTime: mtime})
+	chunk := bytes.Repeat([]byte("lazylayer "), 1<<16)
+	for n := 0; n < size; n += len(chunk) {
+		tw.Write(chunk[:min(len(chunk), size-n)])
+	}
+	tw.Close()
+	rc, err := estargz.Build(io.NewSectionReader(bytes.NewReader(buf.Bytes()), 0, int64(buf.Len())), estargz.WithChunkSize(4<<20))
+	if err != nil {
+		b.Fatal(err)
+	}
+	data, _ := io.ReadAll(rc)
+	rc.Close()
+	blob := &testBlob{data: data}
+	desc := ocispec.Descriptor{MediaType: ocispec.MediaTypeImageLayerGzip, Digest: digest.FromBytes(data), Size: int64(len(data))}
+	c, _ := cache.Open(context.Background(), b.TempDir(), 0)
+	defer c.Close()
+	l, err := Open(context.Background(), bytes.NewReader(data), blob, desc, rc.TOCDigest(), Options{Cache: c})
+	if err != nil {
+		b.Fatal(err)
+	}
+	mnt := filepath.Join(b.TempDir(), "lazy")
+	os.Mkdir(mnt, 0o755)
+	if err := l.Mount(context.Background(), mnt); err != nil {
+		b.Fatal(err)
+	}
+	defer func() { done, _ := l.Unmount(); <-done }()
+	local := filepath.Join(b.TempDir(), "big")
+	os.WriteFile(local, buf.Bytes()[512:512+size], 0o644)
+
+	readAll := func(path string) time.Duration {
+		f, err := os.Open(path)
+		if err != nil {
+			b.Fatal(err)
+		}
+		defer f.Close()
+		start := time.Now()
+		p := make([]byte, 1<<20)
+		for {
+			if _, err := f.Read(p); err == io.EOF {
+				break
+			} else if err != nil {
+				b.Fatal(err)
+			}
+		}
+		return time.Since(start)
+	}
+	readAll(filepath.Join(mnt, "big")) // cold: fetch and cache
+	readAll(local)
+	readsBefore := l.Stats().Reads
+	b.ResetTimer()
+	var lazy, ext time.Duration
+	for i := 0; i < b.N; i++ {
+		lazy += readAll(filepath.Join(mnt, "big"))
+		ext += readAll(local)
+	}
+	b.ReportMetric(float64(size)*float64(b.N)/lazy.Seconds()/1e9, "lazy-GB/s")
+	b.ReportMetric(float64(size)*float64(b.N)/ext.Seconds()/1e9, "local-GB/s")
+	b.ReportMetric(ext.Seconds()/lazy.Seconds(), "ratio")
+	b.ReportMetric(float64(l.Stats().Reads-readsBefore)/float64(b.N), "daemon-reads/op")
+}
