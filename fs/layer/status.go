@@ -1,10 +1,10 @@
 package layer
 
 import (
-	"bufio"
-	"os"
 	"path/filepath"
 	"strings"
+
+	"github.com/moby/sys/mountinfo"
 )
 
 // Status is what `lazylayer status` shows of one layer. It is the JSON the
@@ -60,21 +60,14 @@ func (m *Manager) Stat(dir string, st *Status) {
 // directory mp. containerd may shorten long lowerdir lists to paths
 // relative to a common parent, so a suffix of mp counts too.
 func overlayUsers(mp string) int {
-	f, err := os.Open("/proc/self/mountinfo")
+	overlays, err := mountinfo.GetMounts(mountinfo.FSTypeFilter("overlay"))
 	if err != nil {
 		return 0
 	}
-	defer f.Close()
 	suffix := "/" + filepath.Base(filepath.Dir(mp)) + "/" + filepath.Base(mp)
 	n := 0
-	sc := bufio.NewScanner(f)
-	sc.Buffer(make([]byte, 64<<10), 1<<20)
-	for sc.Scan() {
-		_, super, ok := strings.Cut(sc.Text(), " - overlay ")
-		if !ok {
-			continue
-		}
-		for _, opt := range strings.Split(super, ",") {
+	for _, o := range overlays {
+		for _, opt := range strings.Split(o.VFSOptions, ",") {
 			lower, ok := strings.CutPrefix(opt, "lowerdir=")
 			if !ok {
 				continue
