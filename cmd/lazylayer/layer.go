@@ -54,6 +54,13 @@ func (l convertedLayer) descriptor(src ocispec.Descriptor) ocispec.Descriptor {
 	return d
 }
 
+// buildParts is how many parts estargz splits a layer's tar into, to
+// compress them at once. Where the tar is split shows in the blob's bytes,
+// so estargz's default, GOMAXPROCS, would make the digest depend on the
+// machine converting. Eight keeps most machines' cores busy on a big layer;
+// with fewer cores the parts take turns, for the same result.
+const buildParts = 8
+
 // zstdChunkedCompression is estargz's Compression for zstd:chunked.
 type zstdChunkedCompression struct {
 	*zstdchunked.Decompressor
@@ -141,7 +148,11 @@ func (c *converter) fetchLayer(ctx context.Context, src ocispec.Descriptor, dir 
 // target format, into a file in dir returned at offset 0.
 func (c *converter) build(ctx context.Context, in *os.File, size int64, dir string) (*os.File, convertedLayer, error) {
 	var missed []string
-	opts := []estargz.Option{estargz.WithContext(ctx), estargz.WithAllowPrioritizeNotFound(&missed)}
+	opts := []estargz.Option{
+		estargz.WithContext(ctx),
+		estargz.WithAllowPrioritizeNotFound(&missed),
+		estargz.WithParallelism(buildParts),
+	}
 	if len(c.prioritized) > 0 {
 		opts = append(opts, estargz.WithPrioritizedFiles(c.prioritized))
 	}
