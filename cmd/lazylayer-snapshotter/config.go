@@ -5,6 +5,7 @@ import (
 	"errors"
 	"fmt"
 	"os"
+	"strings"
 	"time"
 
 	"github.com/docker/go-units"
@@ -100,14 +101,18 @@ func (c *config) load(path string, explicit bool) error {
 	dec := toml.NewDecoder(bytes.NewReader(b))
 	dec.DisallowUnknownFields()
 	if err := dec.Decode(c); err != nil {
+		var serr *toml.StrictMissingError
+		if errors.As(err, &serr) {
+			var keys []string
+			for _, e := range serr.Errors {
+				keys = append(keys, strings.Join(e.Key(), "."))
+			}
+			return fmt.Errorf("config %s: unknown setting %s", path, strings.Join(keys, ", "))
+		}
 		var derr *toml.DecodeError
 		if errors.As(err, &derr) {
 			row, col := derr.Position()
 			return fmt.Errorf("config %s:%d:%d: %w", path, row, col, err)
-		}
-		var serr *toml.StrictMissingError
-		if errors.As(err, &serr) {
-			return fmt.Errorf("config %s: unknown setting: %s", path, serr.String())
 		}
 		return fmt.Errorf("config %s: %w", path, err)
 	}
