@@ -326,3 +326,38 @@ func TestBearerAuth(t *testing.T) {
 		})
 	}
 }
+
+// TestHostsEdited: an edit of hosts.toml applies to the next request, as in
+// containerd, without a new Resolver.
+func TestHostsEdited(t *testing.T) {
+	first, second := newRegistry(t), newRegistry(t)
+	blob, desc := first.addBlob(3000)
+	second.mu.Lock()
+	second.blobs[desc.Digest] = blob
+	second.mu.Unlock()
+	upstream := closedAddr(t)
+	hostsDir := t.TempDir()
+	point := func(to string) {
+		writeHostsToml(t, hostsDir, upstream, fmt.Sprintf("server = \"http://%s\"\n\n[host.\"http://%s\"]\n  capabilities = [\"pull\"]\n", to, to))
+	}
+	point(first.host)
+	opts := testOptions(t)
+	opts.HostsDir = hostsDir
+	r := NewResolver(opts)
+	ref := upstream + "/foo:latest"
+	for i, reg := range []*testRegistry{first, second} {
+		if i == 1 {
+			point(second.host)
+		}
+		b, err := r.Blob(t.Context(), ref, desc)
+		if err != nil {
+			t.Fatal(err)
+		}
+		if got := readStream(t, b); !bytes.Equal(got, blob) {
+			t.Fatalf("got %d bytes, want %d", len(got), len(blob))
+		}
+		if n := len(reg.blobRequests()); n == 0 {
+			t.Errorf("after pointing hosts.toml at registry %d, it saw no request", i+1)
+		}
+	}
+}

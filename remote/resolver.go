@@ -3,6 +3,8 @@ package remote
 import (
 	"context"
 	"fmt"
+	"os"
+	"path/filepath"
 	"strings"
 	"sync"
 	"sync/atomic"
@@ -71,8 +73,9 @@ func (o Options) withDefaults() Options {
 
 // Resolver fetches manifests and blobs from registries. It is safe for
 // concurrent use. It keeps one HTTP client and one authorizer per registry
-// name, configured from the hosts directory when that registry is first used:
-// later edits of hosts.toml need a new Resolver.
+// name, configured from the hosts directory when that registry is first used
+// and again whenever its hosts.toml (or the _default one) changes, as
+// containerd reads hosts.toml afresh for every pull.
 type Resolver struct {
 	opts  Options
 	creds *credentialStore
@@ -85,8 +88,15 @@ type Resolver struct {
 	// racing with concurrent lookups of the same token.
 	authMu sync.Mutex
 
-	mu    sync.Mutex                       // guards hosts
-	hosts map[string][]docker.RegistryHost // registry name → configured hosts, in order
+	mu    sync.Mutex            // guards hosts
+	hosts map[string]hostConfig // registry name → configured hosts
+}
+
+// hostConfig is the hosts configured for a registry, in order, and the
+// state of the hosts.toml files they came from.
+type hostConfig struct {
+	hosts   []docker.RegistryHost
+	version string
 }
 
 // NewResolver returns a Resolver with opts (zero fields take defaults).
@@ -94,7 +104,7 @@ func NewResolver(opts Options) *Resolver {
 	return &Resolver{
 		opts:  opts.withDefaults(),
 		creds: newCredentialStore(opts.DockerConfig),
-		hosts: make(map[string][]docker.RegistryHost),
+		hosts: make(map[string]hostConfig),
 	}
 }
 
@@ -109,8 +119,8 @@ func (r *Resolver) Stats() (requests, bytes int64) {
 func (r *Resolver) CloseIdleConnections() {
 	r.mu.Lock()
 	defer r.mu.Unlock()
-	for _, hosts := range r.hosts {
-		for _, h := range hosts {
+	for _, hc := range r.hosts {
+		for _, h := range hc.hosts {
 			if h.Client != nil {
 				h.Client.CloseIdleConnections()
 			}
@@ -153,12 +163,13 @@ func (r *Resolver) target(ctx context.Context, spec reference.Spec, caps docker.
 }
 
 // hostsFor returns the hosts configured for the registry name, reading the
-// hosts directory the first time.
+// hosts directory the first time and when the files changed.
 func (r *Resolver) hostsFor(ctx context.Context, name string) ([]docker.RegistryHost, error) {
+	version := r.hostsVersion(name)
 	r.mu.Lock()
 	defer r.mu.Unlock()
-	if hosts, ok := r.hosts[name]; ok {
-		return hosts, nil
+	if hc, ok := r.hosts[name]; ok && hc.version == version {
+		return hc.hosts, nil
 	}
 	hostOpts := config.HostOptions{Credentials: r.creds.cached}
 	if r.opts.HostsDir != "" {
@@ -168,8 +179,34 @@ func (r *Resolver) hostsFor(ctx context.Context, name string) ([]docker.Registry
 	if err != nil {
 		return nil, fmt.Errorf("configure hosts for %s (hosts dir %q): %w", name, r.opts.HostsDir, err)
 	}
-	r.hosts[name] = hosts
+	if old, ok := r.hosts[name]; ok {
+		for _, h := range old.hosts {
+			if h.Client != nil {
+				h.Client.CloseIdleConnections()
+			}
+		}
+	}
+	r.hosts[name] = hostConfig{hosts: hosts, version: version}
 	return hosts, nil
+}
+
+// hostsVersion is the content of the hosts.toml that configures name, found
+// the way containerd finds it (it is small): a change means the hosts must
+// be read again. Modification times are too coarse to tell two quick edits
+// apart.
+func (r *Resolver) hostsVersion(name string) string {
+	if r.opts.HostsDir == "" {
+		return ""
+	}
+	dir, err := config.HostDirFromRoot(r.opts.HostsDir)(name)
+	if err != nil {
+		return ""
+	}
+	content, err := os.ReadFile(filepath.Join(dir, "hosts.toml"))
+	if err != nil {
+		return dir
+	}
+	return dir + "\x00" + string(content)
 }
 
 // parseRef parses an image reference such as "127.0.0.1:5000/foo:latest".
