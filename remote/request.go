@@ -9,7 +9,6 @@ import (
 	"net/http"
 	"net/url"
 	"path"
-	"slices"
 	"sync/atomic"
 	"time"
 
@@ -96,53 +95,7 @@ func (r *Resolver) authorize(ctx context.Context, h docker.RegistryHost, resp *h
 // send sends one GET. The request is abandoned when it goes Options.Timeout
 // without an answer or, once answered, without a byte of body.
 func (r *Resolver) send(ctx context.Context, h docker.RegistryHost, u *url.URL, hdr http.Header) (*http.Response, error) {
-	rctx, cancel := context.WithCancelCause(ctx)
-	stall := time.AfterFunc(r.opts.Timeout, func() {
-		cancel(fmt.Errorf("%w for %s", errNoProgress, r.opts.Timeout))
-	})
-	fail := func(err error) (*http.Response, error) {
-		stall.Stop()
-		err = stallCause(rctx, err)
-		cancel(nil)
-		return nil, err
-	}
-	req, err := http.NewRequestWithContext(rctx, http.MethodGet, u.String(), nil)
-	if err != nil {
-		return fail(&permanentError{err})
-	}
-	for k, v := range h.Header {
-		req.Header[k] = slices.Clone(v)
-	}
-	for k, v := range hdr {
-		req.Header[k] = slices.Clone(v)
-	}
-	if h.Authorizer != nil {
-		r.authMu.Lock()
-		err := h.Authorizer.Authorize(rctx, req)
-		r.authMu.Unlock()
-		if err != nil {
-			return fail(fmt.Errorf("authorize: %w", err))
-		}
-	}
-	r.requests.Add(1)
-	resp, err := h.Client.Do(req)
-	if err != nil {
-		// The message names host, repository and digest already; keep the
-		// URL only when a redirect led elsewhere.
-		if ue, ok := errors.AsType[*url.Error](err); ok && ue.URL == req.URL.String() {
-			err = ue.Err
-		}
-		return fail(err)
-	}
-	resp.Body = &watchedBody{
-		body:    resp.Body,
-		ctx:     rctx,
-		cancel:  cancel,
-		stall:   stall,
-		timeout: r.opts.Timeout,
-		bytes:   &r.bytes,
-	}
-	return resp, nil
+	return r.sendRequest(ctx, h, request{method: http.MethodGet, url: u, header: hdr, auth: true})
 }
 
 // isMirror reports whether h serves the registry name on its behalf.
