@@ -99,6 +99,12 @@ func (m *Manager) populateOnce(ctx context.Context, dir string, ll *lazyLayer) e
 		return err
 	}
 	tree := filepath.Join(dir, "fs")
+	// A daemon that died between moving a tree here and recording the
+	// layer local left one: a lazy layer's fs/ is in no overlay, so it
+	// can go.
+	if err := emptyDir(tree); err != nil {
+		return err
+	}
 	if err := moveTree(staging, tree); err != nil {
 		return err
 	}
