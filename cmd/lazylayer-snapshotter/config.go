@@ -31,6 +31,10 @@ type lazyConfig struct {
 	// ReadTimeout is how long a read waits for an unavailable registry
 	// before it fails with EIO, e.g. "30s".
 	ReadTimeout string `toml:"read_timeout"`
+	// MinRequest is how much of the blob an on-demand request covers at
+	// least, e.g. "64KiB": the files after the one read come along. "0"
+	// fetches only what reads need.
+	MinRequest string `toml:"min_request"`
 	// Populate downloads lazy layers in the background until they are
 	// local. Off, layers stay lazy.
 	Populate bool `toml:"populate"`
@@ -79,6 +83,7 @@ func defaultConfig() config {
 			Enabled:             true,
 			CacheSize:           "10GiB",
 			ReadTimeout:         "30s",
+			MinRequest:          "64KiB",
 			Populate:            true,
 			PopulateDelay:       "1s",
 			PopulateConcurrency: 4,
@@ -147,6 +152,7 @@ type lazyOptions struct {
 	enabled             bool
 	cacheSize           int64
 	readTimeout         time.Duration
+	minRequest          int64 // -1: none
 	populateDelay       time.Duration // negative: no population
 	populateConcurrency int
 	populateBandwidth   int64 // bytes per second; 0 unbounded
@@ -161,6 +167,13 @@ func (l lazyConfig) parse() (lazyOptions, error) {
 	to, err := time.ParseDuration(l.ReadTimeout)
 	if err != nil || to <= 0 {
 		return lazyOptions{}, fmt.Errorf("lazy.read_timeout %q: want a duration such as 30s", l.ReadTimeout)
+	}
+	minReq, err := units.RAMInBytes(l.MinRequest)
+	if err != nil || minReq < 0 {
+		return lazyOptions{}, fmt.Errorf("lazy.min_request %q: want a size such as 64KiB, or 0", l.MinRequest)
+	}
+	if minReq == 0 {
+		minReq = -1
 	}
 	bw, err := units.RAMInBytes(l.PopulateBandwidth)
 	if err != nil || bw < 0 {
@@ -180,6 +193,6 @@ func (l lazyConfig) parse() (lazyOptions, error) {
 	if l.PopulateConcurrency < 1 {
 		return lazyOptions{}, errors.New("lazy.populate_concurrency must be at least 1")
 	}
-	return lazyOptions{enabled: l.Enabled, cacheSize: size, readTimeout: to, populateConcurrency: l.PopulateConcurrency,
+	return lazyOptions{enabled: l.Enabled, cacheSize: size, readTimeout: to, minRequest: minReq, populateConcurrency: l.PopulateConcurrency,
 		populateDelay: delay, populateBandwidth: bw, swapGrace: grace}, nil
 }

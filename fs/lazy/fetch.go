@@ -6,6 +6,7 @@ import (
 	"errors"
 	"fmt"
 	"io"
+	"slices"
 	"sort"
 	"sync/atomic"
 	"time"
@@ -34,6 +35,8 @@ type fetcher struct {
 	timeout time.Duration // how long a read waits for an unavailable registry
 	maxSpan int64         // largest merged request
 	partial *partialBlob  // local copy of the blob, filled as bytes arrive; may be nil
+	ix      *index        // for the chunks next to a read's in the blob
+	minSpan int64         // an on-demand request covers at least this much of the blob
 
 	requests atomic.Int64 // ranged requests made
 	fetched  atomic.Int64 // compressed bytes received
@@ -239,7 +242,16 @@ func (f *fetcher) readAt(ctx context.Context, cs []chunk, size int64, p []byte, 
 	for j < len(cs) && cs[j].fileOff < end+ahead {
 		j++
 	}
-	bufs, err := f.load(ctx, cs[i:j])
+	want := cs[i:j]
+	if f.ix != nil && f.minSpan > 0 && len(want) > 0 {
+		// A small read brings the files after it in the blob along.
+		last := want[len(want)-1]
+		if last.end-want[0].offset < f.minSpan {
+			near := f.ix.after(last.end, want[0].offset+f.minSpan)
+			want = append(slices.Clip(want), near...)
+		}
+	}
+	bufs, err := f.load(ctx, want)
 	if err != nil {
 		return 0, err
 	}

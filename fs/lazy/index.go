@@ -40,9 +40,29 @@ type index struct {
 	rdevs  map[uint32]uint32            // device numbers
 	xattrs map[uint32]map[string][]byte // extended attributes
 
+	// byOffset lists chunks in blob order (indices into chunks), to find
+	// a chunk's neighbours in the blob.
+	byOffset []uint32
+
 	// prefetchEnd is the blob offset where the files eStargz prioritized
 	// end (the prefetch landmark); 0 when the layer has no landmark.
 	prefetchEnd int64
+}
+
+// after returns the chunks that follow, in the blob, the compressed stream
+// ending at end, until limit; the files next to each other in the tar are
+// often read together.
+func (ix *index) after(end, limit int64) []chunk {
+	i := sort.Search(len(ix.byOffset), func(i int) bool { return ix.chunks[ix.byOffset[i]].offset >= end })
+	var out []chunk
+	for ; i < len(ix.byOffset); i++ {
+		c := ix.chunks[ix.byOffset[i]]
+		if c.end > limit {
+			break
+		}
+		out = append(out, c)
+	}
+	return out
 }
 
 // entry is one inode: 48 bytes. Names live in index.names.
@@ -110,6 +130,13 @@ func buildIndex(r *estargz.Reader, links func() (map[string]*linkAttrs, error)) 
 	if err := b.fill(0, root); err != nil {
 		return nil, err
 	}
+	b.ix.byOffset = make([]uint32, len(b.ix.chunks))
+	for i := range b.ix.byOffset {
+		b.ix.byOffset[i] = uint32(i)
+	}
+	sort.Slice(b.ix.byOffset, func(i, j int) bool {
+		return b.ix.chunks[b.ix.byOffset[i]].offset < b.ix.chunks[b.ix.byOffset[j]].offset
+	})
 	if len(b.linked) > 0 {
 		attrs, err := links()
 		if err != nil {

@@ -39,6 +39,12 @@ type Options struct {
 	ReadTimeout time.Duration
 	// MaxRequest bounds one merged ranged request (default 16 MiB).
 	MaxRequest int64
+	// MinRequest is how much of the blob an on-demand request covers at
+	// least: the chunks that follow the ones a read needs come along
+	// (default 64 KiB; negative: only what the read needs). On a link
+	// with real latency a few more bytes cost less than another round
+	// trip.
+	MinRequest int64
 	// BlobPath, if set, is where the layer keeps its local copy of the
 	// blob for population (and a list of the ranges it holds beside it).
 	BlobPath string
@@ -93,6 +99,9 @@ func Open(ctx context.Context, ra io.ReaderAt, blob Blob, desc ocispec.Descripto
 	if o.MaxRequest <= 0 {
 		o.MaxRequest = 16 << 20
 	}
+	if o.MinRequest == 0 {
+		o.MinRequest = 64 << 10
+	}
 	var (
 		dec  estargz.Decompressor = new(estargz.GzipDecompressor)
 		opts []estargz.OpenOption
@@ -134,7 +143,9 @@ func Open(ctx context.Context, ra io.ReaderAt, blob Blob, desc ocispec.Descripto
 			dec:     dec,
 			timeout: o.ReadTimeout,
 			maxSpan: o.MaxRequest,
+			minSpan: o.MinRequest,
 			partial: partial,
+			ix:      ix,
 		},
 	}, nil
 }
