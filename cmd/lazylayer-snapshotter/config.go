@@ -152,7 +152,7 @@ type lazyOptions struct {
 	enabled             bool
 	cacheSize           int64
 	readTimeout         time.Duration
-	minRequest          int64 // -1: none
+	minRequest          int64         // -1: none
 	populateDelay       time.Duration // negative: no population
 	populateConcurrency int
 	populateBandwidth   int64 // bytes per second; 0 unbounded
