@@ -84,38 +84,9 @@ TOML
 
 start_containerd() {
 	mkdir -p "$RUN/containerd"
-	cat >"$RUN/containerd/config.toml" <<TOML
-version = 3
-root = "$RUN/containerd/root"
-state = "$RUN/containerd/state"
-disabled_plugins = ["io.containerd.grpc.v1.cri", "io.containerd.cri.v1.images", "io.containerd.cri.v1.runtime", "io.containerd.internal.v1.tracing", "io.containerd.tracing.processor.v1.otlp"]
-
-[grpc]
-  address = "$CTR_SOCK"
-
-[ttrpc]
-  address = "$CTR_SOCK.ttrpc"
-
-[debug]
-  address = "$CTR_SOCK.debug"
-
-[proxy_plugins]
-  [proxy_plugins.lazylayer]
-    type = "snapshot"
-    address = "$LAZY_SOCK"
-    [proxy_plugins.lazylayer.exports]
-      enable_remote_snapshot_annotations = "true"
-
-[plugins."io.containerd.transfer.v1.local"]
-  [[plugins."io.containerd.transfer.v1.local".unpack_config]]
-    platform = "linux/amd64"
-    snapshotter = "lazylayer"
-    differ = "walking"
-  [[plugins."io.containerd.transfer.v1.local".unpack_config]]
-    platform = "linux/amd64"
-    snapshotter = "overlayfs"
-    differ = "walking"
-TOML
+	sed -e "s#@ROOT@#$RUN/containerd/root#; s#@STATE@#$RUN/containerd/state#" \
+		-e "s#@ADDRESS@#$CTR_SOCK#g; s#@LAZYLAYER@#$LAZY_SOCK#" \
+		"$TOP/script/containerd.toml" >"$RUN/containerd/config.toml"
 	start_bg containerd "$RUN/containerd/containerd.log" containerd --config "$RUN/containerd/config.toml"
 	wait_for "containerd" ctr version
 }

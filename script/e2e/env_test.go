@@ -184,7 +184,12 @@ func (e *env) restartLazylayer(sig syscall.Signal) {
 func (e *env) startContainerd() {
 	e.t.Helper()
 	cfg := filepath.Join(e.dir, "containerd.toml")
-	writeFile(e.t, cfg, fmt.Sprintf(containerdConfig, e.dir, e.dir, e.ctrSock, e.ctrSock, e.ctrSock, e.lazySock))
+	tmpl, err := os.ReadFile("../containerd.toml")
+	if err != nil {
+		e.t.Fatal(err)
+	}
+	writeFile(e.t, cfg, strings.NewReplacer("@ROOT@", e.dir+"/containerd-root", "@STATE@", e.dir+"/containerd-state",
+		"@ADDRESS@", e.ctrSock, "@LAZYLAYER@", e.lazySock).Replace(string(tmpl)))
 	p := startProc(e.t, filepath.Join(e.dir, "containerd.log"), filepath.Join(toolsBin, "containerd"), "--config", cfg)
 	waitFor(e.t, "containerd", func() bool {
 		_, err := e.ctrErr("version")
@@ -208,36 +213,6 @@ func (e *env) startContainerd() {
 		p.stop(e.t, syscall.SIGTERM)
 	})
 }
-
-const containerdConfig = `version = 3
-root = "%s/containerd-root"
-state = "%s/containerd-state"
-disabled_plugins = ["io.containerd.grpc.v1.cri", "io.containerd.cri.v1.images", "io.containerd.cri.v1.runtime", "io.containerd.internal.v1.tracing", "io.containerd.tracing.processor.v1.otlp"]
-
-[grpc]
-  address = "%s"
-[ttrpc]
-  address = "%s.ttrpc"
-[debug]
-  address = "%s.debug"
-
-[proxy_plugins]
-  [proxy_plugins.lazylayer]
-    type = "snapshot"
-    address = "%s"
-    [proxy_plugins.lazylayer.exports]
-      enable_remote_snapshot_annotations = "true"
-
-[plugins."io.containerd.transfer.v1.local"]
-  [[plugins."io.containerd.transfer.v1.local".unpack_config]]
-    platform = "linux/amd64"
-    snapshotter = "lazylayer"
-    differ = "walking"
-  [[plugins."io.containerd.transfer.v1.local".unpack_config]]
-    platform = "linux/amd64"
-    snapshotter = "overlayfs"
-    differ = "walking"
-`
 
 // ctr runs ctr against this env's containerd and fails the test on error.
 func (e *env) ctr(args ...string) string {
