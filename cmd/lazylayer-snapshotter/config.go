@@ -44,6 +44,9 @@ type lazyConfig struct {
 	// PopulateConcurrency is the number of ranged requests in flight per
 	// layer while it downloads in the background.
 	PopulateConcurrency int `toml:"populate_concurrency"`
+	// PopulateRangeSize is the size of one background request, e.g.
+	// "1MiB".
+	PopulateRangeSize string `toml:"populate_range_size"`
 	// PopulateBandwidth bounds background downloads per layer, e.g.
 	// "50MiB" (per second); "0" means no bound. On-demand reads are never
 	// bounded and always go first.
@@ -87,6 +90,7 @@ func defaultConfig() config {
 			Populate:            true,
 			PopulateDelay:       "1s",
 			PopulateConcurrency: 4,
+			PopulateRangeSize:   "1MiB",
 			PopulateBandwidth:   "0",
 			SwapGrace:           "30s",
 		},
@@ -155,6 +159,7 @@ type lazyOptions struct {
 	minRequest          int64         // -1: none
 	populateDelay       time.Duration // negative: no population
 	populateConcurrency int
+	populateRangeSize   int64
 	populateBandwidth   int64 // bytes per second; 0 unbounded
 	swapGrace           time.Duration
 }
@@ -175,6 +180,10 @@ func (l lazyConfig) parse() (lazyOptions, error) {
 	if minReq == 0 {
 		minReq = -1
 	}
+	popRange, err := units.RAMInBytes(l.PopulateRangeSize)
+	if err != nil || popRange < 64<<10 {
+		return lazyOptions{}, fmt.Errorf("lazy.populate_range_size %q: want a size of at least 64KiB", l.PopulateRangeSize)
+	}
 	bw, err := units.RAMInBytes(l.PopulateBandwidth)
 	if err != nil || bw < 0 {
 		return lazyOptions{}, fmt.Errorf("lazy.populate_bandwidth %q: want a size per second such as 50MiB, or 0", l.PopulateBandwidth)
@@ -194,5 +203,6 @@ func (l lazyConfig) parse() (lazyOptions, error) {
 		return lazyOptions{}, errors.New("lazy.populate_concurrency must be at least 1")
 	}
 	return lazyOptions{enabled: l.Enabled, cacheSize: size, readTimeout: to, minRequest: minReq, populateConcurrency: l.PopulateConcurrency,
-		populateDelay: delay, populateBandwidth: bw, swapGrace: grace}, nil
+		populateRangeSize: popRange,
+		populateDelay:     delay, populateBandwidth: bw, swapGrace: grace}, nil
 }

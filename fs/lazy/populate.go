@@ -18,14 +18,17 @@ import (
 type PopulateOptions struct {
 	// Concurrency is the number of ranged requests in flight (default 2).
 	Concurrency int
-	// RangeSize is the size of one ranged request (default 4 MiB).
+	// RangeSize is the size of one ranged request (default 1 MiB). An
+	// on-demand read may wait behind one range per connection, so smaller
+	// is kinder to starting containers on slow links.
 	RangeSize int64
 	// Limit, if set, bounds population's bandwidth; on-demand reads are
 	// not limited.
 	Limit *rate.Limiter
 	// Quiet is how long after an on-demand request population waits
-	// before its next request (default 50 ms): a starting container reads
-	// in bursts, and each burst should find the link free.
+	// before its next request (default 300 ms): a starting container reads
+	// in bursts, and each burst should find the link free, so population
+	// fills the pauses between them.
 	Quiet time.Duration
 }
 
@@ -63,10 +66,10 @@ func (l *Layer) Populate(ctx context.Context, dir string, o PopulateOptions) err
 		o.Concurrency = 2
 	}
 	if o.RangeSize <= 0 {
-		o.RangeSize = 4 << 20
+		o.RangeSize = 1 << 20
 	}
 	if o.Quiet <= 0 {
-		o.Quiet = 50 * time.Millisecond
+		o.Quiet = 300 * time.Millisecond
 	}
 	l.popStart.CompareAndSwap(0, time.Now().UnixNano())
 	if err := l.download(ctx, o); err != nil {
