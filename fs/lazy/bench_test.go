@@ -150,3 +150,61 @@ func BenchmarkWarmSequentialRead(b *testing.B) {
 	b.ReportMetric(ext.Seconds()/lazy.Seconds(), "ratio")
 	b.ReportMetric(float64(l.Stats().Reads-readsBefore)/float64(b.N), "daemon-reads/op")
 }
+
+// BenchmarkOpenMany opens, reads and closes 5000 small files of a local
+// layer through the lazy mount (what tar over /usr does in a container
+// started lazily) and from the local tree, and reports the ratio.
+func BenchmarkOpenMany(b *testing.B) {
+	if os.Getuid() != 0 {
+		b.Skip("needs root")
+	}
+	const files = 5000
+	data, tocDigest := manyFiles(b, files)
+	blob := &testBlob{data: data}
+	desc := ocispec.Descriptor{MediaType: ocispec.MediaTypeImageLayerGzip, Digest: digest.FromBytes(data), Size: int64(len(data))}
+	c, _ := cache.Open(context.Background(), b.TempDir(), 0)
+	defer c.Close()
+	passthrough, _ := PassthroughSupport(b.TempDir())
+	l, err := Open(context.Background(), bytes.NewReader(data), blob, desc, tocDigest,
+		Options{Cache: c, BlobPath: filepath.Join(b.TempDir(), "blob"), Passthrough: passthrough})
+	if err != nil {
+		b.Fatal(err)
+	}
+	defer l.Close()
+	mnt := filepath.Join(b.TempDir(), "lazy")
+	os.Mkdir(mnt, 0o755)
+	if err := l.Mount(context.Background(), mnt); err != nil {
+		b.Fatal(err)
+	}
+	defer func() { done, _ := l.Unmount(); <-done }()
+	tree := filepath.Join(b.TempDir(), "fs")
+	os.Mkdir(tree, 0o755)
+	if err := l.Populate(context.Background(), tree, PopulateOptions{}); err != nil {
+		b.Fatal(err)
+	}
+	l.SetLocal(tree)
+	walk := func(root string) time.Duration {
+		start := time.Now()
+		buf := make([]byte, 4096)
+		for i := 0; i < files; i++ {
+			f, err := os.Open(fmt.Sprintf("%s/usr/lib/d%05d/module-%06d.py", root, i/100, i))
+			if err != nil {
+				b.Fatal(err)
+			}
+			f.Read(buf)
+			f.Close()
+		}
+		return time.Since(start)
+	}
+	walk(mnt)
+	walk(tree)
+	b.ResetTimer()
+	var lazy, local time.Duration
+	for i := 0; i < b.N; i++ {
+		lazy += walk(mnt)
+		local += walk(tree)
+	}
+	b.ReportMetric(float64(lazy.Microseconds())/float64(b.N*files), "lazy-µs/file")
+	b.ReportMetric(float64(local.Microseconds())/float64(b.N*files), "local-µs/file")
+	b.ReportMetric(local.Seconds()/lazy.Seconds(), "ratio")
+}

@@ -38,7 +38,14 @@ var (
 	_ fs.NodeOpener         = (*node)(nil)
 	_ fs.NodeOpendirHandler = (*node)(nil)
 	_ fs.NodeStatfser       = (*node)(nil)
+	_ fs.NodeFlusher        = (*node)(nil)
 )
+
+// Flush answers ENOSYS: the tree is read-only, and the kernel then stops
+// sending a FLUSH round trip on every close.
+func (n *node) Flush(ctx context.Context, f fs.FileHandle) syscall.Errno {
+	return syscall.ENOSYS
+}
 
 func (n *node) entry() *entry { return &n.l.ix.entries[n.num] }
 
