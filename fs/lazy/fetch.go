@@ -38,11 +38,31 @@ type fetcher struct {
 	ix      *index        // for the chunks next to a read's in the blob
 	minSpan int64         // an on-demand request covers at least this much of the blob
 
+	act      *Activity    // on-demand requests of every layer; population yields to them
 	requests atomic.Int64 // ranged requests made
 	fetched  atomic.Int64 // compressed bytes received
-	inflight atomic.Int64 // on-demand requests under way; population waits for them
-	// lastOnDemand is when the last on-demand request started (unix ns).
-	lastOnDemand atomic.Int64
+}
+
+// Activity tracks the on-demand requests of all the lazy layers that share
+// it, so that every layer's population yields to a read of any layer: a
+// starting container reads from several layers, and the link is one. The
+// zero value is ready to use.
+type Activity struct {
+	inflight atomic.Int64 // on-demand requests under way
+	last     atomic.Int64 // when the last one started, unix ns
+}
+
+func (a *Activity) start() {
+	a.inflight.Add(1)
+	a.last.Store(time.Now().UnixNano())
+}
+
+func (a *Activity) done() { a.inflight.Add(-1) }
+
+// quietFor reports whether no on-demand request is under way or started
+// within d.
+func (a *Activity) quietFor(d time.Duration) bool {
+	return a.inflight.Load() == 0 && time.Since(time.Unix(0, a.last.Load())) >= d
 }
 
 // verifyRetries is how often a chunk that failed verification is fetched
@@ -178,9 +198,8 @@ func (f *fetcher) read(ctx context.Context, s span) ([]byte, error) {
 			return buf, nil
 		}
 	}
-	f.inflight.Add(1)
-	f.lastOnDemand.Store(time.Now().UnixNano())
-	defer f.inflight.Add(-1)
+	f.act.start()
+	defer f.act.done()
 	rc, err := f.blob.ReadRange(ctx, s.start, s.len())
 	if err != nil {
 		return nil, err

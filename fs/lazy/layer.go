@@ -51,6 +51,9 @@ type Options struct {
 	// Passthrough opens files with FUSE passthrough once the layer is
 	// local. Set it only where PassthroughSupport says yes.
 	Passthrough bool
+	// Activity, shared by all layers, lets every layer's population yield
+	// to on-demand reads of any layer; nil gives the layer its own.
+	Activity *Activity
 }
 
 // Capable reports whether desc is a layer lazylayer can serve lazily: an
@@ -102,6 +105,9 @@ func Open(ctx context.Context, ra io.ReaderAt, blob Blob, desc ocispec.Descripto
 	if o.MinRequest == 0 {
 		o.MinRequest = 64 << 10
 	}
+	if o.Activity == nil {
+		o.Activity = new(Activity)
+	}
 	var (
 		dec  estargz.Decompressor = new(estargz.GzipDecompressor)
 		opts []estargz.OpenOption
@@ -146,6 +152,7 @@ func Open(ctx context.Context, ra io.ReaderAt, blob Blob, desc ocispec.Descripto
 			minSpan: o.MinRequest,
 			partial: partial,
 			ix:      ix,
+			act:     o.Activity,
 		},
 	}, nil
 }

@@ -137,7 +137,7 @@ feed:
 
 // fetchRange fetches s into the local copy, after any on-demand reads.
 func (l *Layer) fetchRange(ctx context.Context, s span, o PopulateOptions) error {
-	for l.f.inflight.Load() > 0 || time.Since(time.Unix(0, l.f.lastOnDemand.Load())) < o.Quiet {
+	for !l.f.act.quietFor(o.Quiet) {
 		select {
 		case <-time.After(5 * time.Millisecond):
 		case <-ctx.Done():
