@@ -1,0 +1,16 @@
+#!/usr/bin/env bash
+# bench.sh: `make bench` and `make bench-quick`. Builds the benchmark program
+# (script/bench) and runs it as root from the repository root; any argument
+# goes to it (--quick, -images, -profiles, -modes, -runs, -report FILE; see
+# docs/benchmarks.md). The Makefile has already run setup.sh and built bin/.
+set -euo pipefail
+TOP=$(cd "$(dirname "$0")/.." && pwd)
+TOOLS=${TOOLS:-$TOP/.tools}
+cd "$TOP"
+if [ "$(id -u)" != 0 ]; then
+	echo "bench.sh: run as root (containerd, overlay mounts, network namespaces)" >&2
+	exit 1
+fi
+mkdir -p "$TOOLS/bin"
+go build -o "$TOOLS/bin/lazylayer-bench" ./script/bench
+exec "$TOOLS/bin/lazylayer-bench" -top "$TOP" "$@"

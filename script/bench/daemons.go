@@ -1,0 +1,234 @@
+package main
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"io"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"strings"
+	"time"
+)
+
+// tools are the programs the bench runs.
+type tools struct {
+	bin         string // directory holding containerd, ctr and the runc shim
+	containerd  string
+	ctr         string
+	snapshotter string // lazylayer-snapshotter
+	cli         string // the lazylayer CLI; "" until it is built
+	ctrConfig   string // script/containerd.toml, the template of containerd's configuration
+}
+
+func findTools(o options) (tools, error) {
+	bin := filepath.Join(o.top, ".tools", "bin")
+	if v := os.Getenv("TOOLS"); v != "" {
+		bin = filepath.Join(v, "bin")
+	}
+	t := tools{
+		bin:         bin,
+		containerd:  filepath.Join(bin, "containerd"),
+		ctr:         filepath.Join(bin, "ctr"),
+		snapshotter: filepath.Join(o.top, "bin", "lazylayer-snapshotter"),
+		ctrConfig:   filepath.Join(o.top, "script", "containerd.toml"),
+	}
+	for _, p := range []string{t.containerd, t.ctr, filepath.Join(bin, "containerd-shim-runc-v2")} {
+		if _, err := os.Stat(p); err != nil {
+			return t, fmt.Errorf("%s is missing: run script/setup.sh (make bench does): %w", p, err)
+		}
+	}
+	if _, err := os.Stat(t.snapshotter); err != nil {
+		return t, fmt.Errorf("%s is missing: run make build (make bench does): %w", t.snapshotter, err)
+	}
+	if _, err := exec.LookPath("runc"); err != nil {
+		return t, fmt.Errorf("runc is missing: run script/setup.sh: %w", err)
+	}
+	if cli := filepath.Join(o.top, "bin", "lazylayer"); fileExists(cli) {
+		t.cli = cli
+	}
+	return t, nil
+}
+
+// pin copies lazylayer's binaries into dir and returns tools using the
+// copies, so a `make build` elsewhere during a long run does not mix two
+// versions into one set of results.
+func (t tools) pin(dir string) (tools, error) {
+	if err := os.MkdirAll(dir, 0o755); err != nil {
+		return t, err
+	}
+	for _, p := range []*string{&t.snapshotter, &t.cli} {
+		if *p == "" {
+			continue
+		}
+		dst := filepath.Join(dir, filepath.Base(*p))
+		if err := copyFile(*p, dst); err != nil {
+			return t, err
+		}
+		*p = dst
+	}
+	return t, nil
+}
+
+func copyFile(src, dst string) error {
+	in, err := os.Open(src)
+	if err != nil {
+		return err
+	}
+	defer in.Close()
+	out, err := os.OpenFile(dst, os.O_CREATE|os.O_WRONLY|os.O_TRUNC, 0o755)
+	if err != nil {
+		return err
+	}
+	if _, err := io.Copy(out, in); err != nil {
+		out.Close()
+		return fmt.Errorf("copy %s: %w", src, err)
+	}
+	return out.Close()
+}
+
+func fileExists(p string) bool {
+	_, err := os.Stat(p)
+	return err == nil
+}
+
+// env returns the environment for the daemons: the tools first in PATH, so
+// containerd finds the shim it was built with.
+func (t tools) env() []string {
+	env := []string{"PATH=" + t.bin + ":" + os.Getenv("PATH")}
+	for _, kv := range os.Environ() {
+		if !strings.HasPrefix(kv, "PATH=") {
+			env = append(env, kv)
+		}
+	}
+	return env
+}
+
+// stack is one containerd and one lazylayer-snapshotter with fresh state
+// directories: started for a measured run and stopped after it, so every
+// run starts with no image, no content and no snapshots, and the daemons'
+// peak RSS belongs to that run.
+type stack struct {
+	dir        string // state; removed by close
+	ctr        ctrClient
+	lazySock   string
+	lazylayer  *proc
+	containerd *proc
+}
+
+// startStack starts lazylayer and then containerd with state under dir
+// (which must not exist) and logs named logPrefix-*.log. hostsDir is the
+// hosts.toml directory both use to reach the registry.
+func startStack(ctx context.Context, t tools, dir, logPrefix, hostsDir string) (_ *stack, err error) {
+	if err := os.MkdirAll(dir, 0o700); err != nil {
+		return nil, err
+	}
+	s := &stack{
+		dir:      dir,
+		lazySock: filepath.Join(dir, "lazylayer.sock"),
+		ctr:      ctrClient{bin: t.ctr, sock: filepath.Join(dir, "containerd.sock"), hostsDir: hostsDir, env: t.env()},
+	}
+	defer func() {
+		if err != nil {
+			s.close()
+		}
+	}()
+	lazyCfg := filepath.Join(dir, "lazylayer.toml")
+	if err := os.WriteFile(lazyCfg, []byte("# defaults for everything but the paths\n"), 0o644); err != nil {
+		return nil, err
+	}
+	s.lazylayer, err = startProc(t.snapshotter, logPrefix+"-lazylayer.log", t.env(),
+		"--root", filepath.Join(dir, "lazylayer"), "--address", s.lazySock,
+		"--hosts-dir", hostsDir, "--config", lazyCfg)
+	if err != nil {
+		return nil, err
+	}
+	if err := waitUntil(ctx, "lazylayer's socket", s.lazylayer, func() bool { return fileExists(s.lazySock) }); err != nil {
+		return nil, err
+	}
+	cfg := filepath.Join(dir, "containerd.toml")
+	tmpl, err := os.ReadFile(t.ctrConfig)
+	if err != nil {
+		return nil, err
+	}
+	config := strings.NewReplacer("@ROOT@", filepath.Join(dir, "containerd-root"), "@STATE@", filepath.Join(dir, "containerd-state"),
+		"@ADDRESS@", s.ctr.sock, "@LAZYLAYER@", s.lazySock).Replace(string(tmpl))
+	if err := os.WriteFile(cfg, []byte(config), 0o644); err != nil {
+		return nil, err
+	}
+	s.containerd, err = startProc(t.containerd, logPrefix+"-containerd.log", t.env(), "--config", cfg)
+	if err != nil {
+		return nil, err
+	}
+	if err := waitUntil(ctx, "containerd", s.containerd, func() bool {
+		_, err := s.ctr.output(ctx, "version")
+		return err == nil
+	}); err != nil {
+		return nil, err
+	}
+	return s, nil
+}
+
+// waitUntil polls ok for up to 30 s while p runs.
+func waitUntil(ctx context.Context, what string, p *proc, ok func() bool) error {
+	ctx, cancel := context.WithTimeout(ctx, 30*time.Second)
+	defer cancel()
+	for !ok() {
+		if !p.running() {
+			return fmt.Errorf("waiting for %s: %w", what, p.exitError())
+		}
+		select {
+		case <-ctx.Done():
+			return fmt.Errorf("waiting for %s: %w", what, ctx.Err())
+		case <-time.After(50 * time.Millisecond):
+		}
+	}
+	return nil
+}
+
+// usage returns what each daemon consumed so far, by name.
+func (s *stack) usage() (map[string]usage, error) {
+	out := map[string]usage{}
+	for _, p := range []*proc{s.containerd, s.lazylayer} {
+		u, err := procUsage(p.pid())
+		if err != nil {
+			return nil, err
+		}
+		out[daemonName(p)] = u
+	}
+	return out, nil
+}
+
+func daemonName(p *proc) string {
+	if p.name == "lazylayer-snapshotter" {
+		return "lazylayer"
+	}
+	return p.name
+}
+
+// close stops the containers, containerd, its shims and lazylayer, by PID,
+// unmounts everything below the state directory and removes it. It does
+// all of that even if a step fails, and returns the errors.
+func (s *stack) close() error {
+	ctx, cancel := context.WithTimeout(context.Background(), 2*time.Minute)
+	defer cancel()
+	var errs []error
+	if s.containerd != nil && s.containerd.running() {
+		errs = append(errs, s.ctr.removeAll(ctx))
+	}
+	if s.containerd != nil {
+		errs = append(errs, s.containerd.stop(15*time.Second))
+	}
+	// Shims outlive containerd by design; none is left once its task is
+	// gone, but a failed run may leave one.
+	errs = append(errs, killShims(s.ctr.sock))
+	if s.lazylayer != nil {
+		errs = append(errs, s.lazylayer.stop(15*time.Second))
+	}
+	errs = append(errs, unmountUnder(s.dir))
+	if err := os.RemoveAll(s.dir); err != nil {
+		errs = append(errs, fmt.Errorf("remove state: %w", err))
+	}
+	return errors.Join(errs...)
+}

@@ -1,0 +1,298 @@
+package main
+
+import (
+	"context"
+	"fmt"
+	"os"
+	"path/filepath"
+	"strconv"
+	"strings"
+	"time"
+
+	"golang.org/x/sys/unix"
+
+	"github.com/lazylayer/lazylayer/script/internal/registry"
+)
+
+// profile is a network between the clients and the registry.
+type profile struct {
+	name     string
+	about    string
+	rateMbit int           // 0: unshaped
+	rtt      time.Duration // added by the link proxy
+}
+
+// headlineProfile is the profile of the headline figures.
+const headlineProfile = "100mbit-20ms"
+
+func profiles() []profile {
+	return []profile{
+		{name: "unshaped", about: "loopback, no shaping, no added latency"},
+		{name: headlineProfile, about: "100 Mbit/s (tc htb) and 20 ms round trip (link proxy)", rateMbit: 100, rtt: 20 * time.Millisecond},
+	}
+}
+
+func profileNames() []string {
+	var out []string
+	for _, p := range profiles() {
+		out = append(out, p.name)
+	}
+	return out
+}
+
+func findProfile(name string) profile {
+	for _, p := range profiles() {
+		if p.name == name {
+			return p
+		}
+	}
+	panic("unknown profile " + name)
+}
+
+// mode is a way to pull and run an image.
+type mode struct {
+	name        string
+	snapshotter string
+	tag         string
+	about       string
+}
+
+func allModes() []mode {
+	return []mode{
+		{name: "overlayfs", snapshotter: "overlayfs", tag: tagGzip,
+			about: "containerd's overlayfs snapshotter pulls and unpacks the gzip image itself (the baseline)"},
+		{name: "lazylayer", snapshotter: "lazylayer", tag: tagGzip,
+			about: "lazylayer, gzip image: each layer fetched with parallel ranged GETs and unpacked by lazylayer"},
+		{name: "lazylayer-estargz", snapshotter: "lazylayer", tag: tagConverted,
+			about: "lazylayer, the image converted by `lazylayer convert` (eStargz): layers mounted lazily"},
+	}
+}
+
+func modeNames() []string {
+	var out []string
+	for _, m := range allModes() {
+		out = append(out, m.name)
+	}
+	return out
+}
+
+func findMode(name string) mode {
+	for _, m := range allModes() {
+		if m.name == name {
+			return m
+		}
+	}
+	panic("unknown mode " + name)
+}
+
+// Bounds on the steps of a run.
+const (
+	pullTimeout  = 30 * time.Minute
+	startTimeout = 10 * time.Minute
+	stepTimeout  = 10 * time.Minute
+)
+
+// bench measures runs against one registry behind one link.
+type bench struct {
+	o       options
+	tools   tools
+	hosts   string // hosts.toml directory sending the link address to the link
+	ref     string // host:port image references name: the link
+	link    *link
+	counter *registry.Proxy // between the link and the registry: counts requests
+	status  statusProbe
+	images  map[string]pushedImage
+	seq     int // runs so far, for log and state names
+}
+
+// measure runs img with mode under the current profile once, cold.
+func (b *bench) measure(ctx context.Context, img benchImage, prof profile, m mode, run int) (s sample, err error) {
+	s = sample{Image: img.name, Profile: prof.name, Mode: m.name, Run: run, Daemons: map[string]daemonUsage{}}
+	if s.Busy, err = waitQuiet(ctx, b.o.quiet); err != nil {
+		return s, err
+	}
+	b.seq++
+	name := fmt.Sprintf("%03d-%s-%s-%s-%d", b.seq, img.name, prof.name, m.name, run)
+	st, err := startStack(ctx, b.tools, filepath.Join(b.o.work, "state"), filepath.Join(b.o.work, "logs", name), b.hosts)
+	if err != nil {
+		return s, err
+	}
+	defer func() {
+		if cerr := st.close(); cerr != nil && err == nil {
+			err = fmt.Errorf("clean up after the run: %w", cerr)
+		}
+	}()
+	if err := dropCaches(); err != nil {
+		return s, err
+	}
+	ref := b.ref + "/" + img.repo() + ":" + m.tag
+	id := "llbench-" + strconv.Itoa(os.Getpid()) + "-" + strconv.Itoa(b.seq)
+
+	use0, err := st.usage()
+	if err != nil {
+		return s, err
+	}
+	cold, err := b.coldStart(ctx, st, img, m, ref, id, &s)
+	if cold != nil {
+		defer st.ctr.kill(cold)
+	}
+	if err != nil {
+		return s, err
+	}
+	useLocal, err := st.usage()
+	if err != nil {
+		return s, err
+	}
+	if b.o.steady {
+		if s.Steady, err = b.steady(ctx, st, m, img, ref, id, cold.id); err != nil {
+			return s, err
+		}
+	}
+	useEnd, err := st.usage()
+	if err != nil {
+		return s, err
+	}
+	for name, u := range useEnd {
+		s.Daemons[name] = daemonUsage{
+			PeakRSS:  u.PeakRSS,
+			CPULocal: (useLocal[name].CPU - use0[name].CPU).Seconds(),
+			CPU:      (u.CPU - use0[name].CPU).Seconds(),
+		}
+	}
+	return s, nil
+}
+
+// coldStart pulls ref and runs the workload, recording in s the times
+// until the pull ended, the first output line and the image was local,
+// and what the registry side served until the last two. It returns the
+// container, still running, for the caller to kill.
+func (b *bench) coldStart(ctx context.Context, st *stack, img benchImage, m mode, ref, id string, s *sample) (*container, error) {
+	link0, req0 := b.link.counters(), len(b.counter.Requests())
+	served := func() (int64, int64) {
+		return b.link.counters().sub(link0).Down, int64(len(b.counter.Requests()) - req0)
+	}
+	t0 := time.Now()
+	since := func(t time.Time) float64 { return t.Sub(t0).Seconds() }
+	pctx, cancel := context.WithTimeout(ctx, pullTimeout)
+	err := st.ctr.pull(pctx, m.snapshotter, ref)
+	cancel()
+	if err != nil {
+		return nil, err
+	}
+	tPull := time.Now()
+	s.Pull = since(tPull)
+
+	cold, err := st.ctr.run(ctx, m.snapshotter, ref, id+"-cold", "set -e\n"+img.coldCmd+"\nexec sleep 1000000")
+	if err != nil {
+		return nil, err
+	}
+	first, err := cold.next(ctx, startTimeout)
+	if err != nil {
+		return cold, fmt.Errorf("cold start: %w", err)
+	}
+	s.ColdStart = since(first.at)
+	s.FirstBytes, s.FirstRequests = served()
+	if first.text != "hi" {
+		return cold, fmt.Errorf("cold start: first output line %q, want %q", first.text, "hi")
+	}
+
+	tLocal, from, err := b.waitLocal(ctx, st, m, img, tPull)
+	if err != nil {
+		return cold, err
+	}
+	s.Local, s.LocalFrom = since(tLocal), from
+	s.LocalBytes, s.LocalRequests = served()
+	return cold, nil
+}
+
+// waitLocal returns when the image became fully local and how that was
+// known: for lazylayer from `lazylayer status` when the CLI has it, else
+// (and for overlayfs) when the pull ended.
+func (b *bench) waitLocal(ctx context.Context, st *stack, m mode, img benchImage, pulled time.Time) (time.Time, string, error) {
+	if m.snapshotter != "lazylayer" || !b.status.available() {
+		return pulled, "pull", nil
+	}
+	ctx, cancel := context.WithTimeout(ctx, pullTimeout)
+	defer cancel()
+	layers := b.images[img.name].Layers
+	for {
+		local, err := b.status.allLocal(ctx, st.lazySock, layers)
+		if err != nil {
+			return time.Time{}, "", err
+		}
+		if local {
+			return time.Now(), "status", nil
+		}
+		select {
+		case <-ctx.Done():
+			return time.Time{}, "", fmt.Errorf("waiting for the image to be local: %w", ctx.Err())
+		case <-time.After(100 * time.Millisecond):
+		}
+	}
+}
+
+// steady measures reads in the container started lazily (lazyID) and in
+// one started now that the image is local, each with cold and warm
+// caches.
+func (b *bench) steady(ctx context.Context, st *stack, m mode, img benchImage, ref, id, lazyID string) (map[string]float64, error) {
+	local, err := st.ctr.run(ctx, m.snapshotter, ref, id+"-local", "echo ready; exec sleep 1000000")
+	if err != nil {
+		return nil, err
+	}
+	defer st.ctr.kill(local)
+	if l, err := local.next(ctx, startTimeout); err != nil || l.text != "ready" {
+		return nil, fmt.Errorf("start a container on the local image: %q, %w", l.text, err)
+	}
+	big := b.images[img.name].BigFile
+	// A warm read of a small file takes about as long as the timing's
+	// noise: repeat it, and report the time per read.
+	repeat := max(1, int((256<<20)/max(b.images[img.name].BigSize, 1)))
+	dd := "dd if=" + big + " of=/dev/null bs=1M 2>/dev/null"
+	scripts := map[string]string{
+		"file/cold": dd,
+		"file/warm": fmt.Sprintf("i=0; while [ $i -lt %d ]; do %s; i=$((i+1)); done", repeat, dd),
+		// GNU tar skips reading file data when writing to /dev/null.
+		"tree/cold": "tar cf - " + img.tree + " 2>/dev/null | wc -c",
+		"tree/warm": "tar cf - " + img.tree + " 2>/dev/null | wc -c",
+	}
+	perRun := map[string]int{"file/warm": repeat}
+	out := map[string]float64{}
+	n := 0
+	for _, container := range []string{"lazy", "local"} {
+		cid := lazyID
+		if container == "local" {
+			cid = local.id
+		}
+		for _, what := range []string{"file", "tree"} {
+			for _, cache := range []string{"cold", "warm"} {
+				if cache == "cold" {
+					if err := dropCaches(); err != nil {
+						return nil, err
+					}
+				}
+				n++
+				ectx, cancel := context.WithTimeout(ctx, stepTimeout)
+				d, lines, err := st.ctr.exec(ectx, cid, "steady"+strconv.Itoa(n), scripts[what+"/"+cache])
+				cancel()
+				if err != nil {
+					return nil, err
+				}
+				if what == "tree" && (len(lines) != 1 || strings.TrimSpace(lines[0]) == "0") {
+					return nil, fmt.Errorf("tar of %s in %s read nothing: %q", img.tree, container, lines)
+				}
+				out[steadyKey(container, what, cache)] = d.Seconds() / float64(max(1, perRun[what+"/"+cache]))
+			}
+		}
+	}
+	return out, nil
+}
+
+// dropCaches writes back dirty pages and drops the page, dentry and inode
+// caches, so the next reads come from disk or the network.
+func dropCaches() error {
+	unix.Sync()
+	if err := os.WriteFile("/proc/sys/vm/drop_caches", []byte("3\n"), 0o200); err != nil {
+		return fmt.Errorf("drop caches: %w", err)
+	}
+	return nil
+}
