@@ -210,3 +210,26 @@ func compareTrees(t *testing.T, got, want string, normalize ...func(map[string]t
 	}
 	t.Logf("compared %d paths", len(w))
 }
+
+// TestLazyZstdChunked: a zstd:chunked image from lazylayer convert is
+// mounted lazily too, and its files read right.
+func TestLazyZstdChunked(t *testing.T) {
+	reg, _ := startRegistry(t)
+	e := newEnv(t, reg.Addr(), reg.Addr(), "[lazy]\n  populate = false\n")
+	src := push(t, reg.Addr(), "e2e/zstd:gzip", sampleImage("zstd"))
+	img := e.convert(src, "e2e/zstd:chunked", "--zstdchunked")
+	if out, err := e.pull("lazylayer", img.ref); err != nil {
+		t.Fatalf("pull: %v\n%s", err, out)
+	}
+	if n := len(e.lazyMounts()); n != len(img.layers) {
+		t.Fatalf("%d lazy FUSE mounts for %d zstd:chunked layers\n%s", n, len(img.layers), e.lazyLogText())
+	}
+	out := e.ctr("run", "--rm", "--snapshotter", "lazylayer", img.ref, "zstd-run", "sh", "-c", "cat /hello; md5sum < /data/big")
+	if out2, err := e.pull("overlayfs", src.ref); err != nil {
+		t.Fatalf("pull %s: %v\n%s", src.ref, err, out2)
+	}
+	want := e.ctr("run", "--rm", "--snapshotter", "overlayfs", src.ref, "zstd-ref", "sh", "-c", "cat /hello; md5sum < /data/big")
+	if out != want || !strings.HasPrefix(out, "hello from zstd\n") {
+		t.Errorf("zstd:chunked image printed %q, the gzip image %q", out, want)
+	}
+}
