@@ -20,13 +20,13 @@ import (
 var StatusAddress = layer.StatusAddress
 
 // status serves GET /layers: every layer the daemon holds, as JSON, for
-// `lazylayer status`.
+// `lazylayer status`; with ?accessed=1 the files each lazy layer had opened.
 type status struct {
 	sn     *snapshot.Snapshotter
 	layers *layer.Manager
 }
 
-func (st *status) list(ctx context.Context) ([]layer.Status, error) {
+func (st *status) list(ctx context.Context, accessed bool) ([]layer.Status, error) {
 	held, err := st.sn.Layers(ctx)
 	if err != nil {
 		return nil, err
@@ -34,7 +34,7 @@ func (st *status) list(ctx context.Context) ([]layer.Status, error) {
 	out := make([]layer.Status, 0, len(held))
 	for _, l := range held {
 		s := layer.Status{Digest: l.Digest, Snapshot: l.Name, State: l.State}
-		st.layers.Stat(l.Dir, &s)
+		st.layers.Stat(l.Dir, &s, accessed)
 		out = append(out, s)
 	}
 	return out, nil
@@ -45,7 +45,7 @@ func (st *status) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 		http.NotFound(w, r)
 		return
 	}
-	layers, err := st.list(r.Context())
+	layers, err := st.list(r.Context(), r.URL.Query().Get("accessed") != "")
 	if err != nil {
 		http.Error(w, err.Error(), http.StatusInternalServerError)
 		return

@@ -16,12 +16,13 @@ import (
 
 // status asks a running lazylayer-snapshotter for its layers.
 func (c *cli) status(ctx context.Context, args []string) error {
-	fl := c.flagSet("status", "[--address SOCKET] [--json]",
+	fl := c.flagSet("status", "[--address SOCKET] [--json] [--accessed]",
 		"Lists every layer the daemon holds: its digest, its state (lazy, populating\n"+
 			"or local), bytes fetched of its compressed size, population's rate, and\n"+
 			"for a FUSE mount still alive, its mountpoint and how many overlays use it.\n")
 	address := fl.String("address", "/run/lazylayer/lazylayer.sock", "the daemon's snapshot API socket (status.sock sits next to it)")
 	asJSON := fl.Bool("json", false, "print JSON for scripts")
+	accessed := fl.Bool("accessed", false, "print the files containers opened while layers were lazy, one per line, first\nopened first: a list for lazylayer convert --prioritize")
 	if err := parse(fl, args); err != nil {
 		return err
 	}
@@ -30,9 +31,21 @@ func (c *cli) status(ctx context.Context, args []string) error {
 		fl.Usage()
 		return errUsage
 	}
-	layers, err := fetchStatus(ctx, layer.StatusAddress(*address))
+	layers, err := fetchStatus(ctx, layer.StatusAddress(*address), *accessed)
 	if err != nil {
 		return err
+	}
+	if *accessed && !*asJSON {
+		seen := map[string]bool{}
+		for _, l := range layers {
+			for _, p := range l.Accessed {
+				if !seen[p] {
+					seen[p] = true
+					fmt.Fprintln(c.stdout, p)
+				}
+			}
+		}
+		return nil
 	}
 	if *asJSON {
 		enc := json.NewEncoder(c.stdout)
@@ -59,7 +72,7 @@ func (c *cli) status(ctx context.Context, args []string) error {
 }
 
 // fetchStatus reads the layers from the daemon's status socket.
-func fetchStatus(ctx context.Context, socket string) ([]layer.Status, error) {
+func fetchStatus(ctx context.Context, socket string, accessed bool) ([]layer.Status, error) {
 	client := &http.Client{
 		Timeout: 10 * time.Second,
 		Transport: &http.Transport{DialContext: func(ctx context.Context, _, _ string) (net.Conn, error) {
@@ -67,7 +80,11 @@ func fetchStatus(ctx context.Context, socket string) ([]layer.Status, error) {
 			return d.DialContext(ctx, "unix", socket)
 		}},
 	}
-	req, err := http.NewRequestWithContext(ctx, http.MethodGet, "http://lazylayer/layers", nil)
+	url := "http://lazylayer/layers"
+	if accessed {
+		url += "?accessed=1"
+	}
+	req, err := http.NewRequestWithContext(ctx, http.MethodGet, url, nil)
 	if err != nil {
 		return nil, err
 	}

@@ -22,6 +22,9 @@ type Status struct {
 	Entries    int     `json:"entries,omitempty"` // inodes of a lazy layer
 	Mountpoint string  `json:"mountpoint,omitempty"`
 	Users      int     `json:"users"` // overlays using the FUSE mount
+	// Accessed lists the files opened while the layer was lazy, in
+	// first-open order; only when asked for.
+	Accessed []string `json:"accessed,omitempty"`
 }
 
 // StatusAddress is the unix socket of the status endpoint of the daemon
@@ -32,8 +35,9 @@ func StatusAddress(address string) string {
 
 // Stat fills in what the Manager knows of the layer in snapshot directory
 // dir: for a layer with a FUSE mount (lazy, populating, or local but still
-// used by containers started lazily) its progress and users.
-func (m *Manager) Stat(dir string, st *Status) {
+// used by containers started lazily) its progress and users, and with
+// accessed, the files opened while it was lazy.
+func (m *Manager) Stat(dir string, st *Status, accessed bool) {
 	m.mu.Lock()
 	ll, ok := m.lazy[dir]
 	m.mu.Unlock()
@@ -54,6 +58,9 @@ func (m *Manager) Stat(dir string, st *Status) {
 	st.Entries = ll.layer.Entries()
 	st.Mountpoint = filepath.Join(dir, lazyMount)
 	st.Users = overlayUsers(st.Mountpoint)
+	if accessed {
+		st.Accessed = ll.layer.Accessed()
+	}
 }
 
 // overlayUsers counts the overlay mounts whose lower layers include the

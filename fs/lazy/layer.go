@@ -5,6 +5,7 @@ import (
 	"errors"
 	"fmt"
 	"io"
+	"slices"
 	"sort"
 	"sync"
 	"sync/atomic"
@@ -87,6 +88,40 @@ type Layer struct {
 	server     *fuse.Server // guarded by mu
 	mountpoint string       // guarded by mu
 	cancel     context.CancelFunc
+
+	accessMu sync.Mutex
+	accessed []string        // files opened while lazy, in first-open order; guarded by accessMu
+	opened   map[uint32]bool // entries in accessed; guarded by accessMu
+}
+
+// maxAccessed bounds the list of files recorded as opened.
+const maxAccessed = 100000
+
+// recordOpen notes that file num (at path) was opened while the layer is
+// lazy, for a prefetch list.
+func (l *Layer) recordOpen(num uint32, path string) {
+	if l.localDir() != "" {
+		return
+	}
+	l.accessMu.Lock()
+	defer l.accessMu.Unlock()
+	if l.opened == nil {
+		l.opened = map[uint32]bool{}
+	}
+	if l.opened[num] || len(l.accessed) >= maxAccessed {
+		return
+	}
+	l.opened[num] = true
+	l.accessed = append(l.accessed, path)
+}
+
+// Accessed lists the files opened while the layer was lazy, in the order
+// they were first opened: the prioritized files for `lazylayer convert
+// --prioritize`.
+func (l *Layer) Accessed() []string {
+	l.accessMu.Lock()
+	defer l.accessMu.Unlock()
+	return slices.Clone(l.accessed)
 }
 
 // Open reads the footer and TOC of the layer desc through ra (normally the

@@ -182,6 +182,7 @@ func (n *node) Open(ctx context.Context, flags uint32) (fs.FileHandle, uint32, s
 	if n.entry().mode&syscall.S_IFMT != syscall.S_IFREG {
 		return nil, 0, syscall.EINVAL
 	}
+	n.l.recordOpen(n.num, n.Path(nil))
 	n.mu.Lock()
 	defer n.mu.Unlock()
 	if local := n.l.localDir(); local != "" && n.l.passthrough && n.cachedOpens == 0 {

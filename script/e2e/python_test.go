@@ -2,11 +2,13 @@ package e2e
 
 import (
 	"context"
+	"os/exec"
 	"path/filepath"
 	"strings"
 	"testing"
 	"time"
 
+	"github.com/lazylayer/lazylayer/script/internal/registry"
 	"github.com/lazylayer/lazylayer/script/internal/rootfs"
 	"github.com/lazylayer/lazylayer/script/internal/testimage"
 )
@@ -60,12 +62,7 @@ func TestPython(t *testing.T) {
 		t.Fatalf("python printed %q", out)
 	}
 	served, total := blobBytes(proxy.Stats(), img)
-	requests := 0
-	for path, s := range proxy.Stats() {
-		if strings.Contains(path, "/blobs/") {
-			requests += s.Requests
-		}
-	}
+	requests := blobRequests(proxy)
 	t.Logf("lazylayer: pull+run %v; the registry served %d of %d layer bytes (%.1f%%) in %d blob requests",
 		lazyTime.Round(time.Millisecond), served, total, 100*float64(served)/float64(total), requests)
 	if served*10 >= total*3 {
@@ -81,4 +78,57 @@ func TestPython(t *testing.T) {
 		t.Fatalf("python under overlayfs printed %q", out)
 	}
 	t.Logf("overlayfs: pull+run %v (unshaped loopback; make bench measures properly)", time.Since(start).Round(time.Millisecond))
+}
+
+// blobRequests counts the blob requests the proxy saw.
+func blobRequests(proxy *registry.Proxy) int {
+	n := 0
+	for path, s := range proxy.Stats() {
+		if strings.Contains(path, "/blobs/") {
+			n += s.Requests
+		}
+	}
+	return n
+}
+
+// TestPrioritize: the files a first lazy run opened, listed by `lazylayer
+// status --accessed` and given to `lazylayer convert --prioritize`, arrive
+// in a few requests at mount, so the next cold start makes far fewer.
+func TestPrioritize(t *testing.T) {
+	reg, proxy := startRegistry(t)
+	src := pythonImage(t, reg.Addr())
+	script := []string{"python3", "-c", `import json, http.server; print("hi")`}
+	run := func(e *env, img pushed, id string) int {
+		t.Helper()
+		proxy.Reset()
+		if out, err := e.pull("lazylayer", img.ref); err != nil {
+			t.Fatalf("pull: %v\n%s", err, out)
+		}
+		if out := e.ctr(append([]string{"run", "--rm", "--snapshotter", "lazylayer", img.ref, id}, script...)...); out != "hi\n" {
+			t.Fatalf("python printed %q", out)
+		}
+		return blobRequests(proxy)
+	}
+
+	first := newEnv(t, reg.Addr(), proxy.Addr(), "[lazy]\n  populate = false\n")
+	plain := first.convert(src, "e2e/python:plain")
+	before := run(first, plain, "py-first")
+	list, err := exec.Command(lazylayerBin, "status", "--address", first.lazySock, "--accessed").Output()
+	if err != nil {
+		t.Fatalf("lazylayer status --accessed: %v", err)
+	}
+	if !strings.Contains(string(list), "usr/lib/python3.11/json/__pycache__/__init__.cpython-311.pyc") {
+		t.Fatalf("the accessed list lacks the json module:\n%.3000s", list)
+	}
+	listFile := filepath.Join(first.dir, "prioritize.txt")
+	writeFile(t, listFile, string(list))
+
+	second := newEnv(t, reg.Addr(), proxy.Addr(), "[lazy]\n  populate = false\n")
+	prio := second.convert(src, "e2e/python:prioritized", "--prioritize", listFile)
+	after := run(second, prio, "py-second")
+	t.Logf("%d files listed; blob requests until python exited: %d without the list, %d with it",
+		strings.Count(string(list), "\n"), before, after)
+	if after*2 > before {
+		t.Errorf("with the prefetch list python still needed %d requests (%d without)", after, before)
+	}
 }
