@@ -71,6 +71,14 @@ func runInner(ctx context.Context, o options, ns string) error {
 		if err != nil {
 			return err
 		}
+		if slices.Contains(o.modes, "lazylayer-prioritized") {
+			if err := ensurePrioritized(ctx, o, t, regc, direct, catalogue(name), &rec); err != nil {
+				return err
+			}
+			if err := writeJSON(filepath.Join(o.cache, "images", name+".json"), rec); err != nil {
+				return err
+			}
+		}
 		pushed[name] = rec
 	}
 	if o.prepare {

@@ -39,6 +39,9 @@ type pushedImage struct {
 	Converted     string // manifest under tagConverted
 	ConvertedBy   string // converter key: "copy" or "lazylayer-<sha256>"
 	ConvertedSize int64
+
+	Prioritized     string // manifest under tagPrioritized
+	PrioritizedFrom string // the Converted it was traced from
 }
 
 // converter makes the lazily loadable variant of an image with

@@ -65,6 +65,8 @@ func allModes() []mode {
 			about: "lazylayer, gzip image: each layer fetched with parallel ranged GETs and unpacked by lazylayer"},
 		{name: "lazylayer-estargz", snapshotter: "lazylayer", tag: tagConverted,
 			about: "lazylayer, the image converted by `lazylayer convert` (eStargz): layers mounted lazily"},
+		{name: "lazylayer-prioritized", snapshotter: "lazylayer", tag: tagPrioritized,
+			about: "lazylayer, converted again with `--prioritize` the files a first run opened (`lazylayer status --accessed`): they arrive right after the mount"},
 	}
 }
 
