@@ -9,6 +9,7 @@ import (
 	"net/http"
 	"net/url"
 	"path"
+	"slices"
 	"sync/atomic"
 	"time"
 
@@ -57,26 +58,7 @@ func (r *Resolver) once(ctx context.Context, t *target, h docker.RegistryHost, s
 		u.RawQuery = url.Values{"ns": {t.name}}.Encode()
 	}
 	ctx = docker.WithScope(ctx, "repository:"+t.repo+":pull")
-	for authorized := false; ; authorized = true {
-		resp, err := r.send(ctx, h, u, hdr)
-		if err != nil {
-			return nil, err
-		}
-		switch {
-		case resp.StatusCode == http.StatusOK || resp.StatusCode == http.StatusPartialContent:
-			return resp, nil
-		case resp.StatusCode == http.StatusUnauthorized && !authorized && h.Authorizer != nil:
-			err := r.authorize(ctx, h, resp)
-			discard(resp)
-			if err != nil {
-				return nil, err
-			}
-		default:
-			err := newStatusError(resp)
-			discard(resp)
-			return nil, err
-		}
-	}
+	return r.call(ctx, h, request{method: http.MethodGet, url: u, header: hdr, auth: true}, http.StatusOK, http.StatusPartialContent)
 }
 
 // authorize hands a 401 reply's challenge to the host's authorizer, with the
@@ -90,12 +72,6 @@ func (r *Resolver) authorize(ctx context.Context, h docker.RegistryHost, resp *h
 		return &permanentError{fmt.Errorf("HTTP 401, authorize: %w", err)}
 	}
 	return nil
-}
-
-// send sends one GET. The request is abandoned when it goes Options.Timeout
-// without an answer or, once answered, without a byte of body.
-func (r *Resolver) send(ctx context.Context, h docker.RegistryHost, u *url.URL, hdr http.Header) (*http.Response, error) {
-	return r.sendRequest(ctx, h, request{method: http.MethodGet, url: u, header: hdr, auth: true})
 }
 
 // isMirror reports whether h serves the registry name on its behalf.
@@ -173,4 +149,114 @@ func sleep(ctx context.Context, d time.Duration) error {
 	case <-ctx.Done():
 		return ctx.Err()
 	}
+}
+
+// request is one request to a registry host.
+type request struct {
+	method string
+	url    *url.URL
+	header http.Header
+	body   func() (io.Reader, error) // the body, from its start, at each send; nil for none
+	size   int64                     // the body's length
+	auth   bool                      // send through the host's authorizer
+}
+
+// call sends rq to h and returns the reply if its status is one of want,
+// answering an authorization challenge (401) once. Any other status is an
+// error, and its reply is drained and closed. The caller closes the body.
+func (r *Resolver) call(ctx context.Context, h docker.RegistryHost, rq request, want ...int) (*http.Response, error) {
+	for authorized := false; ; authorized = true {
+		resp, err := r.sendRequest(ctx, h, rq)
+		if err != nil {
+			return nil, err
+		}
+		switch {
+		case slices.Contains(want, resp.StatusCode):
+			return resp, nil
+		case resp.StatusCode == http.StatusUnauthorized && !authorized && rq.auth && h.Authorizer != nil:
+			err := r.authorize(ctx, h, resp)
+			discard(resp)
+			if err != nil {
+				return nil, err
+			}
+		default:
+			err := newStatusError(resp)
+			discard(resp)
+			return nil, err
+		}
+	}
+}
+
+// sendRequest sends rq once. Like send, it abandons the request when it goes
+// Options.Timeout without progress: no byte of the request body taken, no
+// answer, or no byte of the reply body.
+func (r *Resolver) sendRequest(ctx context.Context, h docker.RegistryHost, rq request) (*http.Response, error) {
+	rctx, cancel := context.WithCancelCause(ctx)
+	stall := time.AfterFunc(r.opts.Timeout, func() {
+		cancel(fmt.Errorf("%w for %s", errNoProgress, r.opts.Timeout))
+	})
+	fail := func(err error) (*http.Response, error) {
+		stall.Stop()
+		err = stallCause(rctx, err)
+		cancel(nil)
+		return nil, err
+	}
+	var body *progressReader
+	req, err := http.NewRequestWithContext(rctx, rq.method, rq.url.String(), nil)
+	if err != nil {
+		return fail(&permanentError{err})
+	}
+	if rq.body != nil {
+		b, err := rq.body()
+		if err != nil {
+			return fail(err)
+		}
+		body = &progressReader{r: b, size: rq.size, stall: stall, timeout: r.opts.Timeout}
+		// Not the caller's reader itself: the transport closes the body.
+		req.Body = io.NopCloser(body)
+		req.ContentLength = rq.size
+		if rq.size == 0 {
+			req.Body = http.NoBody
+		}
+	}
+	for k, v := range h.Header {
+		req.Header[k] = slices.Clone(v)
+	}
+	for k, v := range rq.header {
+		req.Header[k] = slices.Clone(v)
+	}
+	if rq.auth && h.Authorizer != nil {
+		r.authMu.Lock()
+		err := h.Authorizer.Authorize(rctx, req)
+		r.authMu.Unlock()
+		if err != nil {
+			return fail(fmt.Errorf("authorize: %w", err))
+		}
+	}
+	r.requests.Add(1)
+	resp, err := h.Client.Do(req)
+	if body != nil {
+		body.stop()
+		if body.err != nil {
+			if err == nil {
+				discard(resp)
+			}
+			return fail(body.err)
+		}
+	}
+	if err != nil {
+		if ue, ok := errors.AsType[*url.Error](err); ok && ue.URL == req.URL.String() {
+			err = ue.Err
+		}
+		return fail(err)
+	}
+	resp.Body = &watchedBody{
+		body:    resp.Body,
+		ctx:     rctx,
+		cancel:  cancel,
+		stall:   stall,
+		timeout: r.opts.Timeout,
+		bytes:   &r.bytes,
+	}
+	return resp, nil
 }
