@@ -4,10 +4,7 @@ import (
 	"context"
 	"fmt"
 	"os"
-	"os/exec"
 	"slices"
-	"strings"
-	"time"
 
 	"github.com/lazylayer/lazylayer/script/internal/rootfs"
 )
@@ -37,17 +34,6 @@ func prepareRootfs(ctx context.Context, o options) error {
 		if _, err := rootfs.Ensure(ctx, o.cache, name, mirror); err != nil {
 			return err
 		}
-	}
-	return nil
-}
-
-// runLogged runs a long command with its output on stderr.
-func runLogged(ctx context.Context, name string, args ...string) error {
-	cmd := exec.CommandContext(ctx, name, args...)
-	cmd.Stdout, cmd.Stderr = os.Stderr, os.Stderr
-	cmd.WaitDelay = 10 * time.Second
-	if err := cmd.Run(); err != nil {
-		return fmt.Errorf("%s %s: %w", name, strings.Join(args, " "), err)
 	}
 	return nil
 }
