@@ -7,15 +7,22 @@ import (
 	"io"
 	"net/http"
 	"os"
-	"os/exec"
 	"path/filepath"
 	"strings"
 	"testing"
+	"time"
 
+	snapshotsapi "github.com/containerd/containerd/api/services/snapshots/v1"
+	"github.com/containerd/containerd/v2/core/mount"
+	"github.com/containerd/containerd/v2/core/snapshots"
+	"github.com/containerd/containerd/v2/core/snapshots/proxy"
+	"github.com/containerd/containerd/v2/pkg/namespaces"
 	"github.com/opencontainers/go-digest"
 	"github.com/opencontainers/image-spec/identity"
 	ocispec "github.com/opencontainers/image-spec/specs-go/v1"
 	"golang.org/x/sys/unix"
+	"google.golang.org/grpc"
+	"google.golang.org/grpc/credentials/insecure"
 
 	"github.com/lazylayer/lazylayer/script/internal/testimage"
 )
@@ -71,14 +78,13 @@ func getJSON(t *testing.T, url string, v any) {
 // returns where; it is unmounted and removed in t.Cleanup.
 func (e *env) mountView(sn, key, parent string) string {
 	e.t.Helper()
-	e.ctr("snapshots", "--snapshotter", sn, "view", key, parent)
 	target := filepath.Join(e.dir, "view-"+key)
 	if err := os.MkdirAll(target, 0o755); err != nil {
 		e.t.Fatal(err)
 	}
-	cmdline := strings.TrimSpace(e.ctr("snapshots", "--snapshotter", sn, "mounts", target, key))
-	if out, err := exec.Command("sh", "-c", cmdline).CombinedOutput(); err != nil {
-		e.t.Fatalf("%s: %v\n%s", cmdline, err, out)
+	mounts := e.view(sn, key, parent)
+	if err := mount.All(mounts, target); err != nil {
+		e.t.Fatalf("mount view %s of %s at %s: %v", key, sn, target, err)
 	}
 	e.t.Cleanup(func() {
 		if err := unix.Unmount(target, 0); err != nil {
@@ -87,6 +93,29 @@ func (e *env) mountView(sn, key, parent string) string {
 		e.ctrErr("snapshots", "--snapshotter", sn, "rm", key)
 	})
 	return target
+}
+
+// view makes a view snapshot through containerd's snapshots service. It is
+// labelled a GC root, as ctr's "snapshots prepare" does: containerd's
+// garbage collector removes an unreferenced view (which is what "ctr
+// snapshots view" makes) whenever it runs, and it runs after pulls.
+func (e *env) view(sn, key, parent string) []mount.Mount {
+	e.t.Helper()
+	conn, err := grpc.NewClient("unix://"+e.ctrSock, grpc.WithTransportCredentials(insecure.NewCredentials()))
+	if err != nil {
+		e.t.Fatal(err)
+	}
+	defer conn.Close()
+	ctx, cancel := context.WithTimeout(namespaces.WithNamespace(context.Background(), "default"), time.Minute)
+	defer cancel()
+	svc := proxy.NewSnapshotter(snapshotsapi.NewSnapshotsClient(conn), sn)
+	mounts, err := svc.View(ctx, key, parent, snapshots.WithLabels(map[string]string{
+		"containerd.io/gc.root": time.Now().UTC().Format(time.RFC3339),
+	}))
+	if err != nil {
+		e.t.Fatalf("view %s of %s in %s: %v", key, parent, sn, err)
+	}
+	return mounts
 }
 
 // contentHas reports which of the image's layer blobs containerd's content
