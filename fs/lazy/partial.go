@@ -1,6 +1,7 @@
 package lazy
 
 import (
+	"context"
 	"encoding/binary"
 	"fmt"
 	"io"
@@ -18,9 +19,10 @@ type partialBlob struct {
 	path string
 	size int64
 
-	mu   sync.Mutex
-	f    *os.File // guarded by mu for Close; WriteAt/ReadAt are safe concurrently
-	have []span   // sorted, disjoint, not adjacent; guarded by mu
+	mu    sync.Mutex
+	f     *os.File      // guarded by mu for Close; WriteAt/ReadAt are safe concurrently
+	have  []span        // sorted, disjoint, not adjacent; guarded by mu
+	added chan struct{} // closed and replaced when a range is added; guarded by mu
 }
 
 // span is the byte range [start, end).
@@ -39,7 +41,7 @@ func openPartial(path string, size int64) (*partialBlob, error) {
 		f.Close()
 		return nil, err
 	}
-	p := &partialBlob{path: path, size: size, f: f}
+	p := &partialBlob{path: path, size: size, f: f, added: make(chan struct{})}
 	if b, err := os.ReadFile(path + ".ranges"); err == nil {
 		for ; len(b) >= 16; b = b[16:] {
 			s := span{int64(binary.LittleEndian.Uint64(b)), int64(binary.LittleEndian.Uint64(b[8:]))}
@@ -75,6 +77,8 @@ func (p *partialBlob) add(s span) {
 		j++
 	}
 	p.have = append(p.have[:i], append([]span{s}, p.have[j:]...)...)
+	close(p.added)
+	p.added = make(chan struct{})
 }
 
 // forget drops s from the held ranges: its bytes proved wrong.
@@ -141,8 +145,52 @@ func (p *partialBlob) has(s span) bool {
 	return i < len(p.have) && p.have[i].start <= s.start && p.have[i].end >= s.end
 }
 
-// reader reads the whole blob from the local copy.
-func (p *partialBlob) reader() io.Reader { return io.NewSectionReader(p.f, 0, p.size) }
+// heldAt returns how many bytes from off on are held without a gap, and a
+// channel that is closed when more are added.
+func (p *partialBlob) heldAt(off int64) (int64, <-chan struct{}) {
+	p.mu.Lock()
+	defer p.mu.Unlock()
+	i := sort.Search(len(p.have), func(i int) bool { return p.have[i].end > off })
+	if i < len(p.have) && p.have[i].start <= off {
+		return p.have[i].end - off, p.added
+	}
+	return 0, p.added
+}
+
+// follow reads the whole blob from the local copy in order, waiting for
+// each byte to arrive, so that a download and a reader of its result can
+// run at the same time. Its reads fail with ctx's cause once ctx is done.
+func (p *partialBlob) follow(ctx context.Context) io.Reader {
+	return &follower{p: p, ctx: ctx}
+}
+
+type follower struct {
+	p   *partialBlob
+	ctx context.Context
+	off int64
+}
+
+func (r *follower) Read(b []byte) (int, error) {
+	if r.off >= r.p.size {
+		return 0, io.EOF
+	}
+	for {
+		n, added := r.p.heldAt(r.off)
+		if n > 0 {
+			n, err := r.p.f.ReadAt(b[:min(int64(len(b)), n)], r.off)
+			r.off += int64(n)
+			if err == io.EOF && r.off < r.p.size {
+				err = io.ErrUnexpectedEOF
+			}
+			return n, err
+		}
+		select {
+		case <-added:
+		case <-r.ctx.Done():
+			return 0, context.Cause(r.ctx)
+		}
+	}
+}
 
 // save writes the list of held ranges.
 func (p *partialBlob) save() error {

@@ -53,11 +53,13 @@ func (l *Layer) Progress() Progress {
 }
 
 // Populate downloads what the local copy of the blob lacks (on-demand reads
-// go first), verifies the whole blob against the layer digest and extracts
-// it into dir, an empty directory, hiding eStargz's metadata files as the
-// lazy tree does. On success dir holds the complete, verified tree; on
-// error dir may hold part of it. A blob that fails verification is
-// forgotten, so the next attempt fetches it again.
+// go first) and, at the same time, extracts the blob in order as its bytes
+// arrive into dir, an empty directory, hiding eStargz's metadata files as
+// the lazy tree does; the whole blob is verified against the layer digest
+// once the last byte is in. On success dir holds the complete, verified
+// tree; on error dir may hold part of it and must be discarded. A blob
+// that fails verification is forgotten, so the next attempt fetches it
+// again.
 func (l *Layer) Populate(ctx context.Context, dir string, o PopulateOptions) error {
 	if l.f.partial == nil {
 		return errors.New("populate: the layer has no local blob copy")
@@ -72,24 +74,37 @@ func (l *Layer) Populate(ctx context.Context, dir string, o PopulateOptions) err
 		o.Quiet = 300 * time.Millisecond
 	}
 	l.popStart.CompareAndSwap(0, time.Now().UnixNano())
-	if err := l.download(ctx, o); err != nil {
-		l.f.partial.save()
-		return err
-	}
-	if err := l.f.partial.save(); err != nil {
-		return err
-	}
+	ctx, cancel := context.WithCancelCause(ctx)
+	defer cancel(nil)
+	downloaded := make(chan error, 1)
+	go func() {
+		err := l.download(ctx, o)
+		if err != nil {
+			cancel(err)
+		}
+		downloaded <- err
+	}()
 	hide := make([]string, 0, len(metadataNames))
 	for name := range metadataNames {
 		hide = append(hide, name)
 	}
-	_, err := extract.Layer(ctx, l.f.partial.reader(), dir, extract.Options{
+	_, err := extract.Layer(ctx, l.f.partial.follow(ctx), dir, extract.Options{
 		Digest: l.desc.Digest, Size: l.desc.Size, HideRoot: hide,
 	})
-	if errors.Is(err, extract.ErrInvalid) {
-		l.f.partial.reset()
+	if err != nil {
+		cancel(err)
 	}
-	return err
+	dlErr := <-downloaded
+	saveErr := l.f.partial.save()
+	switch {
+	case errors.Is(err, extract.ErrInvalid):
+		l.f.partial.reset()
+		return err
+	case err != nil || dlErr != nil:
+		// Whichever failed first is the reason; the other only stopped.
+		return context.Cause(ctx)
+	}
+	return saveErr
 }
 
 // download fetches every missing range of the blob into the local copy.

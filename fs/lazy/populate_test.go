@@ -7,6 +7,7 @@ import (
 	"os"
 	"path/filepath"
 	"testing"
+	"time"
 
 	"github.com/opencontainers/go-digest"
 
@@ -83,6 +84,62 @@ func mustOpen(t *testing.T, path string) *os.File {
 	}
 	t.Cleanup(func() { fh.Close() })
 	return fh
+}
+
+// TestPopulateExtractsWhileDownloading: population extracts the bytes it
+// has while later ones are still on their way, as containerd's pull does;
+// only the verified whole becomes the result.
+func TestPopulateExtractsWhileDownloading(t *testing.T) {
+	f := newFixture(t, Options{})
+	hold := &blobHold{from: 2 << 20, release: make(chan struct{})}
+	f.blob.hold.Store(hold)
+	tree := t.TempDir()
+	done := make(chan error, 1)
+	go func() {
+		done <- f.layer.Populate(context.Background(), tree, PopulateOptions{RangeSize: 256 << 10})
+	}()
+	// etc/hostname lies in the blob's first bytes, data/big runs past 2 MiB.
+	deadline := time.Now().Add(10 * time.Second)
+	for {
+		if b, err := os.ReadFile(filepath.Join(tree, "etc/hostname")); err == nil && bytes.Equal(b, f.files["etc/hostname"]) {
+			break
+		}
+		select {
+		case err := <-done:
+			t.Fatalf("Populate returned (%v) while the registry held back the blob's end", err)
+		default:
+		}
+		if time.Now().After(deadline) {
+			t.Fatal("nothing was extracted while the blob's end was held back")
+		}
+		time.Sleep(10 * time.Millisecond)
+	}
+	close(hold.release)
+	if err := <-done; err != nil {
+		t.Fatal(err)
+	}
+	b, err := os.ReadFile(filepath.Join(tree, "data/big"))
+	if err != nil || !bytes.Equal(b, f.files["data/big"]) {
+		t.Errorf("data/big after population: %v", err)
+	}
+}
+
+// TestPopulateDownloadFailure: when the registry fails, Populate says so
+// (not that the extraction was cut short) and keeps what it fetched.
+func TestPopulateDownloadFailure(t *testing.T) {
+	f := newFixture(t, Options{})
+	f.blob.down.Store(true)
+	err := f.layer.Populate(context.Background(), t.TempDir(), PopulateOptions{RangeSize: 256 << 10})
+	if !errors.Is(err, errDown) {
+		t.Fatalf("Populate with the registry down: %v, want %v", err, errDown)
+	}
+	if errors.Is(err, extract.ErrInvalid) {
+		t.Errorf("a registry failure was reported as bad data: %v", err)
+	}
+	f.blob.down.Store(false)
+	if err := f.layer.Populate(context.Background(), t.TempDir(), PopulateOptions{RangeSize: 256 << 10}); err != nil {
+		t.Fatalf("Populate once the registry is back: %v", err)
+	}
 }
 
 func TestPopulateRejectsBadBlob(t *testing.T) {
