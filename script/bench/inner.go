@@ -71,7 +71,7 @@ func runInner(ctx context.Context, o options, ns string) error {
 		if err != nil {
 			return err
 		}
-		if slices.Contains(o.modes, "lazylayer-prioritized") {
+		if slices.Contains(catalogue(name).modes(o), "lazylayer-prioritized") {
 			if err := ensurePrioritized(ctx, o, t, regc, direct, catalogue(name), &rec); err != nil {
 				return err
 			}
@@ -129,7 +129,11 @@ func runInner(ctx context.Context, o options, ns string) error {
 // always first after the caches were dropped.
 func (b *bench) loop(ctx context.Context, res *results, sh shaper, regc registryClient, resPath string) error {
 	failed := 0
-	total := len(b.o.profiles) * len(b.o.images) * b.o.runs * len(b.o.modes)
+	total := 0
+	for _, name := range b.o.images {
+		img := catalogue(name)
+		total += len(b.o.profiles) * img.runs(b.o) * len(img.modes(b.o))
+	}
 	for _, pn := range b.o.profiles {
 		prof := findProfile(pn)
 		if err := sh.apply(ctx, prof.rateMbit); err != nil {
@@ -145,8 +149,8 @@ func (b *bench) loop(ctx context.Context, res *results, sh shaper, regc registry
 		res.Profiles = append(res.Profiles, info)
 		for _, name := range b.o.images {
 			img := catalogue(name)
-			for run := 1; run <= b.o.runs; run++ {
-				modes := slices.Clone(b.o.modes)
+			for run := 1; run <= img.runs(b.o); run++ {
+				modes := img.modes(b.o)
 				k := (run - 1) % len(modes)
 				modes = append(modes[k:], modes[:k]...)
 				for _, mn := range modes {
