@@ -121,6 +121,9 @@ type env struct {
 	lazyArgs []string
 	ctrSock  string
 	ctrHosts string // hosts.toml directory ctr uses: the registry itself
+	// ctrConfig, if set, rewrites containerd's configuration before it
+	// starts (the CRI test turns the CRI plugin on).
+	ctrConfig func(string) string
 }
 
 // newEnv starts containerd and lazylayer for a registry at regAddr. The
@@ -129,19 +132,27 @@ type env struct {
 // lazylayer's configuration file.
 func newEnv(t *testing.T, regAddr, lazyUpstream string, extraConfig ...string) *env {
 	t.Helper()
+	return newEnvWith(t, regAddr, lazyUpstream, nil, extraConfig...)
+}
+
+// newEnvWith is newEnv with containerd's configuration rewritten by
+// ctrConfig, if not nil.
+func newEnvWith(t *testing.T, regAddr, lazyUpstream string, ctrConfig func(string) string, extraConfig ...string) *env {
+	t.Helper()
 	dir, err := os.MkdirTemp("/var/tmp", "lazylayer-e2e-")
 	if err != nil {
 		t.Fatal(err)
 	}
 	e := &env{
-		t:        t,
-		dir:      dir,
-		regAddr:  regAddr,
-		lazyRoot: filepath.Join(dir, "lazylayer"),
-		lazySock: filepath.Join(dir, "lazylayer.sock"),
-		lazyLog:  filepath.Join(dir, "lazylayer.log"),
-		ctrSock:  filepath.Join(dir, "containerd.sock"),
-		ctrHosts: filepath.Join(dir, "ctr-hosts"),
+		t:         t,
+		dir:       dir,
+		regAddr:   regAddr,
+		lazyRoot:  filepath.Join(dir, "lazylayer"),
+		lazySock:  filepath.Join(dir, "lazylayer.sock"),
+		lazyLog:   filepath.Join(dir, "lazylayer.log"),
+		ctrSock:   filepath.Join(dir, "containerd.sock"),
+		ctrHosts:  filepath.Join(dir, "ctr-hosts"),
+		ctrConfig: ctrConfig,
 	}
 	t.Cleanup(func() {
 		e.unmountAll()
@@ -188,8 +199,12 @@ func (e *env) startContainerd() {
 	if err != nil {
 		e.t.Fatal(err)
 	}
-	writeFile(e.t, cfg, strings.NewReplacer("@ROOT@", e.dir+"/containerd-root", "@STATE@", e.dir+"/containerd-state",
-		"@ADDRESS@", e.ctrSock, "@LAZYLAYER@", e.lazySock).Replace(string(tmpl)))
+	config := strings.NewReplacer("@ROOT@", e.dir+"/containerd-root", "@STATE@", e.dir+"/containerd-state",
+		"@ADDRESS@", e.ctrSock, "@LAZYLAYER@", e.lazySock).Replace(string(tmpl))
+	if e.ctrConfig != nil {
+		config = e.ctrConfig(config)
+	}
+	writeFile(e.t, cfg, config)
 	p := startProc(e.t, filepath.Join(e.dir, "containerd.log"), filepath.Join(toolsBin, "containerd"), "--config", cfg)
 	waitFor(e.t, "containerd", func() bool {
 		_, err := e.ctrErr("version")
