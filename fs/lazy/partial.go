@@ -103,25 +103,36 @@ func (p *partialBlob) forget(s span) {
 
 // missing returns the ranges not yet held, each at most max bytes.
 func (p *partialBlob) missing(max int64) []span {
+	return p.missingIn(span{0, p.size}, max)
+}
+
+// missingIn returns the ranges of s not yet held, each at most max bytes.
+func (p *partialBlob) missingIn(s span, max int64) []span {
 	p.mu.Lock()
 	defer p.mu.Unlock()
 	var out []span
-	pos := int64(0)
-	emit := func(s span) {
-		for s.start < s.end {
-			e := min(s.end, s.start+max)
-			out = append(out, span{s.start, e})
-			s.start = e
+	emit := func(g span) {
+		for g.start < g.end {
+			e := min(g.end, g.start+max)
+			out = append(out, span{g.start, e})
+			g.start = e
 		}
 	}
+	pos := s.start
 	for _, h := range p.have {
+		if h.end <= pos {
+			continue
+		}
+		if h.start >= s.end {
+			break
+		}
 		if h.start > pos {
 			emit(span{pos, h.start})
 		}
 		pos = h.end
 	}
-	if pos < p.size {
-		emit(span{pos, p.size})
+	if pos < s.end {
+		emit(span{pos, s.end})
 	}
 	return out
 }

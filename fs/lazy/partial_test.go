@@ -1,9 +1,13 @@
 package lazy
 
 import (
+	"context"
+	"errors"
+	"io"
 	"path/filepath"
 	"reflect"
 	"testing"
+	"time"
 )
 
 func TestPartialRanges(t *testing.T) {
@@ -59,5 +63,67 @@ func TestPartialSurvivesReopen(t *testing.T) {
 	}
 	if err := q.WriteAt([]byte("x"), 100); err == nil {
 		t.Error("a write past the blob's end was accepted")
+	}
+}
+
+func TestPartialMissingIn(t *testing.T) {
+	p, err := openPartial(filepath.Join(t.TempDir(), "blob"), 100)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer p.close()
+	for _, w := range []span{{10, 20}, {30, 40}} {
+		if err := p.WriteAt(make([]byte, w.len()), w.start); err != nil {
+			t.Fatal(err)
+		}
+	}
+	for _, tc := range []struct {
+		in   span
+		want []span
+	}{
+		{span{0, 100}, []span{{0, 10}, {20, 30}, {40, 100}}},
+		{span{12, 18}, nil},
+		{span{15, 35}, []span{{20, 30}}},
+		{span{5, 12}, []span{{5, 10}}},
+		{span{38, 50}, []span{{40, 50}}},
+		{span{50, 60}, []span{{50, 60}}},
+	} {
+		if got := p.missingIn(tc.in, 1000); !reflect.DeepEqual(got, tc.want) {
+			t.Errorf("missingIn(%v) = %v, want %v", tc.in, got, tc.want)
+		}
+	}
+}
+
+func TestPartialFollow(t *testing.T) {
+	p, err := openPartial(filepath.Join(t.TempDir(), "blob"), 10)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer p.close()
+	p.WriteAt([]byte("0123"), 0)
+	r := p.follow(context.Background())
+	got := make(chan []byte)
+	go func() {
+		b, _ := io.ReadAll(r)
+		got <- b
+	}()
+	select {
+	case b := <-got:
+		t.Fatalf("follow returned %q before the blob was complete", b)
+	case <-time.After(50 * time.Millisecond):
+	}
+	p.WriteAt([]byte("89"), 8)
+	p.WriteAt([]byte("4567"), 4)
+	if b := <-got; string(b) != "0123456789" {
+		t.Errorf("follow read %q", b)
+	}
+
+	ctx, cancel := context.WithCancelCause(context.Background())
+	q, _ := openPartial(filepath.Join(t.TempDir(), "blob2"), 10)
+	defer q.close()
+	stop := errors.New("download failed")
+	cancel(stop)
+	if _, err := io.ReadAll(q.follow(ctx)); !errors.Is(err, stop) {
+		t.Errorf("follow on a cancelled context: %v, want %v", err, stop)
 	}
 }

@@ -150,7 +150,8 @@ feed:
 	}
 }
 
-// fetchRange fetches s into the local copy, after any on-demand reads.
+// fetchRange fetches what of s the local copy lacks, after any on-demand
+// reads: those may have filled parts of s since population planned it.
 func (l *Layer) fetchRange(ctx context.Context, s span, o PopulateOptions) error {
 	for !l.f.act.quietFor(o.Quiet) {
 		select {
@@ -159,31 +160,37 @@ func (l *Layer) fetchRange(ctx context.Context, s span, o PopulateOptions) error
 			return ctx.Err()
 		}
 	}
-	limit := o.Limit
-	if l.f.partial.has(s) {
-		return nil // an on-demand read fetched it meanwhile
+	for _, g := range l.f.partial.missingIn(s, s.len()) {
+		if err := l.fetchGap(ctx, g, o.Limit); err != nil {
+			return err
+		}
 	}
+	return nil
+}
+
+// fetchGap fetches g into the local copy.
+func (l *Layer) fetchGap(ctx context.Context, g span, limit *rate.Limiter) error {
 	if limit != nil {
-		for n := s.len(); n > 0; n -= int64(limit.Burst()) {
+		for n := g.len(); n > 0; n -= int64(limit.Burst()) {
 			if err := limit.WaitN(ctx, int(min(n, int64(limit.Burst())))); err != nil {
 				return err
 			}
 		}
 	}
-	rc, err := l.f.blob.ReadRange(ctx, s.start, s.len())
+	rc, err := l.f.blob.ReadRange(ctx, g.start, g.len())
 	if err != nil {
 		return err
 	}
 	defer rc.Close()
-	buf := make([]byte, s.len())
+	buf := make([]byte, g.len())
 	n, err := io.ReadFull(rc, buf)
 	l.popFetched.Add(int64(n))
 	if err != nil {
-		return fmt.Errorf("populate bytes %d-%d: %w", s.start, s.end-1, err)
+		return fmt.Errorf("populate bytes %d-%d: %w", g.start, g.end-1, err)
 	}
-	if err := l.f.partial.WriteAt(buf, s.start); err != nil {
+	if err := l.f.partial.WriteAt(buf, g.start); err != nil {
 		return fmt.Errorf("populate: %w", err)
 	}
-	log.G(ctx).WithField("layer", l.desc.Digest).WithField("range", s.start).Trace("populated range")
+	log.G(ctx).WithField("layer", l.desc.Digest).WithField("range", g.start).Trace("populated range")
 	return nil
 }
