@@ -94,17 +94,20 @@ func (l *Layer) Populate(ctx context.Context, dir string, o PopulateOptions) err
 	if err != nil {
 		cancel(err)
 	}
-	dlErr := <-downloaded
+	<-downloaded
 	saveErr := l.f.partial.save()
 	switch {
+	case err == nil:
+		// Every byte arrived and the whole blob matched its digest,
+		// whatever became of a request on-demand reads overtook.
+		return saveErr
 	case errors.Is(err, extract.ErrInvalid):
 		l.f.partial.reset()
 		return err
-	case err != nil || dlErr != nil:
+	default:
 		// Whichever failed first is the reason; the other only stopped.
 		return context.Cause(ctx)
 	}
-	return saveErr
 }
 
 // download fetches every missing range of the blob into the local copy.
