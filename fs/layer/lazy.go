@@ -12,6 +12,7 @@ import (
 	"time"
 
 	"github.com/containerd/log"
+	"github.com/opencontainers/go-digest"
 	ocispec "github.com/opencontainers/image-spec/specs-go/v1"
 
 	"github.com/lazylayer/lazylayer/fs/lazy"
@@ -57,9 +58,18 @@ func (m *Manager) mountLazy(ctx context.Context, dir, ref string, desc ocispec.D
 		return err
 	}
 	start := time.Now()
-	l, err := lazy.Open(ctx, blobReaderAt{ctx: ctx, b: blob}, blob, desc, tocDigest, m.lazyOptions(dir))
-	if err != nil {
-		return err
+	direct := blobReaderAt{ctx: ctx, b: blob}
+	var l *lazy.Layer
+	if rec := m.claimTOC(ctx, desc.Digest); rec != nil {
+		l, err = lazy.Open(ctx, rec, blob, desc, tocDigest, m.lazyOptions(dir))
+		if err != nil {
+			log.G(ctx).WithError(err).WithField("layer", desc.Digest).Warn("the TOC read ahead does not open; reading it again")
+		}
+	}
+	if l == nil {
+		if l, err = lazy.Open(ctx, direct, blob, desc, tocDigest, m.lazyOptions(dir)); err != nil {
+			return err
+		}
 	}
 	if err := l.TOC().Save(filepath.Join(dir, lazyTOCFile)); err != nil {
 		return err
@@ -78,6 +88,77 @@ func (m *Manager) mountLazy(ctx context.Context, dir, ref string, desc ocispec.D
 		"layer": desc.Digest, "entries": l.Entries(), "elapsed": time.Since(start).Round(time.Millisecond),
 	}).Info("layer mounted lazily")
 	return nil
+}
+
+// tocJob reads the footer and TOC of a lazy-capable layer before
+// containerd asks for it: containerd prepares an image's layers one after
+// another, and each TOC read costs round trips.
+type tocJob struct {
+	done   chan struct{} // closed when rec and err are set
+	rec    *lazy.Recorded
+	err    error
+	expire *time.Timer // forgets an unclaimed TOC; guarded by Manager.mu
+}
+
+// startTOC starts reading the TOC of desc unless that is under way.
+func (m *Manager) startTOC(ref string, desc ocispec.Descriptor) {
+	tocDigest, _ := lazy.Capable(desc)
+	m.mu.Lock()
+	defer m.mu.Unlock()
+	if _, ok := m.tocs[desc.Digest]; ok {
+		return
+	}
+	j := &tocJob{done: make(chan struct{})}
+	m.tocs[desc.Digest] = j
+	m.wg.Add(1)
+	go func() {
+		defer m.wg.Done()
+		defer close(j.done)
+		blob, err := m.reg.Ranges(m.ctx, ref, desc)
+		if err == nil {
+			j.rec, err = lazy.ReadTOC(blobReaderAt{ctx: m.ctx, b: blob}, desc, tocDigest)
+		}
+		j.err = err
+		m.mu.Lock()
+		defer m.mu.Unlock()
+		if m.tocs[desc.Digest] == j {
+			j.expire = time.AfterFunc(m.cfg.StagedTTL, func() {
+				m.mu.Lock()
+				defer m.mu.Unlock()
+				if m.tocs[desc.Digest] == j {
+					delete(m.tocs, desc.Digest)
+				}
+			})
+		}
+	}()
+}
+
+// claimTOC returns the TOC of layer d read ahead, waiting for it if the
+// read is under way, or nil if there is none or it failed: the caller
+// then reads it itself, and meets the failure with its own context.
+func (m *Manager) claimTOC(ctx context.Context, d digest.Digest) *lazy.Recorded {
+	m.mu.Lock()
+	j, ok := m.tocs[d]
+	if ok {
+		delete(m.tocs, d)
+		if j.expire != nil {
+			j.expire.Stop()
+		}
+	}
+	m.mu.Unlock()
+	if !ok {
+		return nil
+	}
+	select {
+	case <-j.done:
+	case <-ctx.Done():
+		return nil
+	}
+	if j.err != nil {
+		log.G(ctx).WithError(j.err).WithField("layer", d).Debug("reading the TOC ahead failed")
+		return nil
+	}
+	return j.rec
 }
 
 // lazyOptions are the options of the lazy layer in snapshot directory dir.

@@ -98,6 +98,7 @@ type Manager struct {
 
 	mu        sync.Mutex
 	jobs      map[digest.Digest]*job             // guarded by mu
+	tocs      map[digest.Digest]*tocJob          // guarded by mu
 	manifests map[digest.Digest]ocispec.Manifest // guarded by mu
 	lazy      map[string]*lazyLayer              // by snapshot directory; guarded by mu
 }
@@ -144,6 +145,7 @@ func New(ctx context.Context, reg Registry, cfg Config) (*Manager, error) {
 		cancel:    cancel,
 		sem:       make(chan struct{}, cfg.ConcurrentLayers),
 		jobs:      map[digest.Digest]*job{},
+		tocs:      map[digest.Digest]*tocJob{},
 		manifests: map[digest.Digest]ocispec.Manifest{},
 		lazy:      map[string]*lazyLayer{},
 		ready:     make(chan struct{}),
@@ -191,7 +193,12 @@ func (m *Manager) Prepare(ctx context.Context, dir string, parents []string, lab
 		return "", fmt.Errorf("layer %s is not in manifest %s of %s", ldgst, mdgst, ref)
 	}
 	for _, d := range strings.Split(labels[labelImageLayers], ",") {
-		if next, ok := findLayer(manifest, digest.Digest(d)); ok && next.Digest != ldgst && !m.lazyCapable(next) {
+		next, ok := findLayer(manifest, digest.Digest(d))
+		switch {
+		case !ok || next.Digest == ldgst:
+		case m.lazyCapable(next):
+			m.startTOC(ref, next)
+		default:
 			m.start(ref, next, false)
 		}
 	}

@@ -13,10 +13,12 @@ import (
 	"time"
 
 	"github.com/containerd/errdefs"
+	"github.com/containerd/stargz-snapshotter/estargz"
 	"github.com/klauspost/compress/gzip"
 	"github.com/opencontainers/go-digest"
 	ocispec "github.com/opencontainers/image-spec/specs-go/v1"
 
+	"github.com/lazylayer/lazylayer/cache"
 	"github.com/lazylayer/lazylayer/fs/lazy"
 	"github.com/lazylayer/lazylayer/remote"
 )
@@ -52,7 +54,25 @@ func (f *fakeRegistry) openCount(d digest.Digest) int {
 }
 
 func (f *fakeRegistry) Ranges(ctx context.Context, ref string, desc ocispec.Descriptor) (lazy.Blob, error) {
-	return nil, errors.New("no ranges in this test")
+	b, ok := f.blobs[desc.Digest]
+	if !ok {
+		return nil, errors.New("no such blob")
+	}
+	return fakeBlob{f: f, d: desc.Digest, b: b}, nil
+}
+
+// fakeBlob serves ranges of a blob and counts them in its registry's opens.
+type fakeBlob struct {
+	f *fakeRegistry
+	d digest.Digest
+	b []byte
+}
+
+func (b fakeBlob) ReadRange(ctx context.Context, off, n int64) (io.ReadCloser, error) {
+	b.f.mu.Lock()
+	b.f.opens[b.d]++
+	b.f.mu.Unlock()
+	return io.NopCloser(bytes.NewReader(b.b[off : off+n])), nil
 }
 
 func gzipLayer(t *testing.T, name, content string) []byte {
@@ -142,6 +162,81 @@ func TestPrepareFetchesAhead(t *testing.T) {
 	}
 	if entries, _ := os.ReadDir(m.cfg.Staging); len(entries) != 0 {
 		t.Errorf("staging keeps %d trees", len(entries))
+	}
+}
+
+// estargzLayer is a one-file eStargz layer and its descriptor.
+func estargzLayer(t *testing.T, name, content string) ([]byte, ocispec.Descriptor) {
+	var tarBuf bytes.Buffer
+	tw := tar.NewWriter(&tarBuf)
+	tw.WriteHeader(&tar.Header{Name: name, Typeflag: tar.TypeReg, Mode: 0o644, Size: int64(len(content))})
+	io.WriteString(tw, content)
+	tw.Close()
+	rc, err := estargz.Build(io.NewSectionReader(bytes.NewReader(tarBuf.Bytes()), 0, int64(tarBuf.Len())))
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer rc.Close()
+	b, err := io.ReadAll(rc)
+	if err != nil {
+		t.Fatal(err)
+	}
+	return b, ocispec.Descriptor{
+		MediaType:   ocispec.MediaTypeImageLayerGzip,
+		Digest:      digest.FromBytes(b),
+		Size:        int64(len(b)),
+		Annotations: map[string]string{lazy.TOCDigestAnnotation: rc.TOCDigest().String()},
+	}
+}
+
+// TestPrepareReadsTOCsAhead: while containerd prepares an image's first
+// lazy layer, the TOCs of the others are read, so their Prepare needs no
+// round trip to the registry.
+func TestPrepareReadsTOCsAhead(t *testing.T) {
+	if os.Getuid() != 0 {
+		t.Skip("mounting FUSE needs root")
+	}
+	f := &fakeRegistry{blobs: map[digest.Digest][]byte{}, opens: map[digest.Digest]int{}}
+	for _, name := range []string{"a", "b"} {
+		b, desc := estargzLayer(t, name, "layer "+name)
+		f.blobs[desc.Digest] = b
+		f.manifest.Layers = append(f.manifest.Layers, desc)
+	}
+	c, err := cache.Open(context.Background(), t.TempDir(), 0)
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { c.Close() })
+	m, err := New(context.Background(), f, Config{Staging: filepath.Join(t.TempDir(), "staging"), Lazy: lazy.Options{Cache: c}})
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { m.Close() })
+
+	if state, err := m.Prepare(context.Background(), snapshotDir(t), nil, labelsFor(f, 0)); err != nil || state != stateLazy {
+		t.Fatalf("first layer: state %q, %v", state, err)
+	}
+	second := f.manifest.Layers[1].Digest
+	m.mu.Lock()
+	j := m.tocs[second]
+	m.mu.Unlock()
+	if j == nil {
+		t.Fatal("the second layer's TOC is not being read ahead")
+	}
+	<-j.done
+	if j.err != nil {
+		t.Fatalf("reading the TOC ahead: %v", j.err)
+	}
+	before := f.openCount(second)
+	dir := snapshotDir(t)
+	if state, err := m.Prepare(context.Background(), dir, nil, labelsFor(f, 1)); err != nil || state != stateLazy {
+		t.Fatalf("second layer: state %q, %v", state, err)
+	}
+	if n := f.openCount(second) - before; n != 0 {
+		t.Errorf("preparing the second layer made %d requests; its TOC was read ahead", n)
+	}
+	if b, err := os.ReadFile(filepath.Join(dir, "lazy", "b")); err != nil || string(b) != "layer b" {
+		t.Errorf("second layer's file: %q, %v", b, err)
 	}
 }
 

@@ -143,29 +143,10 @@ func Open(ctx context.Context, ra io.ReaderAt, blob Blob, desc ocispec.Descripto
 	if o.Activity == nil {
 		o.Activity = new(Activity)
 	}
-	var (
-		dec  estargz.Decompressor = new(estargz.GzipDecompressor)
-		opts []estargz.OpenOption
-	)
-	if desc.MediaType == ocispec.MediaTypeImageLayerZstd {
-		dec = new(zstdchunked.Decompressor)
-		opts = append(opts, estargz.WithDecompressors(dec))
-	}
-	rec := &Recorded{src: ra}
-	r, err := estargz.Open(io.NewSectionReader(rec, 0, desc.Size), opts...)
+	rec, ix, dec, err := openTOC(ra, desc, tocDigest)
 	if err != nil {
-		return nil, fmt.Errorf("layer %s: read TOC: %w", desc.Digest, err)
+		return nil, err
 	}
-	if got := r.TOCDigest(); got != tocDigest {
-		return nil, fmt.Errorf("layer %s: TOC has digest %s, the manifest says %s: %w", desc.Digest, got, tocDigest, ErrTOCMismatch)
-	}
-	// buildIndex refuses a TOC with a chunk that has no valid digest, so
-	// every byte served can be checked.
-	ix, err := buildIndex(r, func() (map[string]*linkAttrs, error) { return hardlinkAttrs(dec, rec, desc.Size) })
-	if err != nil {
-		return nil, fmt.Errorf("layer %s: %w", desc.Digest, err)
-	}
-	rec.src = nil
 	var partial *partialBlob
 	if o.BlobPath != "" {
 		if partial, err = openPartial(o.BlobPath, desc.Size); err != nil {
@@ -198,6 +179,44 @@ func Open(ctx context.Context, ra io.ReaderAt, blob Blob, desc ocispec.Descripto
 			act:     o.Activity,
 		},
 	}, nil
+}
+
+// ReadTOC reads the footer and TOC of the layer desc through ra and checks
+// them as Open does, and returns the bytes it read: Open can then run on
+// them without the registry. The Manager reads the TOCs of an image's
+// other layers this way while containerd prepares the first.
+func ReadTOC(ra io.ReaderAt, desc ocispec.Descriptor, tocDigest digest.Digest) (*Recorded, error) {
+	rec, _, _, err := openTOC(ra, desc, tocDigest)
+	return rec, err
+}
+
+// openTOC reads, checks and indexes the footer and TOC of desc through ra,
+// recording what it read.
+func openTOC(ra io.ReaderAt, desc ocispec.Descriptor, tocDigest digest.Digest) (*Recorded, *index, estargz.Decompressor, error) {
+	var (
+		dec  estargz.Decompressor = new(estargz.GzipDecompressor)
+		opts []estargz.OpenOption
+	)
+	if desc.MediaType == ocispec.MediaTypeImageLayerZstd {
+		dec = new(zstdchunked.Decompressor)
+		opts = append(opts, estargz.WithDecompressors(dec))
+	}
+	rec := &Recorded{src: ra}
+	r, err := estargz.Open(io.NewSectionReader(rec, 0, desc.Size), opts...)
+	if err != nil {
+		return nil, nil, nil, fmt.Errorf("layer %s: read TOC: %w", desc.Digest, err)
+	}
+	if got := r.TOCDigest(); got != tocDigest {
+		return nil, nil, nil, fmt.Errorf("layer %s: TOC has digest %s, the manifest says %s: %w", desc.Digest, got, tocDigest, ErrTOCMismatch)
+	}
+	// buildIndex refuses a TOC with a chunk that has no valid digest, so
+	// every byte served can be checked.
+	ix, err := buildIndex(r, func() (map[string]*linkAttrs, error) { return hardlinkAttrs(dec, rec, desc.Size) })
+	if err != nil {
+		return nil, nil, nil, fmt.Errorf("layer %s: %w", desc.Digest, err)
+	}
+	rec.src = nil
+	return rec, ix, dec, nil
 }
 
 // SetLocal tells the layer that dir holds its complete, verified tree:
