@@ -75,15 +75,20 @@ func (b fakeBlob) ReadRange(ctx context.Context, off, n int64) (io.ReadCloser, e
 	return io.NopCloser(bytes.NewReader(b.b[off : off+n])), nil
 }
 
-func gzipLayer(t *testing.T, name, content string) []byte {
+// tarOf is a tar of one regular file.
+func tarOf(name, content string) []byte {
 	var tarBuf bytes.Buffer
 	tw := tar.NewWriter(&tarBuf)
 	tw.WriteHeader(&tar.Header{Name: name, Typeflag: tar.TypeReg, Mode: 0o644, Size: int64(len(content))})
 	io.WriteString(tw, content)
 	tw.Close()
+	return tarBuf.Bytes()
+}
+
+func gzipLayer(t *testing.T, name, content string) []byte {
 	var buf bytes.Buffer
 	zw := gzip.NewWriter(&buf)
-	zw.Write(tarBuf.Bytes())
+	zw.Write(tarOf(name, content))
 	zw.Close()
 	return buf.Bytes()
 }
@@ -167,12 +172,8 @@ func TestPrepareFetchesAhead(t *testing.T) {
 
 // estargzLayer is a one-file eStargz layer and its descriptor.
 func estargzLayer(t *testing.T, name, content string) ([]byte, ocispec.Descriptor) {
-	var tarBuf bytes.Buffer
-	tw := tar.NewWriter(&tarBuf)
-	tw.WriteHeader(&tar.Header{Name: name, Typeflag: tar.TypeReg, Mode: 0o644, Size: int64(len(content))})
-	io.WriteString(tw, content)
-	tw.Close()
-	rc, err := estargz.Build(io.NewSectionReader(bytes.NewReader(tarBuf.Bytes()), 0, int64(tarBuf.Len())))
+	tb := tarOf(name, content)
+	rc, err := estargz.Build(io.NewSectionReader(bytes.NewReader(tb), 0, int64(len(tb))))
 	if err != nil {
 		t.Fatal(err)
 	}
