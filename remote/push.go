@@ -336,6 +336,20 @@ func (p *progressReader) Read(b []byte) (int, error) {
 	case err == io.EOF && p.n < p.size:
 		p.err = &permanentError{fmt.Errorf("content ended after %d of %d bytes", p.n, p.size)}
 		return n, p.err
+	case err == nil && p.n == p.size:
+		// Look for more before the transport sends the last bytes: once
+		// they are sent, the registry may refuse the content (its digest
+		// is wrong) before the transport would notice the excess.
+		var one [1]byte
+		m, perr := io.ReadFull(p.r, one[:])
+		if m > 0 {
+			p.err = &permanentError{fmt.Errorf("content is longer than %d bytes", p.size)}
+			return 0, p.err
+		}
+		if perr != io.EOF {
+			return n, perr
+		}
+		return n, io.EOF
 	}
 	return n, err
 }
