@@ -161,11 +161,32 @@ func ratio(a, b float64) float64 {
 	return a / b
 }
 
+// fewerRuns names the images measured fewer times than the options said,
+// as " (synthetic: 3)", or returns "".
+func fewerRuns(r *results) string {
+	var out []string
+	for _, img := range r.Images {
+		n := 0
+		for _, s := range r.Samples {
+			if s.Image == img.Name {
+				n = max(n, s.Run)
+			}
+		}
+		if n > 0 && n < r.Meta.Runs {
+			out = append(out, fmt.Sprintf("%s: %d", img.Name, n))
+		}
+	}
+	if len(out) == 0 {
+		return ""
+	}
+	return " (" + strings.Join(out, ", ") + ")"
+}
+
 // renderReport writes the generated part of benchmarks.md.
 func renderReport(w *strings.Builder, r *results, charts chartRefs) {
 	m := r.Meta
 	fmt.Fprintf(w, "## Results of %s\n\n", m.Date.Format("2006-01-02 15:04 UTC"))
-	fmt.Fprintf(w, "`%s`, %d run(s) per image, profile and mode, each from cold; took %s.", m.Command, m.Runs, m.Duration)
+	fmt.Fprintf(w, "`%s`, %d run(s) per image, profile and mode%s, each from cold; took %s.", m.Command, m.Runs, fewerRuns(r), m.Duration)
 	if m.Quick {
 		w.WriteString(" This is a **quick** run (fewer images and runs), for development.")
 	}
