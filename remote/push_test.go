@@ -2,7 +2,6 @@ package remote
 
 import (
 	"bytes"
-	"encoding/json"
 	"errors"
 	"fmt"
 	"io"
@@ -473,28 +472,8 @@ func slicesHas(s []string, v string) bool {
 func TestPushBearerAuth(t *testing.T) {
 	const user, password, token = "alice", "s3cret", "push-tok"
 	reg := newPushRegistry(t)
-	var tokens atomic.Int32
-	reg.setFault(func(w http.ResponseWriter, r *http.Request) bool {
-		if r.URL.Path == "/token" {
-			u, p, ok := r.BasicAuth()
-			if r.Method == http.MethodPost {
-				u, p, ok = r.PostFormValue("username"), r.PostFormValue("password"), true
-			}
-			if !ok || u != user || p != password || r.FormValue("scope") != "repository:foo:pull,push" {
-				w.WriteHeader(http.StatusUnauthorized)
-				return true
-			}
-			tokens.Add(1)
-			_ = json.NewEncoder(w).Encode(map[string]string{"token": token, "access_token": token})
-			return true
-		}
-		if r.Header.Get("Authorization") != "Bearer "+token {
-			w.Header().Set("WWW-Authenticate", fmt.Sprintf(`Bearer realm="%s/token",service="test",scope="repository:foo:pull,push"`, reg.srv.URL))
-			w.WriteHeader(http.StatusUnauthorized)
-			return true
-		}
-		return false
-	})
+	auth := &tokenServer{realm: reg.srv.URL + "/token", scope: "repository:foo:pull,push", user: user, password: password, token: token}
+	reg.setFault(auth.handle)
 	opts := testOptions(t)
 	config := fmt.Sprintf(`{"auths":{%q:{"username":%q,"password":%q}}}`, reg.host, user, password)
 	if err := os.WriteFile(filepath.Join(opts.DockerConfig, "config.json"), []byte(config), 0o600); err != nil {
@@ -510,7 +489,7 @@ func TestPushBearerAuth(t *testing.T) {
 	if _, err := r.PushManifest(t.Context(), reg.host+"/foo:latest", ocispec.MediaTypeImageManifest, b); err != nil {
 		t.Fatal(err)
 	}
-	if n := tokens.Load(); n != 1 {
+	if n := auth.issued.Load(); n != 1 {
 		t.Errorf("%d tokens issued, want 1", n)
 	}
 }

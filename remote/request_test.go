@@ -262,6 +262,37 @@ func TestMirrorFallback(t *testing.T) {
 	}
 }
 
+// tokenServer is a registry's bearer-token authentication in tests: its
+// token endpoint gives token to user:password for scope (HTTP basic on GET,
+// a password grant on POST), and every other request needs that token.
+type tokenServer struct {
+	realm, scope, user, password, token string
+	issued                              atomic.Int32
+}
+
+// handle answers r if authentication is what it is about or lacks.
+func (s *tokenServer) handle(w http.ResponseWriter, r *http.Request) bool {
+	if r.URL.Path == "/token" {
+		u, p, ok := r.BasicAuth()
+		if r.Method == http.MethodPost {
+			u, p, ok = r.PostFormValue("username"), r.PostFormValue("password"), r.PostFormValue("grant_type") == "password"
+		}
+		if !ok || u != s.user || p != s.password || r.FormValue("scope") != s.scope {
+			w.WriteHeader(http.StatusUnauthorized)
+			return true
+		}
+		s.issued.Add(1)
+		_ = json.NewEncoder(w).Encode(map[string]string{"token": s.token, "access_token": s.token})
+		return true
+	}
+	if r.Header.Get("Authorization") != "Bearer "+s.token {
+		w.Header().Set("WWW-Authenticate", fmt.Sprintf(`Bearer realm="%s",service="test",scope="%s"`, s.realm, s.scope))
+		w.WriteHeader(http.StatusUnauthorized)
+		return true
+	}
+	return false
+}
+
 func TestBearerAuth(t *testing.T) {
 	const user, password, token = "alice", "s3cret", "tok-123"
 	for _, tc := range []struct {
@@ -277,28 +308,8 @@ func TestBearerAuth(t *testing.T) {
 		t.Run(tc.name, func(t *testing.T) {
 			reg := newRegistry(t)
 			blob, desc := reg.addBlob(3000)
-			var tokens atomic.Int32
-			reg.setMisbehave(func(w http.ResponseWriter, r *http.Request, seen int) bool {
-				if r.URL.Path == "/token" {
-					u, p, ok := r.BasicAuth()
-					if r.Method == http.MethodPost {
-						u, p, ok = r.PostFormValue("username"), r.PostFormValue("password"), r.PostFormValue("grant_type") == "password"
-					}
-					if !ok || u != user || p != password || r.FormValue("scope") != "repository:foo:pull" {
-						w.WriteHeader(http.StatusUnauthorized)
-						return true
-					}
-					tokens.Add(1)
-					_ = json.NewEncoder(w).Encode(map[string]string{"token": token, "access_token": token})
-					return true
-				}
-				if r.Header.Get("Authorization") != "Bearer "+token {
-					w.Header().Set("WWW-Authenticate", fmt.Sprintf(`Bearer realm="%s/token",service="test",scope="repository:foo:pull"`, reg.srv.URL))
-					w.WriteHeader(http.StatusUnauthorized)
-					return true
-				}
-				return false
-			})
+			auth := &tokenServer{realm: reg.srv.URL + "/token", scope: "repository:foo:pull", user: user, password: password, token: token}
+			reg.setMisbehave(func(w http.ResponseWriter, r *http.Request, seen int) bool { return auth.handle(w, r) })
 			opts := testOptions(t)
 			config := strings.ReplaceAll(tc.config, "HOST", reg.host)
 			if err := os.WriteFile(filepath.Join(opts.DockerConfig, "config.json"), []byte(config), 0o600); err != nil {
@@ -320,8 +331,8 @@ func TestBearerAuth(t *testing.T) {
 			if err != nil || !bytes.Equal(got, blob) {
 				t.Fatalf("got %d bytes, %v; want %d bytes", len(got), err, len(blob))
 			}
-			if tokens.Load() != 1 {
-				t.Errorf("%d tokens issued, want 1 (cached for all ranges)", tokens.Load())
+			if n := auth.issued.Load(); n != 1 {
+				t.Errorf("%d tokens issued, want 1 (cached for all ranges)", n)
 			}
 		})
 	}
