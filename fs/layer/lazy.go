@@ -58,7 +58,6 @@ func (m *Manager) mountLazy(ctx context.Context, dir, ref string, desc ocispec.D
 		return err
 	}
 	start := time.Now()
-	direct := blobReaderAt{ctx: ctx, b: blob}
 	var l *lazy.Layer
 	if rec := m.claimTOC(ctx, desc.Digest); rec != nil {
 		l, err = lazy.Open(ctx, rec, blob, desc, tocDigest, m.lazyOptions(dir))
@@ -67,7 +66,7 @@ func (m *Manager) mountLazy(ctx context.Context, dir, ref string, desc ocispec.D
 		}
 	}
 	if l == nil {
-		if l, err = lazy.Open(ctx, direct, blob, desc, tocDigest, m.lazyOptions(dir)); err != nil {
+		if l, err = lazy.Open(ctx, blobReaderAt{ctx: ctx, b: blob}, blob, desc, tocDigest, m.lazyOptions(dir)); err != nil {
 			return err
 		}
 	}

@@ -150,10 +150,8 @@ func (p *partialBlob) held() int64 {
 
 // has reports whether all of s is held.
 func (p *partialBlob) has(s span) bool {
-	p.mu.Lock()
-	defer p.mu.Unlock()
-	i := sort.Search(len(p.have), func(i int) bool { return p.have[i].end > s.start })
-	return i < len(p.have) && p.have[i].start <= s.start && p.have[i].end >= s.end
+	n, _ := p.heldAt(s.start)
+	return n >= s.len()
 }
 
 // heldAt returns how many bytes from off on are held without a gap, and a

@@ -111,14 +111,8 @@ func testCRI(t *testing.T, imagesExtra string) {
 	if n := len(e.lazyMounts()); n != len(img.layers) {
 		t.Fatalf("after the CRI pull, %d lazy FUSE mounts for %d eStargz layers\n%s", n, len(img.layers), e.lazyLogText())
 	}
-	if held := strings.Fields(e.ctr("-n", "k8s.io", "content", "ls", "-q")); len(held) > 0 {
-		for _, l := range img.layers {
-			for _, h := range held {
-				if h == l.Digest.String() {
-					t.Errorf("containerd's content store (k8s.io) holds layer blob %s", h)
-				}
-			}
-		}
+	if held := e.contentHasIn("k8s.io", img); len(held) > 0 {
+		t.Errorf("containerd's content store (k8s.io) holds layer blobs %v", held)
 	}
 
 	podConfig := &runtime.PodSandboxConfig{

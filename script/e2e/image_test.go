@@ -119,10 +119,13 @@ func (e *env) view(sn, key, parent string) []mount.Mount {
 }
 
 // contentHas reports which of the image's layer blobs containerd's content
-// store holds.
-func (e *env) contentHas(p pushed) []digest.Digest {
+// store holds (namespace "default", where ctr works).
+func (e *env) contentHas(p pushed) []digest.Digest { return e.contentHasIn("default", p) }
+
+// contentHasIn is contentHas for namespace ns.
+func (e *env) contentHasIn(ns string, p pushed) []digest.Digest {
 	e.t.Helper()
-	out := e.ctr("content", "ls", "-q")
+	out := e.ctr("-n", ns, "content", "ls", "-q")
 	var held []digest.Digest
 	for _, l := range p.layers {
 		if strings.Contains(out, l.Digest.String()) {
