@@ -5,6 +5,7 @@ import (
 
 	"github.com/containerd/containerd/v2/core/snapshots"
 	"github.com/containerd/containerd/v2/core/snapshots/storage"
+	"github.com/containerd/errdefs"
 )
 
 // Layer is a committed snapshot holding an image layer the snapshotter
@@ -12,8 +13,11 @@ import (
 type Layer struct {
 	Name   string // snapshot name (the chain ID)
 	Digest string // blob digest of the layer
-	State  string // StateLocal or StateLazy
+	State  State
 	Dir    string // the snapshot's directory
+	// Unavailable says why a lazy layer could not be served again after
+	// a restart; it is then being obtained again.
+	Unavailable string
 }
 
 // Layers lists the layers the snapshotter obtained itself.
@@ -28,14 +32,23 @@ func (s *Snapshotter) Layers(ctx context.Context) ([]Layer, error) {
 			if err != nil {
 				return err
 			}
-			layers = append(layers, Layer{
+			l := Layer{
 				Name:   info.Name,
 				Digest: info.Labels[LabelLayerDigest],
-				State:  info.Labels[LabelState],
+				State:  State(info.Labels[LabelState]),
 				Dir:    s.snapshotDir(id),
-			})
+			}
+			s.mu.Lock()
+			if h := s.held[id]; h != nil && h.ready != nil {
+				l.Unavailable = h.why.Error()
+			}
+			s.mu.Unlock()
+			layers = append(layers, l)
 			return nil
 		})
 	})
+	if errdefs.IsNotFound(err) { // a new metastore has no buckets yet
+		return nil, nil
+	}
 	return layers, err
 }

@@ -17,62 +17,6 @@ import (
 	"github.com/containerd/log"
 )
 
-// Labels the snapshotter reads from Prepare and writes on the snapshots it
-// commits for remote layers.
-const (
-	// LabelState records how a committed layer is held. "local" means
-	// snapshots/<id>/fs is complete and verified.
-	LabelState = "lazylayer.io/state"
-	// LabelLayerDigest records the blob digest a remote layer came from.
-	LabelLayerDigest = "lazylayer.io/layer-digest"
-
-	// StateLocal is the LabelState value of a complete local layer tree.
-	StateLocal = "local"
-	// StateLazy is the LabelState value of a layer served from
-	// snapshots/<id>/lazy while its content is fetched on demand.
-	StateLazy = "lazy"
-)
-
-// Labels of containerd's remote-snapshot protocol (pkg/snapshotters).
-const (
-	labelTargetRef       = "containerd.io/snapshot/cri.image-ref"
-	labelTargetLayer     = "containerd.io/snapshot/cri.layer-digest"
-	labelTargetManifest  = "containerd.io/snapshot/cri.manifest-digest"
-	labelTargetSnapshot  = snapshots.LabelSnapshotRef
-	remoteLabelsRequired = 3
-)
-
-// FileSystem provides the content of remote layers.
-//
-// Prepare makes the layer described by labels (the labels containerd passed
-// to Prepare: image reference, manifest and layer digests, ...) available in
-// the snapshot directory dir, and reports how:
-//
-//   - StateLocal: dir/fs, which exists and is empty, now holds the complete,
-//     verified tree of the layer;
-//   - StateLazy: the layer is mounted read-only at dir/lazy, which exists,
-//     and its content is fetched on demand.
-//
-// parents lists the directories of the layers below, topmost first;
-// directories the layer creates implicitly inherit their attributes from
-// them, as containerd's own applier does. On error dir/fs may hold partial
-// content, which the caller discards, and nothing is mounted.
-//
-// Prepare returns an error for which errdefs.IsDataLoss is true when the
-// registry's data was wrong (digest mismatch, corrupt or malicious archive):
-// such a layer must not be used. Any other error means the layer could not be
-// obtained (registry down, no credentials, disk full): the snapshotter then
-// lets containerd pull the layer itself.
-//
-// Restore mounts a lazy layer at dir/lazy again when the snapshotter starts.
-// Release stops serving a lazy layer before its snapshot is removed; overlays
-// still using it keep working until they are unmounted.
-type FileSystem interface {
-	Prepare(ctx context.Context, dir string, parents []string, labels map[string]string) (state string, err error)
-	Restore(ctx context.Context, dir string, labels map[string]string) error
-	Release(ctx context.Context, dir string) error
-}
-
 // Snapshotter is a containerd snapshots.Snapshotter over overlayfs that can
 // obtain image layers itself through a FileSystem. See the package doc.
 type Snapshotter struct {
@@ -81,8 +25,12 @@ type Snapshotter struct {
 	fs      FileSystem // nil: a plain overlay snapshotter
 	options []string   // extra overlay mount options
 
-	mu   sync.Mutex
-	lazy map[string]string // id → name of committed lazy layers; guarded by mu
+	mu        sync.Mutex
+	held      map[string]*heldLayer    // committed layers not (yet) local, by id; guarded by mu
+	preparing map[string]chan struct{} // remote targets being obtained; guarded by mu
+	wg        sync.WaitGroup           // background recovery of unavailable layers
+	stop      context.CancelFunc       // stops that recovery
+	bg        context.Context
 }
 
 // Opt configures a Snapshotter.
@@ -104,7 +52,8 @@ func New(ctx context.Context, root string, opts ...Opt) (*Snapshotter, error) {
 	if err != nil {
 		return nil, fmt.Errorf("open metastore: %w", err)
 	}
-	s := &Snapshotter{root: root, ms: ms, lazy: map[string]string{}}
+	bg, stop := context.WithCancel(context.WithoutCancel(ctx))
+	s := &Snapshotter{root: root, ms: ms, held: map[string]*heldLayer{}, preparing: map[string]chan struct{}{}, bg: bg, stop: stop}
 	if _, err := os.Stat("/sys/module/overlay/parameters/index"); err == nil {
 		s.options = append(s.options, "index=off")
 	}
@@ -115,50 +64,11 @@ func New(ctx context.Context, root string, opts ...Opt) (*Snapshotter, error) {
 		ms.Close()
 		return nil, err
 	}
-	if err := s.restoreLazy(ctx); err != nil {
-		ms.Close()
+	if err := s.restoreLayers(ctx); err != nil {
+		s.Close()
 		return nil, err
 	}
 	return s, nil
-}
-
-// restoreLazy finds the committed lazy layers and mounts them again. A
-// layer that cannot be mounted is logged: the snapshotter still serves
-// everything else.
-func (s *Snapshotter) restoreLazy(ctx context.Context) error {
-	type lazyLayer struct {
-		id, name string
-		labels   map[string]string
-	}
-	var layers []lazyLayer
-	err := s.ms.WithTransaction(ctx, false, func(ctx context.Context) error {
-		return storage.WalkInfo(ctx, func(ctx context.Context, info snapshots.Info) error {
-			if info.Kind != snapshots.KindCommitted || info.Labels[LabelState] != StateLazy {
-				return nil
-			}
-			id, _, _, err := storage.GetInfo(ctx, info.Name)
-			if err != nil {
-				return err
-			}
-			layers = append(layers, lazyLayer{id: id, name: info.Name, labels: info.Labels})
-			return nil
-		})
-	})
-	if err != nil && !errdefs.IsNotFound(err) {
-		return fmt.Errorf("find lazy layers: %w", err)
-	}
-	for _, l := range layers {
-		s.mu.Lock()
-		s.lazy[l.id] = l.name
-		s.mu.Unlock()
-		if s.fs == nil {
-			continue
-		}
-		if err := s.fs.Restore(ctx, s.snapshotDir(l.id), l.labels); err != nil {
-			log.G(ctx).WithError(err).WithField("layer", l.labels[LabelLayerDigest]).Error("cannot mount lazy layer again")
-		}
-	}
-	return nil
 }
 
 // Stat returns the info of the snapshot key.
@@ -204,113 +114,6 @@ func (s *Snapshotter) Usage(ctx context.Context, key string) (snapshots.Usage, e
 	return usage, nil
 }
 
-// Prepare creates an active snapshot. When the labels name a remote layer
-// (containerd.io/snapshot.ref and the cri.* labels) and the snapshotter has a
-// FileSystem, it obtains the layer itself, commits it under the target name
-// and returns an error wrapping errdefs.ErrAlreadyExists; if that fails for
-// any reason but bad data it returns the mounts of the active snapshot, so
-// containerd unpacks the layer the usual way.
-func (s *Snapshotter) Prepare(ctx context.Context, key, parent string, opts ...snapshots.Opt) ([]mount.Mount, error) {
-	var base snapshots.Info
-	for _, o := range opts {
-		if err := o(&base); err != nil {
-			return nil, err
-		}
-	}
-	target, ok := remoteTarget(base.Labels)
-	if !ok || s.fs == nil {
-		mounts, _, err := s.createSnapshot(ctx, snapshots.KindActive, key, parent, opts)
-		return mounts, err
-	}
-	if _, err := s.Stat(ctx, target); err == nil {
-		return nil, fmt.Errorf("target snapshot %q: %w", target, errdefs.ErrAlreadyExists)
-	}
-	mounts, snap, err := s.createSnapshot(ctx, snapshots.KindActive, key, parent, opts)
-	if err != nil {
-		return nil, err
-	}
-	err = s.fetchRemote(ctx, key, target, snap, base.Labels)
-	switch {
-	case err == nil:
-		return nil, fmt.Errorf("target snapshot %q: %w", target, errdefs.ErrAlreadyExists)
-	case errdefs.IsDataLoss(err):
-		if rerr := s.Remove(ctx, key); rerr != nil {
-			log.G(ctx).WithError(rerr).WithField("key", key).Warn("remove snapshot of rejected layer")
-		}
-		return nil, fmt.Errorf("lazylayer rejected the layer: %w", err)
-	case ctx.Err() != nil:
-		if rerr := s.Remove(context.WithoutCancel(ctx), key); rerr != nil {
-			log.G(ctx).WithError(rerr).WithField("key", key).Warn("remove snapshot of cancelled fetch")
-		}
-		return nil, err
-	default:
-		log.G(ctx).WithError(err).WithField("layer", base.Labels[labelTargetLayer]).
-			Warn("cannot fetch layer; containerd will pull and unpack it instead")
-		upper := s.upperPath(snap.ID)
-		if err := resetDir(upper); err != nil {
-			return nil, fmt.Errorf("reset snapshot %q for fallback: %w", key, err)
-		}
-		return mounts, nil
-	}
-}
-
-// fetchRemote fills the active snapshot key with the remote layer and commits
-// it as target.
-func (s *Snapshotter) fetchRemote(ctx context.Context, key, target string, snap storage.Snapshot, labels map[string]string) error {
-	parents := make([]string, len(snap.ParentIDs))
-	for i, id := range snap.ParentIDs {
-		parents[i] = s.lowerPath(id)
-	}
-	dir := s.snapshotDir(snap.ID)
-	if err := os.Mkdir(s.lazyPath(snap.ID), 0o755); err != nil {
-		return err
-	}
-	state, err := s.fs.Prepare(ctx, dir, parents, labels)
-	if err != nil {
-		return err
-	}
-	commitLabels := map[string]string{
-		LabelState:       state,
-		LabelLayerDigest: labels[labelTargetLayer],
-	}
-	for k, v := range labels {
-		commitLabels[k] = v
-	}
-	if state == StateLazy {
-		s.mu.Lock()
-		s.lazy[snap.ID] = target
-		s.mu.Unlock()
-	}
-	err = s.Commit(ctx, target, key, snapshots.WithLabels(commitLabels))
-	if err != nil && errdefs.IsAlreadyExists(err) {
-		// Another pull of the same chain committed first.
-		if rerr := s.Remove(ctx, key); rerr != nil {
-			log.G(ctx).WithError(rerr).WithField("key", key).Warn("remove duplicate layer snapshot")
-		}
-		return nil
-	}
-	if err != nil {
-		return fmt.Errorf("commit layer as %q: %w", target, err)
-	}
-	return nil
-}
-
-// remoteTarget reports the target snapshot name when labels carry everything
-// the remote-snapshot protocol needs.
-func remoteTarget(labels map[string]string) (string, bool) {
-	target := labels[labelTargetSnapshot]
-	if target == "" {
-		return "", false
-	}
-	n := 0
-	for _, k := range []string{labelTargetRef, labelTargetLayer, labelTargetManifest} {
-		if labels[k] != "" {
-			n++
-		}
-	}
-	return target, n == remoteLabelsRequired
-}
-
 // View creates a read-only view of parent.
 func (s *Snapshotter) View(ctx context.Context, key, parent string, opts ...snapshots.Opt) ([]mount.Mount, error) {
 	mounts, _, err := s.createSnapshot(ctx, snapshots.KindView, key, parent, opts)
@@ -334,7 +137,7 @@ func (s *Snapshotter) Mounts(ctx context.Context, key string) ([]mount.Mount, er
 	if err != nil {
 		return nil, err
 	}
-	return s.mounts(snap, info), nil
+	return s.mounts(ctx, snap, info)
 }
 
 // Commit turns the active snapshot key into the committed snapshot name.
@@ -426,8 +229,12 @@ func (s *Snapshotter) Cleanup(ctx context.Context) error {
 	return nil
 }
 
-// Close releases the metastore.
+// Close stops the background recovery of unavailable layers and releases
+// the metastore. It does not release lazy layers: the FileSystem's owner
+// closes it.
 func (s *Snapshotter) Close() error {
+	s.stop()
+	s.wg.Wait()
 	return s.ms.Close()
 }
 
@@ -486,18 +293,24 @@ func (s *Snapshotter) createSnapshot(ctx context.Context, kind snapshots.Kind, k
 	if err != nil {
 		return nil, snap, err
 	}
-	return s.mounts(snap, info), snap, nil
+	mounts, err := s.mounts(ctx, snap, info)
+	return mounts, snap, err
 }
 
 // mounts returns the mounts for snap: a bind mount when there is a single
-// directory to show, an overlay otherwise.
-func (s *Snapshotter) mounts(snap storage.Snapshot, _ snapshots.Info) []mount.Mount {
+// directory to show, an overlay otherwise. It waits for parent layers that
+// are being fetched again (see lowerPaths).
+func (s *Snapshotter) mounts(ctx context.Context, snap storage.Snapshot, _ snapshots.Info) ([]mount.Mount, error) {
 	if len(snap.ParentIDs) == 0 {
 		ro := "rw"
 		if snap.Kind == snapshots.KindView {
 			ro = "ro"
 		}
-		return []mount.Mount{{Type: "bind", Source: s.upperPath(snap.ID), Options: []string{ro, "rbind"}}}
+		return []mount.Mount{{Type: "bind", Source: s.upperPath(snap.ID), Options: []string{ro, "rbind"}}}, nil
+	}
+	lowers, err := s.lowerPaths(ctx, snap.ParentIDs)
+	if err != nil {
+		return nil, err
 	}
 	var options []string
 	if snap.Kind == snapshots.KindActive {
@@ -505,16 +318,12 @@ func (s *Snapshotter) mounts(snap storage.Snapshot, _ snapshots.Info) []mount.Mo
 			"workdir="+s.workPath(snap.ID),
 			"upperdir="+s.upperPath(snap.ID),
 		)
-	} else if len(snap.ParentIDs) == 1 {
-		return []mount.Mount{{Type: "bind", Source: s.lowerPath(snap.ParentIDs[0]), Options: []string{"ro", "rbind"}}}
-	}
-	lowers := make([]string, len(snap.ParentIDs))
-	for i, id := range snap.ParentIDs {
-		lowers[i] = s.lowerPath(id)
+	} else if len(lowers) == 1 {
+		return []mount.Mount{{Type: "bind", Source: lowers[0], Options: []string{"ro", "rbind"}}}, nil
 	}
 	options = append(options, "lowerdir="+strings.Join(lowers, ":"))
 	options = append(options, s.options...)
-	return []mount.Mount{{Type: "overlay", Source: "overlay", Options: options}}
+	return []mount.Mount{{Type: "overlay", Source: "overlay", Options: options}}, nil
 }
 
 func (s *Snapshotter) snapshotDir(id string) string {
@@ -523,71 +332,6 @@ func (s *Snapshotter) snapshotDir(id string) string {
 
 func (s *Snapshotter) upperPath(id string) string {
 	return filepath.Join(s.root, "snapshots", id, "fs")
-}
-
-// lowerPath is the directory a committed layer contributes to an overlay:
-// its FUSE mount while it is lazy, its tree once it is local.
-func (s *Snapshotter) lowerPath(id string) string {
-	s.mu.Lock()
-	_, lazy := s.lazy[id]
-	s.mu.Unlock()
-	if lazy {
-		return s.lazyPath(id)
-	}
-	return s.upperPath(id)
-}
-
-// MarkLocal records that the lazy layer in snapshot directory dir is now
-// complete and verified in dir/fs: the mounts handed out from now on use
-// dir/fs instead of the FUSE mount. The FileSystem calls it once it has
-// moved the complete tree into place.
-func (s *Snapshotter) MarkLocal(ctx context.Context, dir string) error {
-	id := filepath.Base(dir)
-	if s.snapshotDir(id) != filepath.Clean(dir) {
-		return fmt.Errorf("%s is not a snapshot directory of %s", dir, s.root)
-	}
-	s.mu.Lock()
-	name, ok := s.lazy[id]
-	s.mu.Unlock()
-	if !ok {
-		return fmt.Errorf("snapshot %s has no lazy layer", id)
-	}
-	err := s.ms.WithTransaction(ctx, true, func(ctx context.Context) error {
-		_, info, _, err := storage.GetInfo(ctx, name)
-		if err != nil {
-			return err
-		}
-		info.Labels[LabelState] = StateLocal
-		_, err = storage.UpdateInfo(ctx, info, "labels."+LabelState)
-		return err
-	})
-	if err != nil {
-		return fmt.Errorf("mark layer %s local: %w", name, err)
-	}
-	s.mu.Lock()
-	delete(s.lazy, id)
-	s.mu.Unlock()
-	return nil
-}
-
-func (s *Snapshotter) lazyPath(id string) string {
-	return filepath.Join(s.root, "snapshots", id, "lazy")
-}
-
-// release stops serving snapshot id's lazy layer, if it has or had one,
-// and makes sure nothing stays mounted under its directory.
-func (s *Snapshotter) release(ctx context.Context, id string) error {
-	s.mu.Lock()
-	delete(s.lazy, id)
-	s.mu.Unlock()
-	// A layer that turned local may still have a FUSE mount serving
-	// running containers: release it either way.
-	if s.fs != nil {
-		if err := s.fs.Release(ctx, s.snapshotDir(id)); err != nil {
-			return err
-		}
-	}
-	return unmountUnder(s.snapshotDir(id))
 }
 
 func (s *Snapshotter) workPath(id string) string {

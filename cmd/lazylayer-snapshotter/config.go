@@ -10,6 +10,8 @@ import (
 
 	"github.com/docker/go-units"
 	"github.com/pelletier/go-toml/v2"
+
+	"github.com/lazylayer/lazylayer/fs/layer"
 )
 
 // config is the daemon's configuration: the TOML file given with --config,
@@ -35,11 +37,13 @@ type lazyConfig struct {
 	// least, e.g. "64KiB": the files after the one read come along. "0"
 	// fetches only what reads need.
 	MinRequest string `toml:"min_request"`
-	// Populate downloads lazy layers in the background until they are
-	// local. Off, layers stay lazy.
-	Populate bool `toml:"populate"`
+	// Populate says when lazy layers download in the background until
+	// they are local: "auto" (populate_delay after the mount) or "manual"
+	// (when `lazylayer populate` says). true and false, from earlier
+	// versions, mean "auto" and "manual".
+	Populate any `toml:"populate"`
 	// PopulateDelay is how long after a layer is mounted its background
-	// download starts, e.g. "1s".
+	// download starts under "auto", e.g. "1s".
 	PopulateDelay string `toml:"populate_delay"`
 	// PopulateConcurrency is the number of ranged requests in flight per
 	// layer while it downloads in the background.
@@ -67,6 +71,12 @@ type fetchConfig struct {
 	Timeout string `toml:"timeout"`
 	// ConcurrentLayers is the number of layers fetched ahead at once.
 	ConcurrentLayers int `toml:"concurrent_layers"`
+	// StagingLimit bounds the compressed size of the layers fetched ahead
+	// of containerd's requests and not yet claimed, e.g. "2GiB".
+	StagingLimit string `toml:"staging_limit"`
+	// StagedTTL is how long a layer fetched ahead waits for containerd to
+	// ask for it before it is deleted, e.g. "2m".
+	StagedTTL string `toml:"staged_ttl"`
 }
 
 func defaultConfig() config {
@@ -81,13 +91,15 @@ func defaultConfig() config {
 			Retries:          4,
 			Timeout:          "30s",
 			ConcurrentLayers: 3,
+			StagingLimit:     "2GiB",
+			StagedTTL:        "2m",
 		},
 		Lazy: lazyConfig{
 			Enabled:             true,
 			CacheSize:           "10GiB",
 			ReadTimeout:         "30s",
 			MinRequest:          "64KiB",
-			Populate:            true,
+			Populate:            "auto",
 			PopulateDelay:       "1s",
 			PopulateConcurrency: 4,
 			PopulateRangeSize:   "1MiB",
@@ -135,6 +147,8 @@ type fetchOptions struct {
 	retries          int
 	timeout          time.Duration
 	concurrentLayers int
+	stagingLimit     int64
+	stagedTTL        time.Duration
 }
 
 func (f fetchConfig) parse() (fetchOptions, error) {
@@ -149,15 +163,25 @@ func (f fetchConfig) parse() (fetchOptions, error) {
 	if f.Concurrency < 1 || f.Retries < 1 || f.ConcurrentLayers < 1 {
 		return fetchOptions{}, errors.New("fetch.concurrency, fetch.retries and fetch.concurrent_layers must be at least 1")
 	}
-	return fetchOptions{rangeSize: rs, concurrency: f.Concurrency, retries: f.Retries, timeout: to, concurrentLayers: f.ConcurrentLayers}, nil
+	limit, err := units.RAMInBytes(f.StagingLimit)
+	if err != nil || limit < 0 {
+		return fetchOptions{}, fmt.Errorf("fetch.staging_limit %q: want a size such as 2GiB, or 0 to fetch no layer ahead", f.StagingLimit)
+	}
+	ttl, err := time.ParseDuration(f.StagedTTL)
+	if err != nil || ttl <= 0 {
+		return fetchOptions{}, fmt.Errorf("fetch.staged_ttl %q: want a duration such as 2m", f.StagedTTL)
+	}
+	return fetchOptions{rangeSize: rs, concurrency: f.Concurrency, retries: f.Retries, timeout: to,
+		concurrentLayers: f.ConcurrentLayers, stagingLimit: limit, stagedTTL: ttl}, nil
 }
 
 type lazyOptions struct {
 	enabled             bool
 	cacheSize           int64
 	readTimeout         time.Duration
-	minRequest          int64         // -1: none
-	populateDelay       time.Duration // negative: no population
+	minRequest          int64 // -1: none
+	policy              layer.Policy
+	populateDelay       time.Duration
 	populateConcurrency int
 	populateRangeSize   int64
 	populateBandwidth   int64 // bytes per second; 0 unbounded
@@ -196,13 +220,26 @@ func (l lazyConfig) parse() (lazyOptions, error) {
 	if err != nil || delay < 0 {
 		return lazyOptions{}, fmt.Errorf("lazy.populate_delay %q: want a duration such as 1s", l.PopulateDelay)
 	}
-	if !l.Populate {
-		delay = -1
+	policy, err := parsePolicy(l.Populate)
+	if err != nil {
+		return lazyOptions{}, err
 	}
 	if l.PopulateConcurrency < 1 {
 		return lazyOptions{}, errors.New("lazy.populate_concurrency must be at least 1")
 	}
 	return lazyOptions{enabled: l.Enabled, cacheSize: size, readTimeout: to, minRequest: minReq, populateConcurrency: l.PopulateConcurrency,
 		populateRangeSize: popRange,
-		populateDelay:     delay, populateBandwidth: bw, swapGrace: grace}, nil
+		policy:            policy, populateDelay: delay, populateBandwidth: bw, swapGrace: grace}, nil
+}
+
+// parsePolicy reads lazy.populate: "auto" or "manual", or a boolean as
+// earlier versions wrote it.
+func parsePolicy(v any) (layer.Policy, error) {
+	switch v {
+	case "auto", true:
+		return layer.PolicyAuto, nil
+	case "manual", false:
+		return layer.PolicyManual, nil
+	}
+	return 0, fmt.Errorf("lazy.populate %v: want \"auto\" or \"manual\"", v)
 }

@@ -23,6 +23,7 @@ import (
 
 	"github.com/lazylayer/lazylayer/cache"
 	"github.com/lazylayer/lazylayer/fs/layer"
+	"github.com/lazylayer/lazylayer/fs/layer/layerstatus"
 	"github.com/lazylayer/lazylayer/fs/lazy"
 	"github.com/lazylayer/lazylayer/remote"
 	"github.com/lazylayer/lazylayer/snapshot"
@@ -101,6 +102,8 @@ func run(ctx context.Context, args []string) error {
 	layerCfg := layer.Config{
 		Staging:          filepath.Join(cfg.Root, "staging"),
 		ConcurrentLayers: fetch.concurrentLayers,
+		StagingLimit:     fetch.stagingLimit,
+		StagedTTL:        fetch.stagedTTL,
 	}
 	if lazyOpts.enabled {
 		chunks, err := cache.Open(ctx, filepath.Join(cfg.Root, "cache"), lazyOpts.cacheSize)
@@ -119,13 +122,19 @@ func run(ctx context.Context, args []string) error {
 			layerCfg.Populate.Limit = rate.NewLimiter(rate.Limit(lazyOpts.populateBandwidth), int(min(lazyOpts.populateBandwidth, lazyOpts.populateRangeSize)))
 		}
 		layerCfg.SwapGrace = lazyOpts.swapGrace
+		layerCfg.Policy = lazyOpts.policy
 		layerCfg.PopulateDelay = lazyOpts.populateDelay
 	}
+	unlockAddr, err := lockAddress(cfg.Address)
+	if err != nil {
+		return err
+	}
+	defer unlockAddr()
 	layers, err := layer.New(ctx, layer.FromResolver(resolver), layerCfg)
 	if err != nil {
 		return err
 	}
-	sn, err := snapshot.New(ctx, cfg.Root, snapshot.WithFileSystem(layers))
+	sn, err := snapshot.New(ctx, cfg.Root, snapshot.WithFileSystem(fileSystem{layers}))
 	if err != nil {
 		layers.Close()
 		return err
@@ -135,18 +144,33 @@ func run(ctx context.Context, args []string) error {
 		layers.Close()
 		sn.Close()
 	}()
-	layers.SetOnLocal(sn.MarkLocal)
-
 	return serve(ctx, cfg.Address, sn, &status{sn: sn, layers: layers})
+}
+
+// fileSystem adapts the layer Manager to the snapshot package's
+// FileSystem: the two packages do not import each other.
+type fileSystem struct{ *layer.Manager }
+
+func (f fileSystem) Prepare(ctx context.Context, dir string, parents []string, labels map[string]string) (snapshot.LazyLayer, error) {
+	return lazyLayer(f.Manager.Prepare(ctx, dir, parents, labels))
+}
+
+func (f fileSystem) Restore(ctx context.Context, dir string, labels map[string]string) (snapshot.LazyLayer, error) {
+	return lazyLayer(f.Manager.Restore(ctx, dir, labels))
+}
+
+// lazyLayer keeps a nil *layer.Lazy a nil interface.
+func lazyLayer(l *layer.Lazy, err error) (snapshot.LazyLayer, error) {
+	if l == nil {
+		return nil, err
+	}
+	return l, err
 }
 
 // serve answers containerd's snapshot API on the unix socket address until
 // ctx is done, then stops gracefully.
 func serve(ctx context.Context, address string, sn *snapshot.Snapshotter, st *status) error {
-	if err := os.MkdirAll(filepath.Dir(address), 0o700); err != nil {
-		return err
-	}
-	// The root lock is held: a socket left here is from a dead instance.
+	// The address lock is held: a socket left here is from a dead instance.
 	if err := os.Remove(address); err != nil && !errors.Is(err, os.ErrNotExist) {
 		return fmt.Errorf("remove stale socket: %w", err)
 	}
@@ -160,7 +184,7 @@ func serve(ctx context.Context, address string, sn *snapshot.Snapshotter, st *st
 	snapshotsapi.RegisterSnapshotsServer(srv, snapshotservice.FromSnapshotter(sn))
 	errc := make(chan error, 1)
 	go func() { errc <- srv.Serve(l) }()
-	stopStatus, err := st.serve(ctx, StatusAddress(address))
+	stopStatus, err := st.serve(ctx, layerstatus.Address(address))
 	if err != nil {
 		srv.Stop()
 		return err

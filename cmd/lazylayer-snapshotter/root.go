@@ -3,9 +3,11 @@ package main
 import (
 	"bytes"
 	"fmt"
+	"net"
 	"os"
 	"path/filepath"
 	"strconv"
+	"time"
 
 	"golang.org/x/sys/unix"
 )
@@ -13,7 +15,31 @@ import (
 // lockRoot takes an exclusive lock on root/lock, so that two daemons never
 // share a root. The lock is released when the process exits.
 func lockRoot(root string) (func(), error) {
-	path := filepath.Join(root, "lock")
+	return lockFile(filepath.Join(root, "lock"), "root "+root)
+}
+
+// lockAddress takes an exclusive lock next to the socket address, so that a
+// second daemon (with another root) never removes the sockets of one that
+// serves there. It also refuses an address where another program answers.
+func lockAddress(address string) (func(), error) {
+	if err := os.MkdirAll(filepath.Dir(address), 0o700); err != nil {
+		return nil, err
+	}
+	unlock, err := lockFile(address+".lock", "socket "+address)
+	if err != nil {
+		return nil, err
+	}
+	if pid, ok := socketPeer(address); ok {
+		unlock()
+		return nil, fmt.Errorf("socket %s is in use by %s; choose another --address", address, describePID(pid))
+	}
+	return unlock, nil
+}
+
+// lockFile locks path exclusively and writes our pid (and what it guards)
+// into it; what names the resource in the error when another process holds
+// it.
+func lockFile(path, what string) (func(), error) {
 	f, err := os.OpenFile(path, os.O_RDWR|os.O_CREATE, 0o600)
 	if err != nil {
 		return nil, fmt.Errorf("open lock file: %w", err)
@@ -22,13 +48,49 @@ func lockRoot(root string) (func(), error) {
 		holder, _ := os.ReadFile(path)
 		f.Close()
 		if err == unix.EWOULDBLOCK {
-			return nil, fmt.Errorf("root %s is in use by another lazylayer-snapshotter (pid %s)", root, bytes.TrimSpace(holder))
+			pid, _ := strconv.Atoi(string(bytes.TrimSpace(holder)))
+			return nil, fmt.Errorf("%s is in use by another lazylayer-snapshotter (%s)", what, describePID(pid))
 		}
 		return nil, fmt.Errorf("lock %s: %w", path, err)
 	}
 	f.Truncate(0)
 	f.WriteAt([]byte(strconv.Itoa(os.Getpid())+"\n"), 0)
 	return func() { f.Close() }, nil
+}
+
+// socketPeer reports the pid of the process answering on the unix socket
+// path, if one does.
+func socketPeer(path string) (int, bool) {
+	c, err := net.DialTimeout("unix", path, time.Second)
+	if err != nil {
+		return 0, false
+	}
+	defer c.Close()
+	raw, err := c.(*net.UnixConn).SyscallConn()
+	if err != nil {
+		return 0, true
+	}
+	var cred *unix.Ucred
+	raw.Control(func(fd uintptr) {
+		cred, _ = unix.GetsockoptUcred(int(fd), unix.SOL_SOCKET, unix.SO_PEERCRED)
+	})
+	if cred == nil {
+		return 0, true
+	}
+	return int(cred.Pid), true
+}
+
+// describePID names process pid for an error message: "pid 123
+// (lazylayer-snapsh)", with its command name where /proc tells.
+func describePID(pid int) string {
+	if pid <= 0 {
+		return "an unknown process"
+	}
+	desc := fmt.Sprintf("pid %d", pid)
+	if comm, err := os.ReadFile(fmt.Sprintf("/proc/%d/comm", pid)); err == nil {
+		desc += " (" + string(bytes.TrimSpace(comm)) + ")"
+	}
+	return desc
 }
 
 // checkOverlayUpper mounts a small overlay with its upper directory under

@@ -11,47 +11,86 @@ import (
 	"time"
 
 	"github.com/containerd/log"
+	"github.com/opencontainers/go-digest"
 
 	"github.com/lazylayer/lazylayer/fs/layer"
+	"github.com/lazylayer/lazylayer/fs/layer/layerstatus"
 	"github.com/lazylayer/lazylayer/snapshot"
 )
 
-// StatusAddress names the status socket next to the snapshot API socket.
-var StatusAddress = layer.StatusAddress
-
-// status serves GET /layers: every layer the daemon holds, as JSON, for
-// `lazylayer status`; with ?accessed=1 the files each lazy layer had opened.
+// status serves the status socket (see package layerstatus): GET /layers
+// lists every layer the daemon holds, for `lazylayer status`; POST
+// /populate starts population, for `lazylayer populate`.
 type status struct {
 	sn     *snapshot.Snapshotter
 	layers *layer.Manager
 }
 
-func (st *status) list(ctx context.Context, accessed bool) ([]layer.Status, error) {
+func (st *status) report(ctx context.Context, accessed bool) (layerstatus.Report, error) {
 	held, err := st.sn.Layers(ctx)
 	if err != nil {
-		return nil, err
+		return layerstatus.Report{}, err
 	}
-	out := make([]layer.Status, 0, len(held))
+	r := layerstatus.Report{Layers: make([]layerstatus.Layer, 0, len(held)), Staging: st.layers.Staging()}
 	for _, l := range held {
-		s := layer.Status{Digest: l.Digest, Snapshot: l.Name, State: l.State}
+		s := layerstatus.Layer{Digest: l.Digest, Snapshot: l.Name, State: string(l.State), Error: l.Unavailable}
 		st.layers.Stat(l.Dir, &s, accessed)
-		out = append(out, s)
+		r.Layers = append(r.Layers, s)
 	}
-	return out, nil
+	return r, nil
+}
+
+// populate releases the population of one layer (?layer=DIGEST) or all
+// (?all=1); with ?wait=1 it answers once they are local.
+func (st *status) populate(r *http.Request) (layerstatus.PopulateResult, int, error) {
+	q := r.URL.Query()
+	var d digest.Digest
+	switch {
+	case q.Get("all") != "" && q.Get("layer") == "":
+	case q.Get("layer") != "" && q.Get("all") == "":
+		var err error
+		if d, err = digest.Parse(q.Get("layer")); err != nil {
+			return layerstatus.PopulateResult{}, http.StatusBadRequest, fmt.Errorf("layer %q: %w", q.Get("layer"), err)
+		}
+	default:
+		return layerstatus.PopulateResult{}, http.StatusBadRequest, errors.New("name one layer (layer=DIGEST) or all (all=1)")
+	}
+	res := layerstatus.PopulateResult{Released: st.layers.Populate(d)}
+	if d != "" && res.Released == 0 {
+		return res, http.StatusNotFound, fmt.Errorf("no lazy layer %s", d)
+	}
+	if q.Get("wait") != "" {
+		if err := st.layers.WaitLocal(r.Context(), d); err != nil {
+			res.Error = err.Error()
+		}
+	}
+	return res, http.StatusOK, nil
 }
 
 func (st *status) ServeHTTP(w http.ResponseWriter, r *http.Request) {
-	if r.URL.Path != "/layers" || r.Method != http.MethodGet {
+	var (
+		out  any
+		code = http.StatusOK
+		err  error
+	)
+	switch {
+	case r.URL.Path == "/layers" && r.Method == http.MethodGet:
+		out, err = st.report(r.Context(), r.URL.Query().Get("accessed") != "")
+		if err != nil {
+			code = http.StatusInternalServerError
+		}
+	case r.URL.Path == "/populate" && r.Method == http.MethodPost:
+		out, code, err = st.populate(r)
+	default:
 		http.NotFound(w, r)
 		return
 	}
-	layers, err := st.list(r.Context(), r.URL.Query().Get("accessed") != "")
 	if err != nil {
-		http.Error(w, err.Error(), http.StatusInternalServerError)
+		http.Error(w, err.Error(), code)
 		return
 	}
 	w.Header().Set("Content-Type", "application/json")
-	json.NewEncoder(w).Encode(map[string]any{"layers": layers})
+	json.NewEncoder(w).Encode(out)
 }
 
 // serve answers on the unix socket address until the returned stop is

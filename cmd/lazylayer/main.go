@@ -44,8 +44,9 @@ type command struct {
 // commands lists the subcommands by name.
 func (c *cli) commands() map[string]command {
 	return map[string]command{
-		"convert": {c.convert, "convert an image's layers to eStargz or zstd:chunked and push it"},
-		"status":  {c.status, "list the layers the daemon holds: state, bytes fetched, FUSE mounts"},
+		"convert":  {c.convert, "convert an image's layers to eStargz or zstd:chunked and push it"},
+		"status":   {c.status, "list the layers the daemon holds: state, bytes fetched, FUSE mounts"},
+		"populate": {c.populate, "start the background download of lazy layers now (--wait: until local)"},
 	}
 }
 

@@ -3,24 +3,26 @@ package main
 import (
 	"context"
 	"encoding/json"
+	"errors"
 	"fmt"
-	"net"
-	"net/http"
 	"text/tabwriter"
-	"time"
 
 	"github.com/opencontainers/go-digest"
 
-	"github.com/lazylayer/lazylayer/fs/layer"
+	"github.com/lazylayer/lazylayer/fs/layer/layerstatus"
 )
+
+// defaultAddress is the daemon's default snapshot API socket.
+const defaultAddress = "/run/lazylayer/lazylayer.sock"
 
 // status asks a running lazylayer-snapshotter for its layers.
 func (c *cli) status(ctx context.Context, args []string) error {
 	fl := c.flagSet("status", "[--address SOCKET] [--json] [--accessed]",
-		"Lists every layer the daemon holds: its digest, its state (lazy, populating\n"+
-			"or local), bytes fetched of its compressed size, population's rate, and\n"+
-			"for a FUSE mount still alive, its mountpoint and how many overlays use it.\n")
-	address := fl.String("address", "/run/lazylayer/lazylayer.sock", "the daemon's snapshot API socket (status.sock sits next to it)")
+		"Lists every layer the daemon holds: its digest, its state (lazy, populating,\n"+
+			"local or failed; \"held\" while it waits for lazylayer populate), bytes held of\n"+
+			"its compressed size, population's rate, for a FUSE mount still alive its\n"+
+			"mountpoint and how many overlays use it, and the layers fetched ahead.\n")
+	address := fl.String("address", defaultAddress, "the daemon's snapshot API socket (status.sock sits next to it)")
 	asJSON := fl.Bool("json", false, "print JSON for scripts")
 	accessed := fl.Bool("accessed", false, "print the files containers opened while layers were lazy, one per line, first\nopened first: a list for lazylayer convert --prioritize")
 	if err := parse(fl, args); err != nil {
@@ -31,10 +33,11 @@ func (c *cli) status(ctx context.Context, args []string) error {
 		fl.Usage()
 		return errUsage
 	}
-	layers, err := fetchStatus(ctx, layer.StatusAddress(*address), *accessed)
+	report, err := layerstatus.NewClient(layerstatus.Address(*address)).Layers(ctx, *accessed)
 	if err != nil {
 		return err
 	}
+	layers := report.Layers
 	if *accessed && !*asJSON {
 		seen := map[string]bool{}
 		for _, l := range layers {
@@ -50,7 +53,7 @@ func (c *cli) status(ctx context.Context, args []string) error {
 	if *asJSON {
 		enc := json.NewEncoder(c.stdout)
 		enc.SetIndent("", "  ")
-		return enc.Encode(map[string]any{"layers": layers})
+		return enc.Encode(report)
 	}
 	tw := tabwriter.NewWriter(c.stdout, 0, 4, 2, ' ', 0)
 	fmt.Fprintln(tw, "DIGEST\tSTATE\tFETCHED\tRATE\tUSERS\tMOUNTPOINT")
@@ -62,45 +65,68 @@ func (c *cli) status(ctx context.Context, args []string) error {
 		if l.State == "populating" && l.Rate > 0 {
 			rate = humanSize(int64(l.Rate)) + "/s"
 		}
+		state := l.State
+		if l.HeldBack && l.State == "lazy" {
+			state = "lazy (held)"
+		}
 		users, mp := "-", "-"
 		if l.Mountpoint != "" {
 			users, mp = fmt.Sprint(l.Users), l.Mountpoint
 		}
-		fmt.Fprintf(tw, "%s\t%s\t%s\t%s\t%s\t%s\n", shortDigest(digest.Digest(l.Digest)), l.State, fetched, rate, users, mp)
+		fmt.Fprintf(tw, "%s\t%s\t%s\t%s\t%s\t%s\n", shortDigest(digest.Digest(l.Digest)), state, fetched, rate, users, mp)
 	}
-	return tw.Flush()
+	if err := tw.Flush(); err != nil {
+		return err
+	}
+	for _, l := range layers {
+		if l.Error != "" {
+			fmt.Fprintf(c.stdout, "%s: %s\n", shortDigest(digest.Digest(l.Digest)), l.Error)
+		}
+	}
+	if sg := report.Staging; sg.Layers > 0 {
+		fmt.Fprintf(c.stdout, "staging: %d layer(s) fetched ahead, %s on disk (limit %s compressed)\n",
+			sg.Layers, humanSize(sg.Bytes), humanSize(sg.Limit))
+	}
+	return nil
 }
 
-// fetchStatus reads the layers from the daemon's status socket.
-func fetchStatus(ctx context.Context, socket string, accessed bool) ([]layer.Status, error) {
-	client := &http.Client{
-		Timeout: 10 * time.Second,
-		Transport: &http.Transport{DialContext: func(ctx context.Context, _, _ string) (net.Conn, error) {
-			var d net.Dialer
-			return d.DialContext(ctx, "unix", socket)
-		}},
+// populate starts the background download of lazy layers now, whatever
+// the daemon's population policy.
+func (c *cli) populate(ctx context.Context, args []string) error {
+	fl := c.flagSet("populate", "[--address SOCKET] [--wait] DIGEST|--all",
+		"Starts the background download of a lazy layer (or of every lazy layer the\n"+
+			"daemon holds) now. Under the manual population policy (lazy.populate =\n"+
+			"\"manual\") layers stay lazy until this says; under auto it skips the delay.\n")
+	address := fl.String("address", defaultAddress, "the daemon's snapshot API socket (status.sock sits next to it)")
+	all := fl.Bool("all", false, "every lazy layer the daemon holds now")
+	wait := fl.Bool("wait", false, "return once the layers are local; fail if one cannot be")
+	if err := parse(fl, args); err != nil {
+		return err
 	}
-	url := "http://lazylayer/layers"
-	if accessed {
-		url += "?accessed=1"
+	if *all == (fl.NArg() == 1) || fl.NArg() > 1 {
+		fmt.Fprintln(c.stderr, "lazylayer populate: name one layer digest, or --all")
+		fl.Usage()
+		return errUsage
 	}
-	req, err := http.NewRequestWithContext(ctx, http.MethodGet, url, nil)
+	dgst := ""
+	if !*all {
+		d, err := digest.Parse(fl.Arg(0))
+		if err != nil {
+			fmt.Fprintf(c.stderr, "lazylayer populate: %q is not a digest: %v\n", fl.Arg(0), err)
+			return errUsage
+		}
+		dgst = d.String()
+	}
+	res, err := layerstatus.NewClient(layerstatus.Address(*address)).Populate(ctx, dgst, *wait)
 	if err != nil {
-		return nil, err
+		return err
 	}
-	resp, err := client.Do(req)
-	if err != nil {
-		return nil, fmt.Errorf("ask the daemon at %s (is lazylayer-snapshotter running?): %w", socket, err)
+	fmt.Fprintf(c.stderr, "population started for %d layer(s)\n", res.Released)
+	if res.Error != "" {
+		return errors.New(res.Error)
 	}
-	defer resp.Body.Close()
-	if resp.StatusCode != http.StatusOK {
-		return nil, fmt.Errorf("daemon at %s answered %s", socket, resp.Status)
+	if *wait {
+		fmt.Fprintln(c.stderr, "local")
 	}
-	var out struct {
-		Layers []layer.Status `json:"layers"`
-	}
-	if err := json.NewDecoder(resp.Body).Decode(&out); err != nil {
-		return nil, fmt.Errorf("daemon at %s: %w", socket, err)
-	}
-	return out.Layers, nil
+	return nil
 }

@@ -8,12 +8,14 @@ import (
 	"io"
 	"os"
 	"path/filepath"
+	"sync"
 	"sync/atomic"
 	"time"
 
 	"github.com/containerd/log"
 	"github.com/opencontainers/go-digest"
 	ocispec "github.com/opencontainers/image-spec/specs-go/v1"
+	"golang.org/x/sys/unix"
 
 	"github.com/lazylayer/lazylayer/fs/lazy"
 )
@@ -27,13 +29,31 @@ const (
 	lazyMount    = "lazy"
 )
 
-// lazyLayer is a mounted lazy layer.
-type lazyLayer struct {
-	ref    string
-	desc   ocispec.Descriptor
-	layer  *lazy.Layer
-	cancel context.CancelFunc // stops population
-	state  atomic.Value       // string: stateLazy, statePopulating or stateLocal
+// Lazy is a layer the Manager serves lazily at dir/lazy. Once Start is
+// called, its population (the background download that turns it local)
+// belongs to it: it starts when the Manager's Policy says, calls the
+// snapshotter's local, and retires the FUSE mount when the last container
+// started from it is gone.
+type Lazy struct {
+	m     *Manager
+	dir   string // snapshot directory
+	ref   string
+	desc  ocispec.Descriptor
+	layer *lazy.Layer
+
+	ctx    context.Context // population and retiring; cancelled by Release
+	cancel context.CancelFunc
+	state  atomic.Value  // string: stateLazy, statePopulating, stateLocal or stateFailed
+	begin  chan struct{} // closed when population may start
+	local  chan struct{} // closed when the layer is local
+	failed chan struct{} // closed when population gave up
+	exited chan struct{} // closed when the population goroutine returns; nil before Start
+
+	mu       sync.Mutex
+	started  bool            // Start was called; guarded by mu
+	released bool            // begin is closed; guarded by mu
+	err      error           // why population gave up; guarded by mu
+	detached <-chan struct{} // set once the FUSE mount is unmounted; guarded by mu
 }
 
 type savedLayer struct {
@@ -51,11 +71,11 @@ func (m *Manager) lazyCapable(desc ocispec.Descriptor) bool {
 
 // mountLazy reads the layer's TOC from the registry, saves it in dir and
 // mounts the layer at dir/lazy.
-func (m *Manager) mountLazy(ctx context.Context, dir, ref string, desc ocispec.Descriptor) error {
+func (m *Manager) mountLazy(ctx context.Context, dir, ref string, desc ocispec.Descriptor) (*Lazy, error) {
 	tocDigest, _ := lazy.Capable(desc)
 	blob, err := m.reg.Ranges(ctx, ref, desc)
 	if err != nil {
-		return err
+		return nil, err
 	}
 	start := time.Now()
 	var l *lazy.Layer
@@ -67,26 +87,29 @@ func (m *Manager) mountLazy(ctx context.Context, dir, ref string, desc ocispec.D
 	}
 	if l == nil {
 		if l, err = lazy.Open(ctx, blobReaderAt{ctx: ctx, b: blob}, blob, desc, tocDigest, m.lazyOptions(dir)); err != nil {
-			return err
+			return nil, err
 		}
 	}
 	if err := l.TOC().Save(filepath.Join(dir, lazyTOCFile)); err != nil {
-		return err
+		l.Close()
+		return nil, err
 	}
 	b, err := json.Marshal(savedLayer{Ref: ref, Descriptor: desc})
+	if err == nil {
+		err = os.WriteFile(filepath.Join(dir, lazyDescFile), b, 0o600)
+	}
 	if err != nil {
-		return err
+		l.Close()
+		return nil, err
 	}
-	if err := os.WriteFile(filepath.Join(dir, lazyDescFile), b, 0o600); err != nil {
-		return err
-	}
-	if err := m.mount(ctx, dir, &lazyLayer{ref: ref, desc: desc, layer: l}); err != nil {
-		return err
+	ll, err := m.mount(ctx, dir, ref, desc, l)
+	if err != nil {
+		return nil, err
 	}
 	log.G(ctx).WithFields(log.Fields{
 		"layer": desc.Digest, "entries": l.Entries(), "elapsed": time.Since(start).Round(time.Millisecond),
 	}).Info("layer mounted lazily")
-	return nil
+	return ll, nil
 }
 
 // tocJob reads the footer and TOC of a lazy-capable layer before
@@ -104,7 +127,7 @@ func (m *Manager) startTOC(ref string, desc ocispec.Descriptor) {
 	tocDigest, _ := lazy.Capable(desc)
 	m.mu.Lock()
 	defer m.mu.Unlock()
-	if _, ok := m.tocs[desc.Digest]; ok {
+	if _, ok := m.tocs[desc.Digest]; ok || m.closed {
 		return
 	}
 	j := &tocJob{done: make(chan struct{})}
@@ -167,83 +190,127 @@ func (m *Manager) lazyOptions(dir string) lazy.Options {
 	return o
 }
 
-// mount serves ll at dir/lazy and starts its population.
-func (m *Manager) mount(ctx context.Context, dir string, ll *lazyLayer) error {
-	mp := filepath.Join(dir, lazyMount)
-	if err := ll.layer.Mount(ctx, mp); err != nil {
-		ll.layer.Close()
-		return err
+// mount serves l at dir/lazy. Its population starts with Start.
+func (m *Manager) mount(ctx context.Context, dir, ref string, desc ocispec.Descriptor, l *lazy.Layer) (*Lazy, error) {
+	if err := l.Mount(ctx, filepath.Join(dir, lazyMount)); err != nil {
+		l.Close()
+		return nil, err
+	}
+	popCtx, cancel := context.WithCancel(m.ctx)
+	ll := &Lazy{
+		m: m, dir: dir, ref: ref, desc: desc, layer: l,
+		ctx: popCtx, cancel: cancel,
+		begin: make(chan struct{}), local: make(chan struct{}), failed: make(chan struct{}),
 	}
 	ll.state.Store(stateLazy)
-	popCtx, cancel := context.WithCancel(m.ctx)
-	ll.cancel = cancel
 	m.mu.Lock()
 	m.lazy[dir] = ll
 	m.mu.Unlock()
-	m.wg.Add(1)
-	go m.populate(popCtx, dir, ll)
-	return nil
+	return ll, nil
 }
 
 // Restore implements snapshot.FileSystem: it mounts the lazy layer of dir
 // again from the TOC saved there. The registry is needed only for reads of
 // chunks that are not cached.
-func (m *Manager) Restore(ctx context.Context, dir string, _ map[string]string) error {
+func (m *Manager) Restore(ctx context.Context, dir string, _ map[string]string) (*Lazy, error) {
 	if m.cfg.Lazy.Cache == nil {
-		return errors.New("lazy layers are disabled")
+		return nil, errors.New("lazy layers are disabled")
 	}
 	b, err := os.ReadFile(filepath.Join(dir, lazyDescFile))
 	if err != nil {
-		return err
+		return nil, err
 	}
 	var saved savedLayer
 	if err := json.Unmarshal(b, &saved); err != nil {
-		return fmt.Errorf("%s: %w", lazyDescFile, err)
+		return nil, fmt.Errorf("%s: %w", lazyDescFile, err)
 	}
 	tocDigest, ok := lazy.Capable(saved.Descriptor)
 	if !ok {
-		return fmt.Errorf("%s: not a lazy layer", lazyDescFile)
+		return nil, fmt.Errorf("%s: not a lazy layer", lazyDescFile)
 	}
 	rec, err := lazy.LoadRecorded(filepath.Join(dir, lazyTOCFile))
 	if err != nil {
-		return err
+		return nil, err
 	}
 	blob, err := m.reg.Ranges(ctx, saved.Ref, saved.Descriptor)
 	if err != nil {
-		return err
+		return nil, err
+	}
+	// A mount left by a daemon that died answers nothing (ENOTCONN).
+	if err := m.detachStale(ctx, dir); err != nil {
+		return nil, err
 	}
 	l, err := lazy.Open(ctx, rec, blob, saved.Descriptor, tocDigest, m.lazyOptions(dir))
 	if err != nil {
-		return err
+		return nil, err
 	}
-	// A mount left by a daemon that died answers nothing (ENOTCONN).
-	mp := filepath.Join(dir, lazyMount)
-	if err := detach(mp); err != nil {
-		return err
-	}
-	return m.mount(ctx, dir, &lazyLayer{ref: saved.Ref, desc: saved.Descriptor, layer: l})
+	return m.mount(ctx, dir, saved.Ref, saved.Descriptor, l)
 }
 
-// Release implements snapshot.FileSystem: it detaches the lazy mount of
-// dir. Overlays still using it keep it until they are unmounted.
+// Release implements snapshot.FileSystem: it stops the population of the
+// lazy layer of dir, waits for it to end, and detaches its mount. Overlays
+// still using the mount keep it until they are unmounted.
 func (m *Manager) Release(ctx context.Context, dir string) error {
 	m.mu.Lock()
 	ll, ok := m.lazy[dir]
 	delete(m.lazy, dir)
 	m.mu.Unlock()
 	if !ok {
-		return detach(filepath.Join(dir, lazyMount))
+		return m.detachStale(ctx, dir)
 	}
 	ll.cancel()
+	ll.mu.Lock()
+	exited := ll.exited
+	ll.mu.Unlock()
+	if exited != nil {
+		select {
+		case <-exited:
+		case <-ctx.Done():
+			return ctx.Err()
+		}
+	}
 	ll.layer.Close()
-	done, err := ll.layer.Unmount()
-	if err != nil {
+	if _, err := ll.detach(); err != nil {
 		return err
 	}
-	go func() {
-		<-done
-		log.G(ctx).WithField("layer", ll.desc.Digest).Debug("lazy layer's FUSE server stopped")
-	}()
+	for _, f := range []string{lazyTOCFile, lazyDescFile, lazyBlobFile} {
+		os.Remove(filepath.Join(dir, f))
+	}
+	return nil
+}
+
+// detach unmounts the layer's FUSE mount, once; its server answers the
+// overlays still using it, and done closes when the last is unmounted.
+func (ll *Lazy) detach() (done <-chan struct{}, err error) {
+	ll.mu.Lock()
+	defer ll.mu.Unlock()
+	if ll.detached == nil {
+		if ll.detached, err = ll.layer.Unmount(); err != nil {
+			return nil, err
+		}
+	}
+	return ll.detached, nil
+}
+
+// detachStale detaches a FUSE mount at dir/lazy that no Lazy of this
+// Manager serves: one left by a daemon that died, whose overlays now fail
+// with ENOTCONN. It says how many overlays still use it.
+func (m *Manager) detachStale(ctx context.Context, dir string) error {
+	mp := filepath.Join(dir, lazyMount)
+	users := overlayUsers(mp)
+	err := unix.Unmount(mp, unix.MNT_DETACH)
+	switch {
+	case err == unix.EINVAL || err == unix.ENOENT:
+		return nil // nothing mounted
+	case err != nil:
+		return fmt.Errorf("unmount %s: %w", mp, err)
+	}
+	lg := log.G(ctx).WithField("mountpoint", mp)
+	if users > 0 {
+		lg.WithField("overlays", users).Error("detached a dead FUSE mount of the last daemon that running containers still use: they cannot read this layer; restart them")
+	} else {
+		lg.Info("detached a FUSE mount left by the last daemon")
+	}
 	return nil
 }
 

@@ -11,6 +11,8 @@ import (
 	"sync"
 	"time"
 
+	"github.com/containerd/containerd/v2/core/snapshots"
+	"github.com/containerd/containerd/v2/pkg/snapshotters"
 	"github.com/containerd/errdefs"
 	"github.com/containerd/log"
 	"github.com/opencontainers/go-digest"
@@ -22,19 +24,13 @@ import (
 	"github.com/lazylayer/lazylayer/remote"
 )
 
-// The states Prepare reports, as the snapshot package names them.
-const (
-	stateLocal = "local"
-	stateLazy  = "lazy"
-)
-
 // Labels containerd passes to Prepare for an image layer.
 const (
-	labelImageRef    = "containerd.io/snapshot/cri.image-ref"
-	labelManifest    = "containerd.io/snapshot/cri.manifest-digest"
-	labelLayer       = "containerd.io/snapshot/cri.layer-digest"
-	labelImageLayers = "containerd.io/snapshot/cri.image-layers"
-	labelDiffID      = "containerd.io/snapshot/diff-id"
+	labelImageRef    = snapshotters.TargetRefLabel
+	labelManifest    = snapshotters.TargetManifestDigestLabel
+	labelLayer       = snapshotters.TargetLayerDigestLabel
+	labelImageLayers = snapshotters.TargetImageLayersLabel
+	labelDiffID      = snapshots.LabelSnapshotDiffID
 )
 
 // Registry is what the Manager needs from a registry.
@@ -58,22 +54,42 @@ type Config struct {
 	// queued behind them.
 	ConcurrentLayers int
 	// StagedTTL is how long a layer fetched ahead waits to be claimed
-	// before it is deleted (default 10 minutes).
+	// before it is deleted (default 2 minutes).
 	StagedTTL time.Duration
+	// StagingLimit bounds the compressed size of the layers fetched ahead
+	// and not yet claimed (default 2 GiB). A layer that would pass it is
+	// fetched when containerd asks for it.
+	StagingLimit int64
 	// Lazy, when its Cache is set, serves eStargz and zstd:chunked layers
 	// lazily over FUSE instead of fetching them in full.
 	Lazy lazy.Options
 	// Populate tunes the background download of lazy layers.
 	Populate lazy.PopulateOptions
-	// PopulateDelay is how long after a lazy layer is mounted its
-	// background download starts; negative turns population off (layers
-	// then stay lazy).
+	// Policy says when a lazy layer's background download starts.
+	Policy Policy
+	// PopulateDelay is how long after a lazy layer is committed its
+	// background download starts under PolicyAuto.
 	PopulateDelay time.Duration
+	// PopulateAttempts bounds the downloads of a layer whose blob proves
+	// wrong (default 3); the layer then stays lazy, served from verified
+	// chunks, and its status says why.
+	PopulateAttempts int
 	// SwapGrace is how long a layer's FUSE mount stays attached after the
 	// layer turned local, for containers handed it just before (default
 	// 30 s).
 	SwapGrace time.Duration
 }
+
+// Policy says when lazy layers download in the background.
+type Policy int
+
+const (
+	// PolicyAuto starts a layer's download PopulateDelay after its
+	// snapshot is committed.
+	PolicyAuto Policy = iota
+	// PolicyManual holds every layer lazy until Populate releases it.
+	PolicyManual
+)
 
 // Manager obtains image layers from a registry and hands them to snapshots
 // as verified local trees. It implements the snapshot package's FileSystem.
@@ -92,28 +108,12 @@ type Manager struct {
 	sem    chan struct{} // slots for layers fetched ahead
 	group  singleflight.Group
 
-	onLocalOnce sync.Once
-	onLocal     func(ctx context.Context, dir string) error // set once, before ready closes
-	ready       chan struct{}                               // closed by SetOnLocal
-
 	mu        sync.Mutex
+	closed    bool                               // guarded by mu
 	jobs      map[digest.Digest]*job             // guarded by mu
 	tocs      map[digest.Digest]*tocJob          // guarded by mu
 	manifests map[digest.Digest]ocispec.Manifest // guarded by mu
-	lazy      map[string]*lazyLayer              // by snapshot directory; guarded by mu
-}
-
-// job is one layer being fetched and extracted into a staging directory.
-type job struct {
-	desc ocispec.Descriptor
-	done chan struct{} // closed when dir, res and err are set
-
-	dir     string // staged tree when err is nil
-	res     extract.Result
-	err     error
-	elapsed time.Duration
-
-	expire *time.Timer // deletes an unclaimed tree; guarded by Manager.mu
+	lazy      map[string]*Lazy                   // by snapshot directory; guarded by mu
 }
 
 // New returns a Manager. Whatever is left in cfg.Staging from an earlier run
@@ -126,7 +126,13 @@ func New(ctx context.Context, reg Registry, cfg Config) (*Manager, error) {
 		cfg.ConcurrentLayers = 3
 	}
 	if cfg.StagedTTL <= 0 {
-		cfg.StagedTTL = 10 * time.Minute
+		cfg.StagedTTL = 2 * time.Minute
+	}
+	if cfg.StagingLimit <= 0 {
+		cfg.StagingLimit = 2 << 30
+	}
+	if cfg.PopulateAttempts <= 0 {
+		cfg.PopulateAttempts = 3
 	}
 	if cfg.SwapGrace <= 0 {
 		cfg.SwapGrace = 30 * time.Second
@@ -147,14 +153,17 @@ func New(ctx context.Context, reg Registry, cfg Config) (*Manager, error) {
 		jobs:      map[digest.Digest]*job{},
 		tocs:      map[digest.Digest]*tocJob{},
 		manifests: map[digest.Digest]ocispec.Manifest{},
-		lazy:      map[string]*lazyLayer{},
-		ready:     make(chan struct{}),
+		lazy:      map[string]*Lazy{},
 	}, nil
 }
 
-// Close stops background fetches, deletes staged layers and detaches the
-// lazy mounts (overlays that use them keep them until they are unmounted).
+// Close stops background fetches and population, deletes staged layers and
+// detaches the lazy mounts (overlays that use them keep them until they are
+// unmounted). Nothing the Manager started runs after Close returns.
 func (m *Manager) Close() error {
+	m.mu.Lock()
+	m.closed = true
+	m.mu.Unlock()
 	m.cancel()
 	m.wg.Wait()
 	m.mu.Lock()
@@ -172,25 +181,25 @@ func (m *Manager) Close() error {
 }
 
 // Prepare implements snapshot.FileSystem: it mounts the layer the labels
-// name lazily at dir/lazy when it can, and fills dir/fs with its verified
-// tree otherwise.
-func (m *Manager) Prepare(ctx context.Context, dir string, parents []string, labels map[string]string) (string, error) {
+// name lazily at dir/lazy when it can, and returns it; otherwise it fills
+// dir/fs with its verified tree and returns nil.
+func (m *Manager) Prepare(ctx context.Context, dir string, parents []string, labels map[string]string) (*Lazy, error) {
 	ref := labels[labelImageRef]
 	mdgst, err := digest.Parse(labels[labelManifest])
 	if err != nil {
-		return "", fmt.Errorf("label %s: %w", labelManifest, err)
+		return nil, fmt.Errorf("label %s: %w", labelManifest, err)
 	}
 	ldgst, err := digest.Parse(labels[labelLayer])
 	if err != nil {
-		return "", fmt.Errorf("label %s: %w", labelLayer, err)
+		return nil, fmt.Errorf("label %s: %w", labelLayer, err)
 	}
 	manifest, err := m.manifest(ctx, ref, mdgst)
 	if err != nil {
-		return "", err
+		return nil, err
 	}
 	desc, ok := findLayer(manifest, ldgst)
 	if !ok {
-		return "", fmt.Errorf("layer %s is not in manifest %s of %s", ldgst, mdgst, ref)
+		return nil, fmt.Errorf("layer %s is not in manifest %s of %s", ldgst, mdgst, ref)
 	}
 	for _, d := range strings.Split(labels[labelImageLayers], ",") {
 		next, ok := findLayer(manifest, digest.Digest(d))
@@ -203,142 +212,16 @@ func (m *Manager) Prepare(ctx context.Context, dir string, parents []string, lab
 		}
 	}
 	if m.lazyCapable(desc) {
-		err := m.mountLazy(ctx, dir, ref, desc)
+		l, err := m.mountLazy(ctx, dir, ref, desc)
 		if err == nil {
-			return stateLazy, nil
+			return l, nil
 		}
 		log.G(ctx).WithError(err).WithField("layer", desc.Digest).Warn("cannot serve layer lazily; fetching it in full")
 	}
 	if err := m.fetch(ctx, filepath.Join(dir, "fs"), ref, desc, parents, labels[labelDiffID]); err != nil {
-		return "", err
+		return nil, err
 	}
-	return stateLocal, nil
-}
-
-// fetch fills dir with the verified tree of desc.
-func (m *Manager) fetch(ctx context.Context, dir, ref string, desc ocispec.Descriptor, parents []string, diffID string) error {
-	ldgst := desc.Digest
-	j := m.start(ref, desc, true)
-	select {
-	case <-j.done:
-	case <-ctx.Done():
-		return ctx.Err()
-	}
-	m.claim(j)
-	if j.err != nil {
-		return j.err
-	}
-	if want := diffID; want != "" && j.res.DiffID.String() != want {
-		os.RemoveAll(j.dir)
-		return fmt.Errorf("layer %s: uncompressed tar has digest %s, the image config says %s: %w",
-			ldgst, j.res.DiffID, want, extract.ErrInvalid)
-	}
-	if j.res.ImplicitDirs && len(parents) > 0 {
-		// Directories the tar did not list take their attributes from
-		// the layers below, which a tree fetched ahead did not know.
-		os.RemoveAll(j.dir)
-		log.G(ctx).WithField("layer", ldgst).Debug("layer has unlisted directories; extracting again over its parents")
-		_, err := m.extract(ctx, ref, desc, dir, parents)
-		return err
-	}
-	return moveTree(j.dir, dir)
-}
-
-// start returns the job for desc, starting it when there is none (or when
-// the last one failed for a reason other than bad data). An immediate job
-// does not wait for a slot.
-func (m *Manager) start(ref string, desc ocispec.Descriptor, immediate bool) *job {
-	m.mu.Lock()
-	defer m.mu.Unlock()
-	if j, ok := m.jobs[desc.Digest]; ok {
-		select {
-		case <-j.done:
-			if j.err == nil || errdefs.IsDataLoss(j.err) {
-				return j
-			}
-		default:
-			return j
-		}
-	}
-	j := &job{desc: desc, done: make(chan struct{})}
-	m.jobs[desc.Digest] = j
-	m.wg.Add(1)
-	go m.run(j, ref, immediate)
-	return j
-}
-
-func (m *Manager) run(j *job, ref string, immediate bool) {
-	defer m.wg.Done()
-	defer close(j.done)
-	ctx := log.WithLogger(m.ctx, log.G(m.ctx).WithField("layer", j.desc.Digest))
-	if !immediate {
-		select {
-		case m.sem <- struct{}{}:
-			defer func() { <-m.sem }()
-		case <-ctx.Done():
-			j.err = ctx.Err()
-			return
-		}
-	}
-	start := time.Now()
-	dir, err := os.MkdirTemp(m.cfg.Staging, "layer-")
-	if err == nil {
-		err = os.Chmod(dir, 0o755)
-	}
-	if err != nil {
-		j.err = fmt.Errorf("staging directory: %w", err)
-		return
-	}
-	j.res, j.err = m.extract(ctx, ref, j.desc, dir, nil)
-	j.elapsed = time.Since(start)
-	if j.err != nil {
-		os.RemoveAll(dir)
-		return
-	}
-	j.dir = dir
-	log.G(ctx).WithField("bytes", j.desc.Size).WithField("elapsed", j.elapsed.Round(time.Millisecond)).
-		Info("layer fetched and unpacked")
-
-	m.mu.Lock()
-	if m.jobs[j.desc.Digest] == j {
-		j.expire = time.AfterFunc(m.cfg.StagedTTL, func() { m.expire(j) })
-	}
-	m.mu.Unlock()
-}
-
-// extract streams desc from the registry into dir.
-func (m *Manager) extract(ctx context.Context, ref string, desc ocispec.Descriptor, dir string, parents []string) (extract.Result, error) {
-	rc, err := m.reg.Open(ctx, ref, desc)
-	if err != nil {
-		return extract.Result{}, classify(err)
-	}
-	defer rc.Close()
-	res, err := extract.Layer(ctx, rc, dir, extract.Options{Digest: desc.Digest, Size: desc.Size, Parents: parents})
-	return res, classify(err)
-}
-
-// claim takes j out of the job table: its tree now belongs to the caller.
-func (m *Manager) claim(j *job) {
-	m.mu.Lock()
-	defer m.mu.Unlock()
-	if m.jobs[j.desc.Digest] == j {
-		delete(m.jobs, j.desc.Digest)
-	}
-	if j.expire != nil {
-		j.expire.Stop()
-	}
-}
-
-// expire deletes a tree fetched ahead that nobody claimed.
-func (m *Manager) expire(j *job) {
-	m.mu.Lock()
-	defer m.mu.Unlock()
-	if m.jobs[j.desc.Digest] != j {
-		return
-	}
-	delete(m.jobs, j.desc.Digest)
-	os.RemoveAll(j.dir)
-	log.G(m.ctx).WithField("layer", j.desc.Digest).Info("deleted a layer fetched ahead that containerd never asked for")
+	return nil, nil
 }
 
 // manifest returns the manifest dgst of ref, fetched once.

@@ -140,9 +140,9 @@ func TestPrepareFetchesAhead(t *testing.T) {
 	m := newManager(t, f)
 	for i, want := range []string{"first", "second"} {
 		dir := snapshotDir(t)
-		state, err := m.Prepare(context.Background(), dir, nil, labelsFor(f, i))
-		if err != nil || state != stateLocal {
-			t.Fatalf("layer %d: state %q, %v", i, state, err)
+		ll, err := m.Prepare(context.Background(), dir, nil, labelsFor(f, i))
+		if err != nil || ll != nil {
+			t.Fatalf("layer %d: lazy %v, %v", i, ll != nil, err)
 		}
 		name := []string{"a", "b"}[i]
 		if b, err := os.ReadFile(filepath.Join(dir, "fs", name)); err != nil || string(b) != want {
@@ -214,8 +214,8 @@ func TestPrepareReadsTOCsAhead(t *testing.T) {
 	}
 	t.Cleanup(func() { m.Close() })
 
-	if state, err := m.Prepare(context.Background(), snapshotDir(t), nil, labelsFor(f, 0)); err != nil || state != stateLazy {
-		t.Fatalf("first layer: state %q, %v", state, err)
+	if ll, err := m.Prepare(context.Background(), snapshotDir(t), nil, labelsFor(f, 0)); err != nil || ll == nil {
+		t.Fatalf("first layer: lazy %v, %v", ll != nil, err)
 	}
 	second := f.manifest.Layers[1].Digest
 	m.mu.Lock()
@@ -230,8 +230,8 @@ func TestPrepareReadsTOCsAhead(t *testing.T) {
 	}
 	before := f.openCount(second)
 	dir := snapshotDir(t)
-	if state, err := m.Prepare(context.Background(), dir, nil, labelsFor(f, 1)); err != nil || state != stateLazy {
-		t.Fatalf("second layer: state %q, %v", state, err)
+	if ll, err := m.Prepare(context.Background(), dir, nil, labelsFor(f, 1)); err != nil || ll == nil {
+		t.Fatalf("second layer: lazy %v, %v", ll != nil, err)
 	}
 	if n := f.openCount(second) - before; n != 0 {
 		t.Errorf("preparing the second layer made %d requests; its TOC was read ahead", n)

@@ -3,53 +3,127 @@ package layer
 import (
 	"context"
 	"errors"
+	"fmt"
 	"os"
 	"path/filepath"
 	"time"
 
 	"github.com/containerd/log"
+	"github.com/opencontainers/go-digest"
 
 	"github.com/lazylayer/lazylayer/fs/extract"
 )
 
-// statePopulating is reported while a lazy layer downloads in the
-// background; the snapshot package only knows lazy and local.
-const statePopulating = "populating"
+// The states of a lazy layer, as status reports them. The snapshot package
+// records only lazy and local.
+const (
+	stateLazy       = "lazy"
+	statePopulating = "populating"
+	stateLocal      = "local"
+	stateFailed     = "failed" // population gave up; the layer stays lazy
+)
 
-// SetOnLocal sets what the Manager calls when a lazy layer's complete,
-// verified tree is in dir/fs: the snapshotter's MarkLocal. Population
-// starts only once it is set.
-func (m *Manager) SetOnLocal(f func(ctx context.Context, dir string) error) {
-	m.onLocalOnce.Do(func() {
-		m.onLocal = f
-		close(m.ready)
-	})
+// Start implements snapshot.LazyLayer: the layer's snapshot is committed,
+// and local records the layer local. Population starts when the Manager's
+// Policy says: PopulateDelay from now, or when Populate releases it.
+func (ll *Lazy) Start(local func(context.Context) error) {
+	m := ll.m
+	m.mu.Lock()
+	closed := m.closed
+	if !closed {
+		m.wg.Add(1)
+	}
+	m.mu.Unlock()
+	if closed {
+		return
+	}
+	ll.mu.Lock()
+	ll.started = true
+	ll.exited = make(chan struct{})
+	ll.mu.Unlock()
+	if m.cfg.Policy == PolicyAuto {
+		t := time.AfterFunc(max(m.cfg.PopulateDelay, 0), ll.release)
+		context.AfterFunc(ll.ctx, func() { t.Stop() })
+	}
+	go func() {
+		defer m.wg.Done()
+		defer close(ll.exited)
+		m.populate(ll, local)
+	}()
 }
 
-// populate downloads ll in the background, verifies it and swaps it to a
-// local tree: new containers then mount dir/fs, running ones read it
-// through the FUSE mount (with passthrough where supported), and the FUSE
-// mount retires once the last overlay using it is gone.
-func (m *Manager) populate(ctx context.Context, dir string, ll *lazyLayer) {
-	defer m.wg.Done()
+// release lets the layer's population start.
+func (ll *Lazy) release() {
+	ll.mu.Lock()
+	defer ll.mu.Unlock()
+	if !ll.released {
+		ll.released = true
+		close(ll.begin)
+	}
+}
+
+// Populate starts the population of the lazy layers with digest d, or of
+// every lazy layer when d is empty, whatever the Policy, and reports how
+// many layers it released.
+func (m *Manager) Populate(d digest.Digest) int {
+	n := 0
+	for _, ll := range m.lazyLayers(d) {
+		ll.release()
+		n++
+	}
+	return n
+}
+
+// WaitLocal waits until the lazy layers with digest d (every lazy layer
+// when d is empty) are local. It fails if population of one of them gave
+// up, or when ctx is done.
+func (m *Manager) WaitLocal(ctx context.Context, d digest.Digest) error {
+	var errs []error
+	for _, ll := range m.lazyLayers(d) {
+		select {
+		case <-ll.local:
+		case <-ll.failed:
+			ll.mu.Lock()
+			errs = append(errs, fmt.Errorf("layer %s: %w", ll.desc.Digest, ll.err))
+			ll.mu.Unlock()
+		case <-ll.ctx.Done(): // released: the layer is gone
+		case <-ctx.Done():
+			return fmt.Errorf("layer %s is %s: %w", ll.desc.Digest, ll.state.Load(), ctx.Err())
+		}
+	}
+	return errors.Join(errs...)
+}
+
+// lazyLayers lists the lazy layers with digest d, or all when d is empty.
+func (m *Manager) lazyLayers(d digest.Digest) []*Lazy {
+	m.mu.Lock()
+	defer m.mu.Unlock()
+	var out []*Lazy
+	for _, ll := range m.lazy {
+		if d == "" || ll.desc.Digest == d {
+			out = append(out, ll)
+		}
+	}
+	return out
+}
+
+// populate downloads ll in the background once it is released, verifies
+// it and swaps it to a local tree: new containers then mount dir/fs,
+// running ones read it through the FUSE mount (with passthrough where
+// supported), and the FUSE mount retires once the last overlay using it is
+// gone. A blob that proves wrong is downloaded PopulateAttempts times at
+// most; other failures (registry down, disk full) are retried with backoff.
+func (m *Manager) populate(ll *Lazy, local func(context.Context) error) {
+	ctx := log.WithLogger(ll.ctx, log.G(ll.ctx).WithField("layer", ll.desc.Digest))
 	select {
-	case <-m.ready:
+	case <-ll.begin:
 	case <-ctx.Done():
 		return
 	}
-	if m.cfg.PopulateDelay < 0 {
-		return
-	}
-	select {
-	case <-time.After(m.cfg.PopulateDelay):
-	case <-ctx.Done():
-		return
-	}
-	log := log.G(ctx).WithField("layer", ll.desc.Digest)
-	backoff := time.Second
-	for {
+	bad, noSpace := 0, false
+	for backoff := time.Second; ; backoff = min(backoff*2, 5*time.Minute) {
 		ll.state.Store(statePopulating)
-		err := m.populateOnce(ctx, dir, ll)
+		err := m.populateOnce(ctx, ll, local)
 		if err == nil {
 			break
 		}
@@ -57,36 +131,58 @@ func (m *Manager) populate(ctx context.Context, dir string, ll *lazyLayer) {
 			return
 		}
 		ll.state.Store(stateLazy)
-		if errors.Is(err, extract.ErrInvalid) {
-			log.WithError(err).Error("layer failed verification after population; it stays lazy and is fetched again later")
-		} else {
-			log.WithError(err).Warn("population failed; retrying")
+		lg := log.G(ctx).WithError(err)
+		switch {
+		case errors.Is(err, extract.ErrInvalid):
+			if bad++; bad >= m.cfg.PopulateAttempts {
+				ll.fail(fmt.Errorf("the blob failed verification %d times: %w", bad, err))
+				lg.WithField("attempts", bad).Error("population gave up: the registry's blob is wrong; the layer stays lazy, served from verified chunks")
+				return
+			}
+			lg.WithField("attempt", bad).Error("layer failed verification after population; fetching it again")
+		case isNoSpace(err):
+			m.dropStaged(ctx)
+			if !noSpace {
+				lg.Error("population stopped: the disk is full; the layer stays lazy and population retries with backoff")
+			}
+			noSpace = true
+		default:
+			lg.WithField("retry", backoff).Warn("population failed; retrying")
 		}
 		select {
 		case <-time.After(backoff):
 		case <-ctx.Done():
 			return
 		}
-		backoff = min(backoff*2, 5*time.Minute)
 	}
 	ll.state.Store(stateLocal)
+	close(ll.local)
 	p := ll.layer.Progress()
-	log.WithFields(map[string]any{
+	log.G(ctx).WithFields(log.Fields{
 		"fetched": p.Fetched, "size": p.Size, "elapsed": p.Elapsed.Round(time.Millisecond),
 	}).Info("layer is local")
-
 	// Containers that were handed the FUSE mount just before the swap may
 	// not have mounted their overlay yet: give them time before detaching.
 	select {
 	case <-time.After(m.cfg.SwapGrace):
 	case <-ctx.Done():
+		return // released: Release detaches the mount
 	}
-	m.retire(ctx, dir, ll)
+	m.retire(ctx, ll)
 }
 
-// populateOnce downloads and verifies ll into a staging tree and moves it
-// into dir/fs.
-func (m *Manager) populateOnce(ctx context.Context, dir string, ll *lazyLayer) error {
+// fail records why population gave up.
+func (ll *Lazy) fail(err error) {
+	ll.mu.Lock()
+	ll.err = err
+	ll.mu.Unlock()
+	ll.state.Store(stateFailed)
+	close(ll.failed)
+}
+
+// populateOnce downloads and verifies ll into a staging tree, moves it into
+// dir/fs and records the layer local.
+func (m *Manager) populateOnce(ctx context.Context, ll *Lazy, local func(context.Context) error) error {
 	staging, err := os.MkdirTemp(m.cfg.Staging, "populate-")
 	if err != nil {
 		return err
@@ -98,7 +194,7 @@ func (m *Manager) populateOnce(ctx context.Context, dir string, ll *lazyLayer) e
 	if err := ll.layer.Populate(ctx, staging, m.cfg.Populate); err != nil {
 		return err
 	}
-	tree := filepath.Join(dir, "fs")
+	tree := filepath.Join(ll.dir, "fs")
 	// A daemon that died between moving a tree here and recording the
 	// layer local left one: a lazy layer's fs/ is in no overlay, so it
 	// can go.
@@ -108,44 +204,45 @@ func (m *Manager) populateOnce(ctx context.Context, dir string, ll *lazyLayer) e
 	if err := moveTree(staging, tree); err != nil {
 		return err
 	}
-	if err := m.onLocal(ctx, dir); err != nil {
+	if err := local(ctx); err != nil {
 		// The tree is complete; without the record new containers keep
 		// the FUSE mount, which stays correct.
 		return err
 	}
 	ll.layer.SetLocal(tree)
 	if err := m.cfg.Lazy.Cache.Delete(ll.layer.Chunks()...); err != nil {
-		log.G(ctx).WithError(err).WithField("layer", ll.desc.Digest).Warn("cannot delete the layer's cached chunks")
+		log.G(ctx).WithError(err).Warn("cannot delete the layer's cached chunks")
 	}
 	if err := ll.layer.DropBlob(); err != nil {
-		log.G(ctx).WithError(err).WithField("layer", ll.desc.Digest).Warn("cannot delete the layer's blob copy")
+		log.G(ctx).WithError(err).Warn("cannot delete the layer's blob copy")
 	}
 	for _, f := range []string{lazyTOCFile, lazyDescFile} {
-		os.Remove(filepath.Join(dir, f))
+		os.Remove(filepath.Join(ll.dir, f))
 	}
 	return nil
 }
 
 // retire detaches a local layer's FUSE mount; its server answers the
 // overlays still using it and stops when the last is unmounted.
-func (m *Manager) retire(ctx context.Context, dir string, ll *lazyLayer) {
-	done, err := ll.layer.Unmount()
+func (m *Manager) retire(ctx context.Context, ll *Lazy) {
+	done, err := ll.detach()
 	if err != nil {
-		log.G(ctx).WithError(err).WithField("layer", ll.desc.Digest).Warn("cannot detach the FUSE mount of a local layer")
+		log.G(ctx).WithError(err).Warn("cannot detach the FUSE mount of a local layer")
 		return
 	}
 	// A stale lowerdir must fail loudly, not show an empty layer.
-	os.Remove(filepath.Join(dir, lazyMount))
-	log.G(ctx).WithField("layer", ll.desc.Digest).Info("FUSE mount detached; it retires when its last container stops")
+	os.Remove(filepath.Join(ll.dir, lazyMount))
+	log.G(ctx).Info("FUSE mount detached; it retires when its last container stops")
 	select {
 	case <-done:
-	case <-m.ctx.Done():
+	case <-ctx.Done():
 		return
 	}
 	m.mu.Lock()
-	if m.lazy[dir] == ll {
-		delete(m.lazy, dir)
+	if m.lazy[ll.dir] == ll {
+		delete(m.lazy, ll.dir)
 	}
 	m.mu.Unlock()
-	log.G(ctx).WithField("layer", ll.desc.Digest).Info("FUSE mount retired")
+	ll.layer.Close()
+	log.G(ctx).Info("FUSE mount retired")
 }

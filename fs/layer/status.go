@@ -5,39 +5,15 @@ import (
 	"strings"
 
 	"github.com/moby/sys/mountinfo"
+
+	"github.com/lazylayer/lazylayer/fs/layer/layerstatus"
 )
-
-// Status is what `lazylayer status` shows of one layer. It is the JSON the
-// daemon's status endpoint serves.
-type Status struct {
-	Digest     string  `json:"digest"`
-	Snapshot   string  `json:"snapshot"`
-	State      string  `json:"state"` // "lazy", "populating" or "local"
-	Size       int64   `json:"size"`  // compressed size of the blob, when known
-	Fetched    int64   `json:"fetched"`
-	Held       int64   `json:"held"`              // bytes of the blob held locally
-	Rate       float64 `json:"rate,omitempty"`    // population's bytes per second
-	Requests   int64   `json:"requests"`          // on-demand ranged requests
-	Reads      int64   `json:"reads"`             // FUSE reads served
-	Entries    int     `json:"entries,omitempty"` // inodes of a lazy layer
-	Mountpoint string  `json:"mountpoint,omitempty"`
-	Users      int     `json:"users"` // overlays using the FUSE mount
-	// Accessed lists the files opened while the layer was lazy, in
-	// first-open order; only when asked for.
-	Accessed []string `json:"accessed,omitempty"`
-}
-
-// StatusAddress is the unix socket of the status endpoint of the daemon
-// whose snapshot API is at address.
-func StatusAddress(address string) string {
-	return filepath.Join(filepath.Dir(address), "status.sock")
-}
 
 // Stat fills in what the Manager knows of the layer in snapshot directory
 // dir: for a layer with a FUSE mount (lazy, populating, or local but still
 // used by containers started lazily) its progress and users, and with
 // accessed, the files opened while it was lazy.
-func (m *Manager) Stat(dir string, st *Status, accessed bool) {
+func (m *Manager) Stat(dir string, st *layerstatus.Layer, accessed bool) {
 	m.mu.Lock()
 	ll, ok := m.lazy[dir]
 	m.mu.Unlock()
@@ -56,11 +32,37 @@ func (m *Manager) Stat(dir string, st *Status, accessed bool) {
 	st.Requests = s.Requests
 	st.Reads = s.Reads
 	st.Entries = ll.layer.Entries()
+	ll.mu.Lock()
+	st.HeldBack = !ll.released
+	if ll.err != nil {
+		st.Error = ll.err.Error()
+	}
+	ll.mu.Unlock()
 	st.Mountpoint = filepath.Join(dir, lazyMount)
 	st.Users = overlayUsers(st.Mountpoint)
 	if accessed {
 		st.Accessed = ll.layer.Accessed()
 	}
+}
+
+// Staging reports the layers fetched ahead and not yet claimed.
+func (m *Manager) Staging() layerstatus.Staging {
+	m.mu.Lock()
+	defer m.mu.Unlock()
+	st := layerstatus.Staging{Limit: m.cfg.StagingLimit}
+	for _, j := range m.jobs {
+		if !staged(j) {
+			continue
+		}
+		st.Layers++
+		st.Reserved += j.desc.Size
+		select {
+		case <-j.done:
+			st.Bytes += j.size
+		default:
+		}
+	}
+	return st
 }
 
 // overlayUsers counts the overlay mounts whose lower layers include the

@@ -34,14 +34,6 @@ func moveTree(src, dst string) error {
 	return nil
 }
 
-// detach lazily unmounts whatever is mounted at mp, if anything.
-func detach(mp string) error {
-	if err := unix.Unmount(mp, unix.MNT_DETACH); err != nil && err != unix.EINVAL && err != unix.ENOENT {
-		return fmt.Errorf("unmount %s: %w", mp, err)
-	}
-	return nil
-}
-
 // emptyDir removes everything in dir, keeping dir.
 func emptyDir(dir string) error {
 	entries, err := os.ReadDir(dir)

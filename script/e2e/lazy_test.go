@@ -12,7 +12,7 @@ import (
 	"github.com/opencontainers/go-digest"
 	ocispec "github.com/opencontainers/image-spec/specs-go/v1"
 
-	"github.com/lazylayer/lazylayer/fs/layer"
+	"github.com/lazylayer/lazylayer/fs/layer/layerstatus"
 	"github.com/lazylayer/lazylayer/script/internal/registry"
 	"github.com/lazylayer/lazylayer/script/internal/testimage"
 	"github.com/lazylayer/lazylayer/script/internal/treecmp"
@@ -98,7 +98,7 @@ func TestLazyPullAndRun(t *testing.T) {
 	if err != nil {
 		t.Fatalf("lazylayer status: %v", err)
 	}
-	var st struct{ Layers []layer.Status }
+	var st layerstatus.Report
 	if err := json.Unmarshal(statusOut, &st); err != nil {
 		t.Fatalf("lazylayer status --json: %v\n%s", err, statusOut)
 	}

@@ -2,10 +2,7 @@ package e2e
 
 import (
 	"context"
-	"encoding/json"
 	"io/fs"
-	"net"
-	"net/http"
 	"os"
 	"path/filepath"
 	"strings"
@@ -13,31 +10,18 @@ import (
 	"testing"
 	"time"
 
-	"github.com/lazylayer/lazylayer/fs/layer"
+	"github.com/lazylayer/lazylayer/fs/layer/layerstatus"
 	"github.com/lazylayer/lazylayer/script/internal/testimage"
 )
 
 // status asks the daemon's status endpoint for its layers.
-func (e *env) status() []layer.Status {
+func (e *env) status() []layerstatus.Layer {
 	e.t.Helper()
-	client := &http.Client{Transport: &http.Transport{
-		DialContext: func(ctx context.Context, _, _ string) (net.Conn, error) {
-			var d net.Dialer
-			return d.DialContext(ctx, "unix", layer.StatusAddress(e.lazySock))
-		},
-	}}
-	resp, err := client.Get("http://lazylayer/layers")
+	r, err := layerstatus.NewClient(layerstatus.Address(e.lazySock)).Layers(context.Background(), false)
 	if err != nil {
 		e.t.Fatalf("status: %v", err)
 	}
-	defer resp.Body.Close()
-	var out struct {
-		Layers []layer.Status `json:"layers"`
-	}
-	if err := json.NewDecoder(resp.Body).Decode(&out); err != nil {
-		e.t.Fatalf("status: %v", err)
-	}
-	return out.Layers
+	return r.Layers
 }
 
 // waitLocal waits until every layer of img is local.
@@ -220,7 +204,7 @@ done >/tmp/log 2>&1`)
 	}
 }
 
-func totalReads(layers []layer.Status) int64 {
+func totalReads(layers []layerstatus.Layer) int64 {
 	var n int64
 	for _, l := range layers {
 		n += l.Reads
