@@ -74,13 +74,14 @@ type stack struct {
 	dir           string
 	local, remote string
 	n             int
+	mounted       map[string]bool // mount points not yet unmounted
 }
 
 func newStack(t testing.TB) *stack {
 	t.Helper()
 	requireRoot(t)
 	dir := t.TempDir()
-	s := &stack{t: t, dir: dir, local: filepath.Join(dir, "local"), remote: filepath.Join(dir, "remote")}
+	s := &stack{t: t, dir: dir, local: filepath.Join(dir, "local"), remote: filepath.Join(dir, "remote"), mounted: map[string]bool{}}
 	for _, d := range []string{s.local, s.remote} {
 		if err := os.Mkdir(d, 0o755); err != nil {
 			t.Fatal(err)
@@ -145,12 +146,22 @@ func (s *stack) mount(lower []string, upper string, opts ...string) string {
 	if err := mountOverlay(mnt, flags, strings.Join(all, ",")); err != nil {
 		s.t.Fatal(err)
 	}
+	s.mounted[mnt] = true
 	s.t.Cleanup(func() {
-		if err := unix.Unmount(mnt, 0); err != nil {
-			s.t.Errorf("unmount %s: %v", mnt, err)
+		if s.mounted[mnt] {
+			s.unmount(mnt)
 		}
 	})
 	return mnt
+}
+
+// unmount unmounts mnt, which mount returned.
+func (s *stack) unmount(mnt string) {
+	s.t.Helper()
+	if err := unix.Unmount(mnt, 0); err != nil {
+		s.t.Errorf("unmount %s: %v", mnt, err)
+	}
+	delete(s.mounted, mnt)
 }
 
 func mountOverlay(mnt string, flags uintptr, opts string) error {
