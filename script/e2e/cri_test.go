@@ -90,7 +90,7 @@ func testCRI(t *testing.T, imagesExtra string) {
 	}
 	hosts := filepath.Join(dir, "hosts")
 	writeHosts(t, hosts, reg.Addr(), reg.Addr())
-	e := newEnvWith(t, reg.Addr(), proxy.Addr(), criConfig(t, dir, hosts, sandbox.ref, imagesExtra), "[lazy]\n  populate = false\n")
+	e := newEnvWith(t, reg.Addr(), proxy.Addr(), criConfig(t, dir, hosts, sandbox.ref, imagesExtra), "[lazy]\n  populate = \"manual\"\n")
 	src := push(t, reg.Addr(), "e2e/cri:gzip", sampleImage("cri"))
 	img := e.convert(src, "e2e/cri:estargz")
 	c := e.cri()

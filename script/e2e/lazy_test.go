@@ -82,7 +82,7 @@ func blobBytes(stats map[string]registry.PathStats, p pushed) (served, total int
 func TestLazyPullAndRun(t *testing.T) {
 	reg, proxy := startRegistry(t)
 	// Population off: what the registry serves is what reads needed.
-	e := newEnv(t, reg.Addr(), proxy.Addr(), "[lazy]\n  populate = false\n")
+	e := newEnv(t, reg.Addr(), proxy.Addr(), "[lazy]\n  populate = \"manual\"\n")
 	src := push(t, reg.Addr(), "e2e/lazy:gzip", sampleImage("lazy"))
 	img := e.convert(src, "e2e/lazy:estargz")
 
@@ -149,7 +149,7 @@ func TestLazyPullAndRun(t *testing.T) {
 // lazily, gives the root filesystem containerd's overlayfs gives for it.
 func TestLazyFidelity(t *testing.T) {
 	reg, _ := startRegistry(t)
-	e := newEnv(t, reg.Addr(), reg.Addr())
+	e := newEnv(t, reg.Addr(), reg.Addr(), "[lazy]\n  populate = \"manual\"\n")
 	src := push(t, reg.Addr(), "e2e/tricky:gzip", testimage.Tricky())
 	img := e.convert(src, "e2e/tricky:estargz")
 	for _, p := range []struct{ sn, ref string }{{"lazylayer", img.ref}, {"overlayfs", src.ref}} {
@@ -215,7 +215,7 @@ func compareTrees(t *testing.T, got, want string, normalize ...func(map[string]t
 // mounted lazily too, and its files read right.
 func TestLazyZstdChunked(t *testing.T) {
 	reg, _ := startRegistry(t)
-	e := newEnv(t, reg.Addr(), reg.Addr(), "[lazy]\n  populate = false\n")
+	e := newEnv(t, reg.Addr(), reg.Addr(), "[lazy]\n  populate = \"manual\"\n")
 	src := push(t, reg.Addr(), "e2e/zstd:gzip", sampleImage("zstd"))
 	img := e.convert(src, "e2e/zstd:chunked", "--zstdchunked")
 	if out, err := e.pull("lazylayer", img.ref); err != nil {

@@ -47,7 +47,7 @@ func retag(t *testing.T, img pushed, repoTag string, edit func(*ocispec.Manifest
 // tar).
 func TestLazyTOCMismatch(t *testing.T) {
 	reg, _ := startRegistry(t)
-	e := newEnv(t, reg.Addr(), reg.Addr())
+	e := newEnv(t, reg.Addr(), reg.Addr(), "[lazy]\n  populate = \"manual\"\n")
 	src := push(t, reg.Addr(), "e2e/toc:gzip", sampleImage("toc"))
 	img := e.convert(src, "e2e/toc:estargz")
 
@@ -82,7 +82,7 @@ func TestLazyTOCMismatch(t *testing.T) {
 // population resumes once it is back.
 func TestRestartLazy(t *testing.T) {
 	reg, proxy := startRegistry(t)
-	e := newEnv(t, reg.Addr(), proxy.Addr(), "[lazy]\n  populate = false\n")
+	e := newEnv(t, reg.Addr(), proxy.Addr(), "[lazy]\n  populate = \"manual\"\n")
 	img := e.convert(push(t, reg.Addr(), "e2e/relazy:gzip", sampleImage("relazy")), "e2e/relazy:estargz")
 	if out, err := e.pull("lazylayer", img.ref); err != nil {
 		t.Fatalf("pull: %v\n%s", err, out)

@@ -46,7 +46,7 @@ func pythonImage(t *testing.T, regAddr string) pushed {
 func TestPython(t *testing.T) {
 	reg, proxy := startRegistry(t)
 	// Population off: what the registry serves is what python read.
-	e := newEnv(t, reg.Addr(), proxy.Addr(), "[lazy]\n  populate = false\n")
+	e := newEnv(t, reg.Addr(), proxy.Addr(), "[lazy]\n  populate = \"manual\"\n")
 	src := pythonImage(t, reg.Addr())
 	img := e.convert(src, "e2e/python:estargz")
 	script := []string{"python3", "-c", `import json, http.server; print("hi")`}
@@ -110,7 +110,7 @@ func TestPrioritize(t *testing.T) {
 		return blobRequests(proxy)
 	}
 
-	first := newEnv(t, reg.Addr(), proxy.Addr(), "[lazy]\n  populate = false\n")
+	first := newEnv(t, reg.Addr(), proxy.Addr(), "[lazy]\n  populate = \"manual\"\n")
 	plain := first.convert(src, "e2e/python:plain")
 	before := run(first, plain, "py-first")
 	list, err := exec.Command(lazylayerBin, "status", "--address", first.lazySock, "--accessed").Output()
@@ -123,7 +123,7 @@ func TestPrioritize(t *testing.T) {
 	listFile := filepath.Join(first.dir, "prioritize.txt")
 	writeFile(t, listFile, string(list))
 
-	second := newEnv(t, reg.Addr(), proxy.Addr(), "[lazy]\n  populate = false\n")
+	second := newEnv(t, reg.Addr(), proxy.Addr(), "[lazy]\n  populate = \"manual\"\n")
 	prio := second.convert(src, "e2e/python:prioritized", "--prioritize", listFile)
 	after := run(second, prio, "py-second")
 	t.Logf("%d files listed; blob requests until python exited: %d without the list, %d with it",

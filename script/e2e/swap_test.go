@@ -2,8 +2,10 @@ package e2e
 
 import (
 	"context"
+	"fmt"
 	"io/fs"
 	"os"
+	"os/exec"
 	"path/filepath"
 	"strings"
 	"syscall"
@@ -22,6 +24,17 @@ func (e *env) status() []layerstatus.Layer {
 		e.t.Fatalf("status: %v", err)
 	}
 	return r.Layers
+}
+
+// populate starts the population of every lazy layer the daemon holds,
+// as an operator would (the daemon runs with lazy.populate = "manual"), and
+// returns once they are local.
+func (e *env) populate() {
+	e.t.Helper()
+	out, err := exec.Command(lazylayerBin, "populate", "--address", e.lazySock, "--all", "--wait").CombinedOutput()
+	if err != nil {
+		e.t.Fatalf("lazylayer populate --all --wait: %v\n%s", err, out)
+	}
 }
 
 // waitLocal waits until every layer of img is local.
@@ -103,6 +116,7 @@ const gib = 1 << 30
 func TestSwap(t *testing.T) {
 	reg, proxy := startRegistry(t)
 	e := newEnv(t, reg.Addr(), proxy.Addr(), `[lazy]
+  populate = "manual"
   swap_grace = "1s"
 `)
 	big := testimage.Layer{Compression: testimage.Gzip, Entries: []testimage.Entry{
@@ -133,8 +147,13 @@ done >/tmp/log 2>&1`)
 	if !hasLazyLower(rootfsLowers(t, "early")) {
 		t.Fatal("the container started before population has no FUSE lowerdir: was the image lazy?")
 	}
-	e.waitLocal(img, 5*time.Minute)
-	time.Sleep(2 * time.Second) // a few more rounds after the swap
+	rounds := func() int {
+		return strings.Count(e.ctr("task", "exec", "--exec-id", fmt.Sprintf("log-%d", time.Now().UnixNano()), "early", "cat", "/tmp/log"), "round")
+	}
+	waitFor(t, "a first round of reads while lazy", func() bool { return rounds() >= 1 })
+	e.populate()
+	local := rounds()
+	waitFor(t, "two rounds of reads after the swap", func() bool { return rounds() >= local+2 })
 	log := e.ctr("task", "exec", "--exec-id", "log", "early", "cat", "/tmp/log")
 	if strings.Contains(log, "ERROR") || !strings.Contains(log, "round") {
 		t.Errorf("the lazily started container saw errors across the swap:\n%s", log)
