@@ -258,6 +258,18 @@ func (m *Manager) Release(ctx context.Context, dir string) error {
 	if !ok {
 		return m.detachStale(ctx, dir)
 	}
+	if err := ll.stop(ctx); err != nil {
+		return err
+	}
+	for _, f := range []string{lazyTOCFile, lazyDescFile, lazyBlobFile} {
+		os.Remove(filepath.Join(dir, f))
+	}
+	return nil
+}
+
+// stop ends ll's population, waits for it, and detaches its mount. What
+// is saved in its directory stays, for a restart.
+func (ll *Lazy) stop(ctx context.Context) error {
 	ll.cancel()
 	ll.mu.Lock()
 	exited := ll.exited
@@ -270,13 +282,8 @@ func (m *Manager) Release(ctx context.Context, dir string) error {
 		}
 	}
 	ll.layer.Close()
-	if _, err := ll.detach(); err != nil {
-		return err
-	}
-	for _, f := range []string{lazyTOCFile, lazyDescFile, lazyBlobFile} {
-		os.Remove(filepath.Join(dir, f))
-	}
-	return nil
+	_, err := ll.detach()
+	return err
 }
 
 // detach unmounts the layer's FUSE mount, once; its server answers the

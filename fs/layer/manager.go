@@ -167,14 +167,12 @@ func (m *Manager) Close() error {
 	m.cancel()
 	m.wg.Wait()
 	m.mu.Lock()
-	dirs := make([]string, 0, len(m.lazy))
-	for dir := range m.lazy {
-		dirs = append(dirs, dir)
-	}
+	lazy := m.lazy
+	m.lazy = map[string]*Lazy{}
 	m.mu.Unlock()
 	var errs []error
-	for _, dir := range dirs {
-		errs = append(errs, m.Release(context.Background(), dir))
+	for _, ll := range lazy {
+		errs = append(errs, ll.stop(context.Background()))
 	}
 	errs = append(errs, os.RemoveAll(m.cfg.Staging))
 	return errors.Join(errs...)
