@@ -62,11 +62,11 @@ func (c *cli) status(ctx context.Context, args []string) error {
 		if l.Size > 0 {
 			fetched = fmt.Sprintf("%s / %s (%d%%)", humanSize(l.Held), humanSize(l.Size), 100*l.Held/l.Size)
 		}
-		if l.State == "populating" && l.Rate > 0 {
+		if l.State == layerstatus.StatePopulating && l.Rate > 0 {
 			rate = humanSize(int64(l.Rate)) + "/s"
 		}
 		state := l.State
-		if l.HeldBack && l.State == "lazy" {
+		if l.HeldBack && l.State == layerstatus.StateLazy {
 			state = "lazy (held)"
 		}
 		users, mp := "-", "-"

@@ -12,15 +12,16 @@ import (
 	"github.com/opencontainers/go-digest"
 
 	"github.com/lazylayer/lazylayer/fs/extract"
+	"github.com/lazylayer/lazylayer/fs/layer/layerstatus"
 )
 
 // The states of a lazy layer, as status reports them. The snapshot package
 // records only lazy and local.
 const (
-	stateLazy       = "lazy"
-	statePopulating = "populating"
-	stateLocal      = "local"
-	stateFailed     = "failed" // population gave up; the layer stays lazy
+	stateLazy       = layerstatus.StateLazy
+	statePopulating = layerstatus.StatePopulating
+	stateLocal      = layerstatus.StateLocal
+	stateFailed     = layerstatus.StateFailed
 )
 
 // Start implements snapshot.LazyLayer: the layer's snapshot is committed,

@@ -27,11 +27,19 @@ func Address(address string) string {
 	return filepath.Join(filepath.Dir(address), "status.sock")
 }
 
+// The states a layer is reported in.
+const (
+	StateLazy       = "lazy"       // served on demand
+	StatePopulating = "populating" // downloading in the background
+	StateLocal      = "local"      // a complete, verified local tree
+	StateFailed     = "failed"     // population gave up; still served lazily
+)
+
 // Layer is what the daemon reports of one layer it holds.
 type Layer struct {
 	Digest   string  `json:"digest"`
 	Snapshot string  `json:"snapshot"`
-	State    string  `json:"state"` // "lazy", "populating", "local" or "failed"
+	State    string  `json:"state"` // StateLazy, StatePopulating, StateLocal or StateFailed
 	Size     int64   `json:"size"`  // compressed size of the blob, when known
 	Fetched  int64   `json:"fetched"`
 	Held     int64   `json:"held"`              // bytes of the blob held locally
