@@ -8,6 +8,7 @@ import (
 	"path/filepath"
 	"runtime"
 	"strconv"
+	"strings"
 	"syscall"
 	"unsafe"
 
@@ -29,6 +30,11 @@ import (
 // Build needs CAP_SYS_ADMIN (trusted.* xattrs), CAP_MKNOD (devices and
 // whiteouts) and CAP_CHOWN, and a file system with trusted xattrs.
 func Build(ctx context.Context, dir string, entries []Entry) error {
+	return build(ctx, dir, entries, min(runtime.GOMAXPROCS(0), 8))
+}
+
+// build is Build with workers directories filled at once.
+func build(ctx context.Context, dir string, entries []Entry, workers int) error {
 	t, err := plan(entries)
 	if err != nil {
 		return fmt.Errorf("metadata tree %s: %w", dir, err)
@@ -38,7 +44,11 @@ func Build(ctx context.Context, dir string, entries []Entry) error {
 	if err != nil {
 		return fmt.Errorf("metadata tree %s: %w", dir, err)
 	}
-	if err := t.write(ctx, tmp); err != nil {
+	if err := prepareRoot(tmp); err != nil {
+		os.RemoveAll(tmp)
+		return fmt.Errorf("metadata tree %s: %w", dir, err)
+	}
+	if err := t.write(ctx, tmp, workers); err != nil {
 		os.RemoveAll(tmp)
 		return fmt.Errorf("metadata tree %s: %w", dir, err)
 	}
@@ -49,21 +59,38 @@ func Build(ctx context.Context, dir string, entries []Entry) error {
 	return nil
 }
 
-// workers is how many directories are filled at once.
-func workers() int {
-	return min(runtime.GOMAXPROCS(0), 8)
+// prepareRoot makes sure nothing created under root inherits anything from
+// root's parent: a setgid bit (the group of new files) or a default ACL
+// (which replaces the umask), so that each entry is created as asked.
+func prepareRoot(root string) error {
+	if err := os.Chown(root, os.Geteuid(), os.Getegid()); err != nil {
+		return err
+	}
+	if err := os.Chmod(root, 0o700); err != nil {
+		return err
+	}
+	err := unix.Removexattr(root, "system.posix_acl_default")
+	if err != nil && !errors.Is(err, unix.ENODATA) && !errors.Is(err, unix.ENOTSUP) {
+		return fmt.Errorf("remove inherited default ACL: %w", err)
+	}
+	return nil
 }
 
-// write creates the tree under root, an empty directory: every name, then
-// the hard links, then the directories' own attributes, since creating a
-// name changes its directory's mtime.
-func (t *tree) write(ctx context.Context, root string) error {
+// write creates the tree under root, an empty directory. Creating a name
+// changes its directory's mtime, so a directory gets its own attributes
+// once all its names exist: at the end of filling it, or, when it holds
+// hard links, after they are made.
+func (t *tree) write(ctx context.Context, root string, workers int) error {
 	rootFD, err := unix.Open(root, unix.O_RDONLY|unix.O_DIRECTORY|unix.O_NOFOLLOW|unix.O_CLOEXEC, 0)
 	if err != nil {
 		return err
 	}
 	defer unix.Close(rootFD)
-	w := &writer{t: t, root: rootFD}
+	w := &writer{t: t, root: rootFD, workers: workers, umask: umask(), linked: map[int32]bool{}}
+	w.owned = os.Geteuid() == 0 && os.Getegid() == 0
+	for _, i := range t.links {
+		w.linked[t.nodes[i].parent] = true
+	}
 	if err := w.eachDir(ctx, w.fill); err != nil {
 		return err
 	}
@@ -72,12 +99,55 @@ func (t *tree) write(ctx context.Context, root string) error {
 			return err
 		}
 	}
-	return w.eachDir(ctx, w.finishDir)
+	for d := range w.linked {
+		if err := w.finishDir(d); err != nil {
+			return err
+		}
+	}
+	return nil
 }
 
 type writer struct {
-	t    *tree
-	root int // the tree's root directory; read-only after write starts
+	t       *tree
+	root    int            // the tree's root directory
+	workers int            // how many directories are filled at once
+	umask   uint32         // the process's umask, or 0o777 when unknown
+	linked  map[int32]bool // directories that hold hard links
+	owned   bool           // new entries belong to 0:0, the usual owner
+	// All fields are read-only once write starts filling directories.
+}
+
+// umask returns the process's file mode creation mask without changing it
+// (umask(2) can only set it, for every thread at once).
+func umask() uint32 {
+	b, err := os.ReadFile("/proc/self/status")
+	if err != nil {
+		return 0o777
+	}
+	for _, line := range strings.Split(string(b), "\n") {
+		if v, ok := strings.CutPrefix(line, "Umask:"); ok {
+			if m, err := strconv.ParseUint(strings.TrimSpace(v), 8, 32); err == nil {
+				return uint32(m)
+			}
+		}
+	}
+	return 0o777
+}
+
+// chown reports whether e, just created, needs a chown.
+func (w *writer) chown(e *Entry) bool {
+	return !w.owned || e.UID != 0 || e.GID != 0
+}
+
+// createMode returns the mode to create an entry with, and whether it
+// needs a chmod after: the umask applies at creation, and a chown drops
+// setuid and setgid.
+func (w *writer) createMode(e *Entry) (uint32, bool) {
+	perm := e.Mode & 0o7777
+	if perm&0o7000 == 0 && perm&w.umask == 0 {
+		return perm, false
+	}
+	return perm & 0o700, true
 }
 
 // eachDir calls fn for every directory, parents before children, several at
@@ -85,7 +155,7 @@ type writer struct {
 func (w *writer) eachDir(ctx context.Context, fn func(dir int32) error) error {
 	for l := 1; l < len(w.t.levels); l++ {
 		g, gctx := errgroup.WithContext(ctx)
-		g.SetLimit(workers())
+		g.SetLimit(w.workers)
 		for _, d := range w.t.dirs[w.t.levels[l-1]:w.t.levels[l]] {
 			g.Go(func() error {
 				if err := gctx.Err(); err != nil {
@@ -118,7 +188,8 @@ func (w *writer) openDir(d int32) (int, error) {
 	return fd, nil
 }
 
-// fill creates the children of directory d, but not hard links.
+// fill creates the children of directory d, but not hard links, and then
+// sets d's own attributes unless hard links are still to come.
 func (w *writer) fill(d int32) error {
 	dfd, err := w.openDir(d)
 	if err != nil {
@@ -130,34 +201,44 @@ func (w *writer) fill(d int32) error {
 		if n.target >= 0 {
 			continue
 		}
-		if err := create(dfd, n); err != nil {
+		if err := w.create(dfd, n); err != nil {
 			return fmt.Errorf("create %q: %w", n.e.Path, err)
 		}
+	}
+	if w.linked[d] {
+		return nil
+	}
+	_, chmod := w.createMode(w.t.nodes[d].e)
+	if err := w.setAttrs(dfd, w.t.nodes[d].e, chmod || d == 0); err != nil {
+		return fmt.Errorf("directory %q: %w", w.t.nodes[d].e.Path, err)
 	}
 	return nil
 }
 
 // create makes the non-link node n in the directory dfd, with its
 // attributes unless it is a directory.
-func create(dfd int, n *node) error {
+func (w *writer) create(dfd int, n *node) error {
 	e := n.e
-	perm := e.Mode & 0o7777
+	mode, chmod := w.createMode(e)
 	switch e.Mode & syscall.S_IFMT {
 	case syscall.S_IFDIR:
-		return unix.Mkdirat(dfd, n.name, 0o700)
+		return unix.Mkdirat(dfd, n.name, mode)
 	case syscall.S_IFREG:
-		return createFile(dfd, n)
+		return w.createFile(dfd, n, mode, chmod)
 	case syscall.S_IFLNK:
 		if err := unix.Symlinkat(e.Linkname, dfd, n.name); err != nil {
 			return err
 		}
+		chmod = false
 	default: // devices, fifos, whiteouts
-		if err := unix.Mknodat(dfd, n.name, e.Mode&syscall.S_IFMT|0o600, int(e.Rdev)); err != nil {
+		if err := unix.Mknodat(dfd, n.name, e.Mode&syscall.S_IFMT|mode, int(e.Rdev)); err != nil {
 			return err
 		}
 	}
-	if err := unix.Fchownat(dfd, n.name, int(e.UID), int(e.GID), unix.AT_SYMLINK_NOFOLLOW); err != nil {
-		return err
+	if w.chown(e) {
+		if err := unix.Fchownat(dfd, n.name, int(e.UID), int(e.GID), unix.AT_SYMLINK_NOFOLLOW); err != nil {
+			return err
+		}
 	}
 	if len(e.Xattrs) > 0 {
 		// No fd can be opened on a symlink, device or fifo to set xattrs
@@ -170,8 +251,8 @@ func create(dfd int, n *node) error {
 			return err
 		}
 	}
-	if e.Mode&syscall.S_IFMT != syscall.S_IFLNK {
-		if err := unix.Fchmodat(dfd, n.name, perm, 0); err != nil {
+	if chmod {
+		if err := unix.Fchmodat(dfd, n.name, e.Mode&0o7777, 0); err != nil {
 			return err
 		}
 	}
@@ -180,9 +261,9 @@ func create(dfd int, n *node) error {
 
 // createFile makes a regular file: an empty one as it is, a non-empty one
 // as an overlay metacopy file of its size with its redirect.
-func createFile(dfd int, n *node) (err error) {
+func (w *writer) createFile(dfd int, n *node, mode uint32, chmod bool) (err error) {
 	e := n.e
-	fd, err := unix.Openat(dfd, n.name, unix.O_WRONLY|unix.O_CREAT|unix.O_EXCL|unix.O_NOFOLLOW|unix.O_CLOEXEC, 0o600)
+	fd, err := unix.Openat(dfd, n.name, unix.O_WRONLY|unix.O_CREAT|unix.O_EXCL|unix.O_NOFOLLOW|unix.O_CLOEXEC, mode)
 	if err != nil {
 		return err
 	}
@@ -196,14 +277,15 @@ func createFile(dfd int, n *node) (err error) {
 			return err
 		}
 	}
-	return setAttrs(fd, e)
+	return w.setAttrs(fd, e, chmod)
 }
 
 // setAttrs sets the attributes of a regular file or directory open as fd,
-// in the order containerd's applier uses: owner, xattrs, mode, times. A
-// chown drops setuid bits and security.capability, so it comes first.
-func setAttrs(fd int, e *Entry) error {
-	if e.UID != 0 || e.GID != 0 {
+// in the order containerd's applier uses: owner, xattrs, mode (unless chmod
+// is false: it was created with its mode), times. A chown drops setuid bits
+// and security.capability, so it comes first.
+func (w *writer) setAttrs(fd int, e *Entry, chmod bool) error {
+	if w.chown(e) {
 		if err := unix.Fchown(fd, int(e.UID), int(e.GID)); err != nil {
 			return err
 		}
@@ -225,8 +307,10 @@ func setAttrs(fd int, e *Entry) error {
 	if err := setXattrs(e, set); err != nil {
 		return err
 	}
-	if err := unix.Fchmod(fd, e.Mode&0o7777); err != nil {
-		return err
+	if chmod {
+		if err := unix.Fchmod(fd, e.Mode&0o7777); err != nil {
+			return err
+		}
 	}
 	return futimens(fd, times(e))
 }
@@ -284,7 +368,7 @@ func (w *writer) finishDir(d int32) error {
 		return err
 	}
 	defer unix.Close(fd)
-	if err := setAttrs(fd, w.t.nodes[d].e); err != nil {
+	if err := w.setAttrs(fd, w.t.nodes[d].e, true); err != nil {
 		return fmt.Errorf("directory %q: %w", w.t.nodes[d].e.Path, err)
 	}
 	return nil

@@ -109,3 +109,44 @@ func TestBuildFailsClean(t *testing.T) {
 		t.Errorf("the existing tree changed: %v", err)
 	}
 }
+
+// TestParentInheritance: a setgid bit or a default ACL on the directory the
+// tree is built in does not leak into the tree.
+func TestParentInheritance(t *testing.T) {
+	requireRoot(t)
+	parent := t.TempDir()
+	if err := os.Chown(parent, 0, 4321); err != nil {
+		t.Fatal(err)
+	}
+	if err := os.Chmod(parent, 0o2755|os.ModeSetgid); err != nil {
+		t.Fatal(err)
+	}
+	// u::rwx g::--- o::---: without the fix, new entries lose group and
+	// other permissions and the umask no longer applies.
+	acl := []byte{2, 0, 0, 0}
+	for _, tag := range []uint16{0x01, 0x04, 0x20} {
+		perm := uint16(0)
+		if tag == 0x01 {
+			perm = 7
+		}
+		acl = append(acl, byte(tag), byte(tag>>8), byte(perm), 0, 0xff, 0xff, 0xff, 0xff)
+	}
+	if err := syscall.Setxattr(parent, "system.posix_acl_default", acl, 0); err != nil {
+		t.Skipf("no default ACLs here: %v", err)
+	}
+	dst := filepath.Join(parent, "meta")
+	err := Build(t.Context(), dst, []Entry{
+		{Path: "f", Mode: modeReg | 0o644},
+		{Path: "d", Mode: modeDir | 0o755},
+		{Path: "d/g", Mode: modeReg | 0o755, Size: 3, Redirect: "/" + RedirectRoot + "/k/1"},
+	})
+	if err != nil {
+		t.Fatal(err)
+	}
+	for p, mode := range map[string]uint32{".": modeDir | 0o755, "f": modeReg | 0o644, "d": modeDir | 0o755, "d/g": modeReg | 0o755} {
+		st := lstat(t, filepath.Join(dst, p))
+		if st.Mode != mode || st.Gid != 0 {
+			t.Errorf("%s: mode %#o gid %d, want %#o gid 0", p, st.Mode, st.Gid, mode)
+		}
+	}
+}
