@@ -180,6 +180,24 @@ func TestCopyUp(t *testing.T) {
 			if _, err := os.ReadFile(filepath.Join(mnt, "a")); !errors.Is(err, unix.EPERM) {
 				t.Errorf("upper a mounted without %s: read gave %v, want EPERM", MetacopyOption, err)
 			}
+			s.unmount(mnt)
+
+			// Once the layer is local, the stub finds its data by path in
+			// the plain tree that replaced the metadata tree (it holds
+			// only an origin file handle, no redirect).
+			if _, ok := xattrs(t, filepath.Join(upper, "a"))[xattrRedirect]; ok {
+				t.Errorf("upper a has a redirect")
+			}
+			local := filepath.Join(s.dir, "local-layer")
+			s.put(local, "a", "data of a\n")
+			s.put(local, "b", "data of b\n")
+			mnt = s.mount([]string{local}, upper, MetacopyOption)
+			if got := readFile(t, filepath.Join(mnt, "a")); got != "data of a\n" {
+				t.Errorf("a over the local layer: %q", got)
+			}
+			if got := lstat(t, filepath.Join(mnt, "a")).Mode; got != modeReg|0o600 {
+				t.Errorf("a over the local layer: mode %#o", got)
+			}
 		})
 	}
 }
