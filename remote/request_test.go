@@ -8,6 +8,7 @@ import (
 	"errors"
 	"fmt"
 	"io"
+	"net"
 	"net/http"
 	"net/http/httptest"
 	"net/url"
@@ -370,5 +371,96 @@ func TestHostsEdited(t *testing.T) {
 		if n := len(reg.blobRequests()); n == 0 {
 			t.Errorf("after pointing hosts.toml at registry %d, it saw no request", i+1)
 		}
+	}
+}
+
+// frozenAddr returns the address of a registry that is frozen (as with
+// SIGSTOP): the kernel accepts TCP connections into the listen backlog, and
+// nothing ever answers.
+func frozenAddr(t *testing.T) string {
+	t.Helper()
+	l, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { _ = l.Close() })
+	return l.Addr().String()
+}
+
+// TestTimeoutFrozenRegistry: Options.Timeout abandons a request to a
+// registry that accepted the connection and never answers, and each retry
+// gets the same bound.
+func TestTimeoutFrozenRegistry(t *testing.T) {
+	opts := testOptions(t)
+	opts.Timeout = 200 * time.Millisecond
+	opts.Retries = 3
+	desc := ocispec.Descriptor{Digest: digest.Digest("sha256:" + strings.Repeat("a", 64)), Size: 3000}
+	b, err := NewResolver(opts).Blob(t.Context(), frozenAddr(t)+"/foo:latest", desc)
+	if err != nil {
+		t.Fatal(err)
+	}
+	start := time.Now()
+	_, err = b.ReadRange(t.Context(), 0, 10)
+	elapsed := time.Since(start)
+	if !errors.Is(err, ErrUnavailable) || !strings.Contains(err.Error(), "no progress for 200ms (after 3 attempts)") {
+		t.Errorf("ReadRange from a frozen registry: got %v, want ErrUnavailable naming the stall", err)
+	}
+	if limit := 3*opts.Timeout + time.Second; elapsed > limit {
+		t.Errorf("ReadRange from a frozen registry took %v, want at most %v", elapsed, limit)
+	}
+}
+
+// TestContextBoundsRequests: a caller's deadline bounds a request as a
+// whole, whatever the Resolver's own retries and timeouts would allow:
+// connecting, waiting for an answer, reading the body, and the backoff
+// between attempts.
+func TestContextBoundsRequests(t *testing.T) {
+	const deadline = 500 * time.Millisecond
+	reg := newRegistry(t)
+	blob, desc := reg.addBlob(3000)
+	reg.setMisbehave(func(w http.ResponseWriter, r *http.Request, seen int) bool {
+		if r.Header.Get("Range") == "" {
+			return false
+		}
+		first, last := requestedRange(t, r)
+		w.Header().Set("Content-Range", fmt.Sprintf("bytes %d-%d/%d", first, last, len(blob)))
+		w.Header().Set("Content-Length", fmt.Sprint(last-first+1))
+		w.WriteHeader(http.StatusPartialContent)
+		_, _ = w.Write(blob[first : first+10])
+		w.(http.Flusher).Flush()
+		<-r.Context().Done() // the body stalls
+		return true
+	})
+	for _, tc := range []struct {
+		name string
+		host string
+	}{
+		{"refused", closedAddr(t)},
+		{"frozen", frozenAddr(t)},
+		{"body stalls", reg.host},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			// The defaults: 4 attempts, 30s without progress each.
+			r := NewResolver(Options{DockerConfig: t.TempDir()})
+			b, err := r.Blob(t.Context(), tc.host+"/foo:latest", desc)
+			if err != nil {
+				t.Fatal(err)
+			}
+			ctx, cancel := context.WithTimeout(t.Context(), deadline)
+			defer cancel()
+			start := time.Now()
+			rc, err := b.ReadRange(ctx, 0, 1000)
+			if err == nil {
+				_, err = io.ReadAll(rc)
+				rc.Close()
+			}
+			elapsed := time.Since(start)
+			if !errors.Is(err, context.DeadlineExceeded) {
+				t.Errorf("got %v, want the deadline's error", err)
+			}
+			if elapsed > deadline+250*time.Millisecond {
+				t.Errorf("returned after %v, the deadline was %v", elapsed, deadline)
+			}
+		})
 	}
 }

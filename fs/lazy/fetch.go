@@ -8,6 +8,7 @@ import (
 	"io"
 	"slices"
 	"sort"
+	"sync"
 	"sync/atomic"
 	"time"
 
@@ -32,7 +33,7 @@ type fetcher struct {
 	blob    Blob
 	cache   *cache.Store
 	dec     estargz.Decompressor
-	timeout time.Duration // how long a read waits for an unavailable registry
+	timeout time.Duration // how long a read waits while the registry sends nothing
 	maxSpan int64         // largest merged request
 	partial *partialBlob  // local copy of the blob, filled as bytes arrive; may be nil
 	ix      *index        // for the chunks next to a read's in the blob
@@ -41,6 +42,10 @@ type fetcher struct {
 	act      *Activity    // on-demand requests of every layer; population yields to them
 	requests atomic.Int64 // ranged requests made
 	fetched  atomic.Int64 // compressed bytes received
+	lastByte atomic.Int64 // when an on-demand request last received a byte, unix ns
+
+	failMu   sync.Mutex
+	failures map[digest.Digest]failure // chunks of reads that timed out lately; guarded by failMu
 }
 
 // Activity tracks the on-demand requests of all the lazy layers that share
@@ -69,27 +74,53 @@ func (a *Activity) quietFor(d time.Duration) bool {
 // again before the read fails.
 const verifyRetries = 2
 
-// load returns the bytes of the chunks cs, in order. It retries while the
-// registry is unavailable, up to f.timeout, and a chunk that failed
-// verification up to verifyRetries times.
+// errNoAnswer cancels a load once the registry has sent the layer nothing
+// for the read timeout.
+var errNoAnswer = errors.New("the registry sent nothing")
+
+// retryWindow is how long the chunks of a read that timed out fail at once
+// for the reads that follow: the kernel answers a failed read-ahead with a
+// read of its own for the same bytes, which must not wait again.
+const retryWindow = time.Second
+
+// load returns the bytes of the chunks cs, in order. While the registry
+// fails it retries, until the registry has sent this layer nothing for
+// f.timeout (retries and remote's own timeouts included); a chunk that
+// failed verification is fetched again up to verifyRetries times.
 func (f *fetcher) load(ctx context.Context, cs []chunk) ([][]byte, error) {
 	ds := make([]digest.Digest, len(cs))
 	for i := range cs {
 		ds[i] = cs[i].dgst()
 	}
 	fetch := func(ctx context.Context, missing []digest.Digest) (map[digest.Digest][]byte, error) {
+		if err := f.recentlyFailed(missing); err != nil {
+			return nil, err
+		}
 		return f.fetch(ctx, cs, missing)
 	}
-	deadline := time.Now().Add(f.timeout)
+	wctx, stop := f.watch(ctx)
+	defer stop()
 	backoff := 50 * time.Millisecond
 	badData := 0
+	var last error // the last failure other than the watchdog's
 	for {
-		bufs, err := f.cache.Load(ctx, ds, fetch)
+		bufs, err := f.cache.Load(wctx, ds, fetch)
 		if err == nil {
 			return bufs, nil
 		}
 		if ctx.Err() != nil {
 			return nil, ctx.Err()
+		}
+		if errors.Is(err, errRetrying) {
+			return nil, err
+		}
+		if wctx.Err() != nil {
+			if last == nil {
+				last = err
+			}
+			err = fmt.Errorf("%w for %v: %w", errNoAnswer, f.timeout, last)
+			f.failed(cs, err)
+			return nil, err
 		}
 		if errors.Is(err, cache.ErrDigestMismatch) || errors.Is(err, errCorrupt) {
 			// The local blob copy must not keep bytes that proved wrong.
@@ -103,17 +134,92 @@ func (f *fetcher) load(ctx context.Context, cs []chunk) ([][]byte, error) {
 			}
 			continue
 		}
-		if time.Now().Add(backoff).After(deadline) {
-			return nil, fmt.Errorf("registry did not answer within %v: %w", f.timeout, err)
-		}
+		last = err
 		log.G(ctx).WithError(err).WithField("layer", f.layer).Debug("chunk fetch failed; retrying")
 		select {
 		case <-time.After(backoff):
-		case <-ctx.Done():
-			return nil, ctx.Err()
+		case <-wctx.Done():
 		}
 		backoff = min(backoff*2, 2*time.Second)
 	}
+}
+
+// watch returns ctx, canceled once the registry has sent this layer
+// nothing for f.timeout since the call: no byte for this load, nor for any
+// other on-demand read of the layer (a load may wait for chunks another one
+// fetches). stop releases it.
+func (f *fetcher) watch(ctx context.Context) (_ context.Context, stop func()) {
+	ctx, cancel := context.WithCancelCause(ctx)
+	start := time.Now().UnixNano()
+	var (
+		mu    sync.Mutex
+		timer *time.Timer // guarded by mu
+	)
+	mu.Lock()
+	defer mu.Unlock()
+	timer = time.AfterFunc(f.timeout, func() {
+		last := max(start, f.lastByte.Load())
+		if wait := time.Until(time.Unix(0, last).Add(f.timeout)); wait > 0 {
+			mu.Lock()
+			timer.Reset(wait)
+			mu.Unlock()
+			return
+		}
+		cancel(errNoAnswer)
+	})
+	return ctx, func() {
+		mu.Lock()
+		timer.Stop()
+		mu.Unlock()
+		cancel(nil)
+	}
+}
+
+// errRetrying marks a fetch refused because a read that wanted the same
+// chunks has just timed out (see retryWindow).
+var errRetrying = errors.New("a read of these chunks has just timed out")
+
+// failed records that the chunks cs timed out with err.
+func (f *fetcher) failed(cs []chunk, err error) {
+	now := time.Now()
+	f.failMu.Lock()
+	defer f.failMu.Unlock()
+	for d, fl := range f.failures {
+		if now.Sub(fl.at) >= retryWindow {
+			delete(f.failures, d)
+		}
+	}
+	if f.failures == nil {
+		f.failures = make(map[digest.Digest]failure)
+	}
+	for _, c := range cs {
+		f.failures[c.dgst()] = failure{now, err}
+	}
+}
+
+// failure is a chunk of a read that timed out.
+type failure struct {
+	at  time.Time
+	err error
+}
+
+// recentlyFailed returns an error wrapping errRetrying if every chunk of
+// missing was part of a read that timed out within retryWindow.
+func (f *fetcher) recentlyFailed(missing []digest.Digest) error {
+	f.failMu.Lock()
+	defer f.failMu.Unlock()
+	var last failure
+	for _, d := range missing {
+		fl, ok := f.failures[d]
+		if !ok || time.Since(fl.at) >= retryWindow {
+			return nil
+		}
+		last = fl
+	}
+	if last.err == nil {
+		return nil
+	}
+	return fmt.Errorf("%w: %w", errRetrying, last.err)
 }
 
 // errCorrupt marks a compressed stream that does not decompress.
@@ -204,7 +310,7 @@ func (f *fetcher) read(ctx context.Context, s span) ([]byte, error) {
 	if err != nil {
 		return nil, err
 	}
-	n, err := io.ReadFull(rc, buf)
+	n, err := io.ReadFull(progress{rc, &f.lastByte}, buf)
 	rc.Close()
 	f.requests.Add(1)
 	f.fetched.Add(int64(n))
@@ -217,6 +323,20 @@ func (f *fetcher) read(ctx context.Context, s span) ([]byte, error) {
 		}
 	}
 	return buf, nil
+}
+
+// progress notes the time of each read that returns bytes.
+type progress struct {
+	r    io.Reader
+	last *atomic.Int64 // unix ns
+}
+
+func (p progress) Read(b []byte) (int, error) {
+	n, err := p.r.Read(b)
+	if n > 0 {
+		p.last.Store(time.Now().UnixNano())
+	}
+	return n, err
 }
 
 // decompress reads the chunks cs, sorted by inner offset, out of one

@@ -35,8 +35,13 @@ var ErrTOCMismatch = errors.New("TOC does not match its digest")
 type Options struct {
 	// Cache holds verified chunks. Required.
 	Cache *cache.Store
-	// ReadTimeout is how long a read waits for an unavailable registry
-	// before it fails with EIO (default 30s).
+	// ReadTimeout is how long a read waits while the registry sends the
+	// layer nothing (default 30s): once no byte has arrived for this
+	// long, retries and remote's own request timeouts included, the read
+	// fails with EIO. A read whose bytes keep arriving is not cut short,
+	// however slow the link. The kernel follows a failed read-ahead with
+	// a read of its own for the same bytes: reads of the chunks of a read
+	// that timed out fail at once for a second after it.
 	ReadTimeout time.Duration
 	// MaxRequest bounds one merged ranged request (default 16 MiB).
 	MaxRequest int64

@@ -128,30 +128,65 @@ func newFixture(t *testing.T, o Options) *fixture {
 	if os.Getuid() != 0 {
 		t.Skip("mounting FUSE needs root")
 	}
-	tarBytes, files := sampleTar(t)
-	rc, err := estargz.Build(io.NewSectionReader(bytes.NewReader(tarBytes), 0, int64(len(tarBytes))),
-		estargz.WithChunkSize(256<<10), estargz.WithPrioritizedFiles([]string{"etc/hostname"}))
-	if err != nil {
-		t.Fatal(err)
-	}
-	data, err := io.ReadAll(rc)
-	rc.Close()
-	if err != nil {
-		t.Fatal(err)
-	}
+	data, desc, files := buildLayer(t)
 	blob := &testBlob{data: data}
-	desc := ocispec.Descriptor{
-		MediaType:   ocispec.MediaTypeImageLayerGzip,
-		Digest:      digest.FromBytes(data),
-		Size:        int64(len(data)),
-		Annotations: map[string]string{TOCDigestAnnotation: rc.TOCDigest().String()},
+	l := openLayer(t, data, blob, desc, o)
+	return &fixture{blob: blob, layer: l, mnt: mountLayer(t, l), files: files}
+}
+
+// builtLayer is the eStargz blob of sampleTar, built once: building it
+// takes seconds under the race detector.
+var builtLayer struct {
+	once  sync.Once
+	data  []byte
+	desc  ocispec.Descriptor
+	files map[string][]byte
+	err   error
+}
+
+// buildLayer returns the eStargz blob of sampleTar, its descriptor and the
+// files it holds. Callers must not modify them.
+func buildLayer(t testing.TB) ([]byte, ocispec.Descriptor, map[string][]byte) {
+	t.Helper()
+	b := &builtLayer
+	b.once.Do(func() {
+		tarBytes, files := sampleTar(t)
+		rc, err := estargz.Build(io.NewSectionReader(bytes.NewReader(tarBytes), 0, int64(len(tarBytes))),
+			estargz.WithChunkSize(256<<10), estargz.WithPrioritizedFiles([]string{"etc/hostname"}))
+		if err != nil {
+			b.err = err
+			return
+		}
+		defer rc.Close()
+		if b.data, b.err = io.ReadAll(rc); b.err != nil {
+			return
+		}
+		b.files = files
+		b.desc = ocispec.Descriptor{
+			MediaType:   ocispec.MediaTypeImageLayerGzip,
+			Digest:      digest.FromBytes(b.data),
+			Size:        int64(len(b.data)),
+			Annotations: map[string]string{TOCDigestAnnotation: rc.TOCDigest().String()},
+		}
+	})
+	if b.err != nil {
+		t.Fatal(b.err)
 	}
+	return b.data, b.desc, b.files
+}
+
+// openLayer opens the layer desc, whose blob is data, reading its TOC from
+// data and its chunks from blob. Options left zero get a chunk cache and a
+// blob copy in temporary directories.
+func openLayer(t *testing.T, data []byte, blob Blob, desc ocispec.Descriptor, o Options) *Layer {
+	t.Helper()
 	if o.Cache == nil {
-		o.Cache, err = cache.Open(context.Background(), t.TempDir(), 0)
+		c, err := cache.Open(context.Background(), t.TempDir(), 0)
 		if err != nil {
 			t.Fatal(err)
 		}
-		t.Cleanup(func() { o.Cache.Close() })
+		t.Cleanup(func() { c.Close() })
+		o.Cache = c
 	}
 	tocDigest, ok := Capable(desc)
 	if !ok {
@@ -164,6 +199,13 @@ func newFixture(t *testing.T, o Options) *fixture {
 	if err != nil {
 		t.Fatal(err)
 	}
+	return l
+}
+
+// mountLayer mounts l in a temporary directory until the test ends, and
+// closes l then.
+func mountLayer(t *testing.T, l *Layer) string {
+	t.Helper()
 	mnt := filepath.Join(t.TempDir(), "lazy")
 	os.Mkdir(mnt, 0o755)
 	if err := l.Mount(context.Background(), mnt); err != nil {
@@ -178,7 +220,7 @@ func newFixture(t *testing.T, o Options) *fixture {
 		<-done
 		l.Close()
 	})
-	return &fixture{blob: blob, layer: l, mnt: mnt, files: files}
+	return mnt
 }
 
 func TestTree(t *testing.T) {

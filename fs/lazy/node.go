@@ -2,6 +2,7 @@ package lazy
 
 import (
 	"context"
+	"errors"
 	"io"
 	"os"
 	"sync"
@@ -303,9 +304,16 @@ func (h *handle) Read(ctx context.Context, dest []byte, off int64) (fuse.ReadRes
 	}
 	n, err := l.f.readAt(ctx, l.ix.fileChunks(e), e.size, dest, off, ahead)
 	if err != nil && n == 0 && off < e.size {
-		log.G(ctx).WithError(err).WithFields(log.Fields{
+		entry := log.G(ctx).WithError(err).WithFields(log.Fields{
 			"layer": l.f.layer, "file": "/" + h.n.Path(nil), "offset": off,
-		}).Error("lazy read failed")
+		})
+		if errors.Is(err, errRetrying) {
+			// The kernel retrying a read that failed a moment ago,
+			// which the log has already told.
+			entry.Debug("lazy read failed")
+		} else {
+			entry.Error("lazy read failed")
+		}
 		return nil, syscall.EIO
 	}
 	return fuse.ReadResultData(dest[:n]), 0
