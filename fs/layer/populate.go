@@ -239,11 +239,16 @@ func (m *Manager) retire(ctx context.Context, ll *Lazy) {
 	case <-ctx.Done():
 		return
 	}
+	ll.layer.Close()
+	// Reads under way at the swap may have cached chunks after they were
+	// deleted; with the server gone, none can come after these.
+	if err := m.cfg.Lazy.Cache.Delete(ll.layer.Chunks()...); err != nil {
+		log.G(ctx).WithError(err).Warn("cannot delete the layer's cached chunks")
+	}
 	m.mu.Lock()
 	if m.lazy[ll.dir] == ll {
 		delete(m.lazy, ll.dir)
 	}
 	m.mu.Unlock()
-	ll.layer.Close()
 	log.G(ctx).Info("FUSE mount retired")
 }

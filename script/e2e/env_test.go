@@ -353,7 +353,13 @@ func writeFile(t *testing.T, path, content string) {
 
 func waitFor(t *testing.T, what string, ok func() bool) {
 	t.Helper()
-	deadline := time.Now().Add(30 * time.Second)
+	waitForWithin(t, what, 30*time.Second, ok)
+}
+
+// waitForWithin waits until ok, for at most d.
+func waitForWithin(t *testing.T, what string, d time.Duration, ok func() bool) {
+	t.Helper()
+	deadline := time.Now().Add(d)
 	for !ok() {
 		if time.Now().After(deadline) {
 			t.Fatalf("timed out waiting for %s", what)

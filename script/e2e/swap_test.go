@@ -147,13 +147,16 @@ done >/tmp/log 2>&1`)
 	if !hasLazyLower(rootfsLowers(t, "early")) {
 		t.Fatal("the container started before population has no FUSE lowerdir: was the image lazy?")
 	}
-	rounds := func() int {
-		return strings.Count(e.ctr("task", "exec", "--exec-id", fmt.Sprintf("log-%d", time.Now().UnixNano()), "early", "cat", "/tmp/log"), "round")
+	rounds := func() int { // /tmp/log may not exist yet
+		return strings.Count(e.ctrOut("task", "exec", "--exec-id", fmt.Sprintf("log-%d", time.Now().UnixNano()), "early", "cat", "/tmp/log"), "round")
 	}
-	waitFor(t, "a first round of reads while lazy", func() bool { return rounds() >= 1 })
+	waitFor(t, "the reads to start", func() bool {
+		_, err := e.ctrErr("task", "exec", "--exec-id", fmt.Sprintf("started-%d", time.Now().UnixNano()), "early", "test", "-e", "/tmp/log")
+		return err == nil
+	})
 	e.populate()
 	local := rounds()
-	waitFor(t, "two rounds of reads after the swap", func() bool { return rounds() >= local+2 })
+	waitForWithin(t, "two rounds of reads after the swap", 5*time.Minute, func() bool { return rounds() >= local+2 })
 	log := e.ctr("task", "exec", "--exec-id", "log", "early", "cat", "/tmp/log")
 	if strings.Contains(log, "ERROR") || !strings.Contains(log, "round") {
 		t.Errorf("the lazily started container saw errors across the swap:\n%s", log)
