@@ -32,9 +32,11 @@ type job struct {
 	err     error
 	elapsed time.Duration
 
-	urgent  chan struct{} // closed when containerd waits for the job; guarded by Manager.mu
-	claimed bool          // the tree belongs to a snapshot; guarded by Manager.mu
-	expire  *time.Timer   // deletes an unclaimed tree; guarded by Manager.mu
+	ctx     context.Context
+	cancel  context.CancelFunc // stops a job dropped on a full disk
+	urgent  chan struct{}      // closed when containerd waits for the job; guarded by Manager.mu
+	claimed bool               // the tree belongs to a snapshot, or was dropped; guarded by Manager.mu
+	expire  *time.Timer        // deletes an unclaimed tree; guarded by Manager.mu
 }
 
 // fetch fills dir with the verified tree of desc.
@@ -109,6 +111,7 @@ func (m *Manager) start(ref string, desc ocispec.Descriptor, urgent bool) *job {
 		return nil
 	}
 	j := &job{desc: desc, ahead: !urgent, done: make(chan struct{}), urgent: make(chan struct{})}
+	j.ctx, j.cancel = context.WithCancel(log.WithLogger(m.ctx, log.G(m.ctx).WithField("layer", desc.Digest)))
 	if urgent {
 		m.makeUrgent(j)
 	}
@@ -142,7 +145,8 @@ func (m *Manager) reservedLocked() int64 {
 func (m *Manager) run(j *job, ref string) {
 	defer m.wg.Done()
 	defer close(j.done)
-	ctx := log.WithLogger(m.ctx, log.G(m.ctx).WithField("layer", j.desc.Digest))
+	defer j.cancel()
+	ctx := j.ctx
 	select {
 	case <-j.urgent:
 	case m.sem <- struct{}{}:
@@ -176,10 +180,15 @@ func (m *Manager) run(j *job, ref string) {
 		Info("layer fetched and unpacked")
 
 	m.mu.Lock()
-	if m.jobs[j.desc.Digest] == j && !j.claimed {
+	defer m.mu.Unlock()
+	if j.claimed { // dropped while it ran: nobody can claim it now
+		os.RemoveAll(dir)
+		j.dir, j.err = "", errors.New("dropped: the disk was full")
+		return
+	}
+	if m.jobs[j.desc.Digest] == j {
 		j.expire = time.AfterFunc(m.cfg.StagedTTL, func() { m.expire(j) })
 	}
-	m.mu.Unlock()
 }
 
 // extract streams desc from the registry into dir.
@@ -247,26 +256,32 @@ func (m *Manager) expire(j *job) {
 	log.G(m.ctx).WithField("layer", j.desc.Digest).Info("deleted a layer fetched ahead that containerd did not ask for in time")
 }
 
-// dropStaged deletes every finished tree fetched ahead and not claimed: the
-// disk is full, and they are only a head start.
+// dropStaged stops every layer fetched ahead that containerd does not wait
+// for and deletes its tree: the disk is full, and they are only a head
+// start. containerd fetches them again when it asks for them.
 func (m *Manager) dropStaged(ctx context.Context) {
 	var dirs []string
 	m.mu.Lock()
 	for d, j := range m.jobs {
-		select {
-		case <-j.done: // j.dir is set
-		default:
-			continue
-		}
 		if !staged(j) {
 			continue
 		}
+		select {
+		case <-j.urgent:
+			continue
+		default:
+		}
 		delete(m.jobs, d)
 		j.claimed = true
+		j.cancel()
 		if j.expire != nil {
 			j.expire.Stop()
 		}
-		dirs = append(dirs, j.dir)
+		select {
+		case <-j.done: // j.dir is set
+			dirs = append(dirs, j.dir)
+		default: // run deletes its tree when it ends
+		}
 	}
 	m.mu.Unlock()
 	for _, d := range dirs {
