@@ -28,6 +28,12 @@
 // modification times, whichever is later. A chunk larger than the bound is
 // never stored.
 //
+// A chunk that Load fetched but cannot write (a full disk, a quota, a
+// read-only filesystem) is kept in memory instead, within a bound, so that it
+// is not fetched again on every read; the store then stops trying the disk
+// for a while, and logs once when this starts and once when it ends (see
+// [Store.Load]).
+//
 // [Store.Load] is the read-through entry point: it returns a list of chunks,
 // reading those in the store and fetching the rest with one call of the
 // caller's fetch function. Concurrent Loads of the same chunk share one fetch.

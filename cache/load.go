@@ -5,7 +5,6 @@ import (
 	"errors"
 	"fmt"
 
-	"github.com/containerd/log"
 	"github.com/opencontainers/go-digest"
 )
 
@@ -53,8 +52,11 @@ var errFetchPanicked = errors.New("fetch panicked")
 // only ever for chunks that no other Load is fetching.
 //
 // Chunks larger than the store's bound are returned but not stored. If a
-// verified chunk cannot be stored (a full disk, say), Load still returns it
-// and logs the failure.
+// verified chunk cannot be written (a full disk, say), Load still returns it,
+// and the store keeps it in memory for a while (see Stats.MemoryChunks):
+// while chunks cannot be written, the store keeps up to 64 MiB of them in
+// memory, least recently used out first, tries the disk again every 30
+// seconds, and logs once when this starts and once when it ends.
 func (s *Store) Load(ctx context.Context, ds []digest.Digest, fetch FetchFunc) ([][]byte, error) {
 	keys := make([]key, len(ds))
 	for i, d := range ds {
@@ -130,6 +132,11 @@ func (l *loader) resolve(pending []key) error {
 		for _, k := range pending {
 			if size, ok := l.s.index.touch(k); ok {
 				hits = append(hits, hit{k, size})
+				continue
+			}
+			if b, ok := l.s.mem.get(k); ok {
+				l.got[k] = b
+				l.s.hits.Add(1)
 				continue
 			}
 			l.miss(k)
@@ -214,7 +221,7 @@ func (l *loader) fetch(ctx context.Context, fetch FetchFunc) error {
 		switch {
 		case ok:
 			if err = verify(c.key, b); err == nil {
-				l.store(ctx, c.key, b)
+				l.s.keep(ctx, c.key, b)
 				l.got[c.key] = b
 			}
 			shared = err
@@ -238,15 +245,6 @@ func (l *loader) fetch(ctx context.Context, fetch FetchFunc) error {
 		}
 	}
 	return first
-}
-
-// store puts a fetched and verified chunk into the store. Failing to is not
-// an error for the Load, which has the bytes; it is logged.
-func (l *loader) store(ctx context.Context, k key, b []byte) {
-	err := l.s.put(k, b)
-	if err != nil && !errors.Is(err, ErrClosed) {
-		log.G(ctx).WithError(err).WithField("chunk", k.String()).Warn("chunk cache: fetched chunk not stored")
-	}
 }
 
 // complete ends a fetch of chunk c.key: it hands b or err to the Loads waiting

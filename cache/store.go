@@ -11,6 +11,7 @@ import (
 	"slices"
 	"sync"
 	"sync/atomic"
+	"time"
 
 	"github.com/containerd/log"
 	"github.com/opencontainers/go-digest"
@@ -42,6 +43,12 @@ type Store struct {
 	index    *lru
 	inflight map[key]*call // chunks that a Load is fetching
 	closed   bool
+	// Memory mode (see memory.go): the write failure that started it, nil
+	// when not in memory mode; when to try writing again; the chunks held
+	// in memory.
+	writeErr error
+	retryAt  time.Time
+	mem      *memory
 }
 
 // Stats describes a Store.
@@ -52,6 +59,12 @@ type Stats struct {
 	Hits      int64 // chunks that Get and Load found in the store
 	Misses    int64 // chunks that Get and Load did not find in the store
 	Evictions int64 // chunks removed to keep the store within its bound
+	// MemoryChunks and MemoryBytes are the chunks held in memory because
+	// they could not be written (see Load), and their total size.
+	MemoryChunks int
+	MemoryBytes  int64
+	// WriteError is why chunks cannot be written, while they cannot.
+	WriteError error
 }
 
 // Open opens or creates a store in dir, bounded to maxBytes of chunk data (0
@@ -86,7 +99,7 @@ func open(ctx context.Context, dir string, maxBytes int64) (*Store, error) {
 	if err != nil {
 		return nil, err
 	}
-	s := &Store{dir: dir, maxBytes: maxBytes, lock: lock, inflight: make(map[key]*call)}
+	s := &Store{dir: dir, maxBytes: maxBytes, lock: lock, inflight: make(map[key]*call), mem: newMemory(memoryBytes)}
 	all, err := s.load(ctx)
 	if err != nil {
 		lock.Close()
@@ -119,6 +132,7 @@ func (s *Store) Close() error {
 		return nil
 	}
 	s.closed = true
+	s.mem = newMemory(memoryBytes)
 	s.mu.Unlock()
 	err := s.endRun()
 	if cerr := s.lock.Close(); err == nil {
@@ -154,8 +168,9 @@ func (s *Store) load(ctx context.Context) ([]found, error) {
 	return s.scan(ctx)
 }
 
-// Get returns the bytes of chunk d; ok is false if the store does not hold it.
-// A hit counts as a use of the chunk for eviction. The bytes are not verified
+// Get returns the bytes of chunk d; ok is false if the store does not hold it,
+// on disk or in memory (see Load). A hit counts as a use of the chunk for
+// eviction. The bytes are not verified
 // again (see the package documentation); a chunk file of the wrong size is
 // removed and reported as a miss.
 func (s *Store) Get(d digest.Digest) (b []byte, ok bool, err error) {
@@ -180,10 +195,12 @@ func (s *Store) get(k key) ([]byte, bool, error) {
 		return nil, false, ErrClosed
 	}
 	size, ok := s.index.touch(k)
-	s.mu.Unlock()
 	if !ok {
-		return nil, false, nil
+		b, ok := s.mem.get(k)
+		s.mu.Unlock()
+		return b, ok, nil
 	}
+	s.mu.Unlock()
 	b, err := s.readChunk(k, size)
 	if errors.Is(err, errStale) {
 		return nil, false, s.drop(k)
@@ -218,36 +235,41 @@ func (s *Store) Put(d digest.Digest, b []byte) error {
 	if err := verify(k, b); err != nil {
 		return err
 	}
-	return s.put(k, b)
+	_, err = s.put(k, b)
+	return err
 }
 
-// put stores b, which the caller verified, as chunk k.
-func (s *Store) put(k key, b []byte) error {
+// put stores b, which the caller verified, as chunk k. wrote reports
+// whether it wrote a chunk file.
+func (s *Store) put(k key, b []byte) (wrote bool, err error) {
 	size := int64(len(b))
 	if s.maxBytes > 0 && size > s.maxBytes {
-		return nil
+		return false, nil
 	}
 	s.mu.Lock()
 	closed := s.closed
 	_, ok := s.index.touch(k)
 	s.mu.Unlock()
 	if closed {
-		return ErrClosed
+		return false, ErrClosed
 	}
 	if ok {
-		return nil
+		return false, nil
 	}
 	staged, err := s.stage(b)
 	if err != nil {
-		return fmt.Errorf("store chunk %s: %w", k, err)
+		return false, fmt.Errorf("store chunk %s: %w", k, err)
 	}
 	s.mu.Lock()
 	used, err := s.commitLocked(k, size, staged)
+	if used {
+		s.mem.remove(k)
+	}
 	s.mu.Unlock()
 	if !used {
 		_ = os.Remove(staged) // Open clears dir/staging if this fails too.
 	}
-	return err
+	return used, err
 }
 
 // commitLocked renames a staged chunk file into place and indexes it. used
@@ -301,7 +323,8 @@ func (s *Store) removeLocked(k key) error {
 	return nil
 }
 
-// Has reports whether the store holds chunk d. It does not count as a use.
+// Has reports whether the store holds chunk d, on disk or in memory (see
+// Load). It does not count as a use.
 func (s *Store) Has(d digest.Digest) bool {
 	k, err := parseKey(d)
 	if err != nil {
@@ -312,7 +335,10 @@ func (s *Store) Has(d digest.Digest) bool {
 	if s.closed {
 		return false
 	}
-	_, ok := s.index.lookup(k)
+	if _, ok := s.index.lookup(k); ok {
+		return true
+	}
+	_, ok := s.mem.data[k]
 	return ok
 }
 
@@ -334,6 +360,7 @@ func (s *Store) Delete(ds ...digest.Digest) error {
 		s.mu.Lock()
 		err := ErrClosed
 		if !s.closed {
+			s.mem.remove(k)
 			err = s.removeLocked(k)
 		}
 		s.mu.Unlock()
@@ -347,7 +374,8 @@ func (s *Store) Delete(ds ...digest.Digest) error {
 // Stats returns the store's size and counters.
 func (s *Store) Stats() Stats {
 	s.mu.Lock()
-	st := Stats{Chunks: s.index.len(), Bytes: s.index.bytes, MaxBytes: s.maxBytes}
+	st := Stats{Chunks: s.index.len(), Bytes: s.index.bytes, MaxBytes: s.maxBytes,
+		MemoryChunks: s.mem.order.len(), MemoryBytes: s.mem.order.bytes, WriteError: s.writeErr}
 	s.mu.Unlock()
 	st.Hits = s.hits.Load()
 	st.Misses = s.misses.Load()

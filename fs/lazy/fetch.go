@@ -43,6 +43,9 @@ type fetcher struct {
 	requests atomic.Int64 // ranged requests made
 	fetched  atomic.Int64 // compressed bytes received
 	lastByte atomic.Int64 // when an on-demand request last received a byte, unix ns
+	// blobFailing is set while the blob copy cannot be written and the log
+	// has said so.
+	blobFailing atomic.Bool
 
 	failMu   sync.Mutex
 	failures map[digest.Digest]failure // chunks of reads that timed out lately; guarded by failMu
@@ -317,12 +320,26 @@ func (f *fetcher) read(ctx context.Context, s span) ([]byte, error) {
 	if err != nil {
 		return nil, fmt.Errorf("read bytes %d-%d: %w", s.start, s.end-1, err)
 	}
-	if f.partial != nil {
-		if err := f.partial.WriteAt(buf, s.start); err != nil {
-			log.G(ctx).WithError(err).WithField("layer", f.layer).Warn("cannot keep fetched bytes for population")
-		}
-	}
+	f.keep(ctx, buf, s.start)
 	return buf, nil
+}
+
+// keep writes bytes fetched at off into the local blob copy, for
+// population. Failing to (a full disk) is not an error for the read, which
+// has the bytes; the log says when it starts failing and when it works
+// again, not at every read.
+func (f *fetcher) keep(ctx context.Context, b []byte, off int64) {
+	if f.partial == nil {
+		return
+	}
+	err := f.partial.WriteAt(b, off)
+	entry := log.G(ctx).WithField("layer", f.layer)
+	switch {
+	case err != nil && f.blobFailing.CompareAndSwap(false, true):
+		entry.WithError(err).Warnf("cannot keep fetched bytes in the local blob copy: population will fetch them again; trying every %v", writeRetry)
+	case err == nil && f.blobFailing.CompareAndSwap(true, false):
+		entry.Info("keeping fetched bytes in the local blob copy again")
+	}
 }
 
 // progress notes the time of each read that returns bytes.

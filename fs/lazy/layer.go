@@ -157,16 +157,8 @@ func Open(ctx context.Context, ra io.ReaderAt, blob Blob, desc ocispec.Descripto
 		if partial, err = openPartial(o.BlobPath, desc.Size); err != nil {
 			return nil, fmt.Errorf("layer %s: local blob copy: %w", desc.Digest, err)
 		}
-		// The footer and TOC are part of the blob: population need not
-		// fetch them again.
-		for _, rg := range rec.ranges {
-			if err := partial.WriteAt(rg.b, rg.off); err != nil {
-				partial.close()
-				return nil, fmt.Errorf("layer %s: local blob copy: %w", desc.Digest, err)
-			}
-		}
 	}
-	return &Layer{
+	l := &Layer{
 		desc:        desc,
 		ix:          ix,
 		toc:         rec,
@@ -183,7 +175,13 @@ func Open(ctx context.Context, ra io.ReaderAt, blob Blob, desc ocispec.Descripto
 			ix:      ix,
 			act:     o.Activity,
 		},
-	}, nil
+	}
+	// The footer and TOC are part of the blob: population need not fetch
+	// them again.
+	for _, rg := range rec.ranges {
+		l.f.keep(ctx, rg.b, rg.off)
+	}
+	return l, nil
 }
 
 // ReadTOC reads the footer and TOC of the layer desc through ra and checks

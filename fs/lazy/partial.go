@@ -8,6 +8,7 @@ import (
 	"os"
 	"sort"
 	"sync"
+	"time"
 )
 
 // partialBlob is a local copy of a layer blob that fills in as ranges
@@ -23,7 +24,16 @@ type partialBlob struct {
 	f     *os.File      // guarded by mu for Close; WriteAt/ReadAt are safe concurrently
 	have  []span        // sorted, disjoint, not adjacent; guarded by mu
 	added chan struct{} // closed and replaced when a range is added; guarded by mu
+	// The last write failure and when to try writing again, nil once a
+	// write worked; guarded by mu.
+	writeErr error
+	retryAt  time.Time
 }
+
+// writeRetry is how long the copy refuses writes after one failed: a full
+// disk does not clear in a moment, and population should not fetch bytes it
+// cannot keep.
+const writeRetry = 30 * time.Second
 
 // span is the byte range [start, end).
 type span struct{ start, end int64 }
@@ -53,17 +63,36 @@ func openPartial(path string, size int64) (*partialBlob, error) {
 	return p, nil
 }
 
-// WriteAt stores b at off and records the range.
+// WriteAt stores b at off and records the range. For writeRetry after a
+// write failed, it fails at once with an error wrapping that failure.
 func (p *partialBlob) WriteAt(b []byte, off int64) error {
 	if off < 0 || off+int64(len(b)) > p.size {
 		return fmt.Errorf("partial blob: range %d+%d outside %d bytes", off, len(b), p.size)
 	}
+	if err := p.writable(); err != nil {
+		return err
+	}
 	if _, err := p.f.WriteAt(b, off); err != nil {
+		p.mu.Lock()
+		p.writeErr, p.retryAt = err, time.Now().Add(writeRetry)
+		p.mu.Unlock()
 		return err
 	}
 	p.mu.Lock()
+	p.writeErr = nil
 	p.add(span{off, off + int64(len(b))})
 	p.mu.Unlock()
+	return nil
+}
+
+// writable returns nil unless a write failed within writeRetry, and then an
+// error wrapping that failure.
+func (p *partialBlob) writable() error {
+	p.mu.Lock()
+	defer p.mu.Unlock()
+	if p.writeErr != nil && time.Now().Before(p.retryAt) {
+		return fmt.Errorf("not writing until %s: %w", p.retryAt.Format(time.TimeOnly), p.writeErr)
+	}
 	return nil
 }
 

@@ -171,8 +171,12 @@ func (l *Layer) fetchRange(ctx context.Context, s span, o PopulateOptions) error
 	return nil
 }
 
-// fetchGap fetches g into the local copy.
+// fetchGap fetches g into the local copy. While the copy cannot be written
+// (see writeRetry) it fetches nothing.
 func (l *Layer) fetchGap(ctx context.Context, g span, limit *rate.Limiter) error {
+	if err := l.f.partial.writable(); err != nil {
+		return fmt.Errorf("populate: local blob copy: %w", err)
+	}
 	if limit != nil {
 		for n := g.len(); n > 0; n -= int64(limit.Burst()) {
 			if err := limit.WaitN(ctx, int(min(n, int64(limit.Burst())))); err != nil {
