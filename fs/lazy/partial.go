@@ -13,12 +13,16 @@ import (
 
 // partialBlob is a local copy of a layer blob that fills in as ranges
 // arrive, from on-demand reads and from population alike, so that no byte
-// is fetched twice. Which ranges it holds is saved next to it; after a
+// is fetched twice. Which ranges it holds is saved next to it each time it
+// changes, so that a daemon that dies loses none of it; after a machine
 // crash the saved list may claim bytes that never reached the disk, which
 // the whole-blob digest check catches.
 type partialBlob struct {
 	path string
 	size int64
+
+	saveMu sync.Mutex // serializes saves of the list, and closing with them
+	gone   bool       // closed or removed: the list is saved no more; guarded by saveMu
 
 	mu    sync.Mutex
 	f     *os.File      // guarded by mu for Close; WriteAt/ReadAt are safe concurrently
@@ -82,6 +86,9 @@ func (p *partialBlob) WriteAt(b []byte, off int64) error {
 	p.writeErr = nil
 	p.add(span{off, off + int64(len(b))})
 	p.mu.Unlock()
+	// The bytes are in; a list that cannot be saved now is saved with the
+	// next change, or by close, which reports the failure.
+	_ = p.save()
 	return nil
 }
 
@@ -112,6 +119,11 @@ func (p *partialBlob) add(s span) {
 
 // forget drops s from the held ranges: its bytes proved wrong.
 func (p *partialBlob) forget(s span) {
+	p.dropRanges(s)
+	_ = p.save() // as in WriteAt
+}
+
+func (p *partialBlob) dropRanges(s span) {
 	p.mu.Lock()
 	defer p.mu.Unlock()
 	var out []span
@@ -232,6 +244,16 @@ func (r *follower) Read(b []byte) (int, error) {
 
 // save writes the list of held ranges.
 func (p *partialBlob) save() error {
+	p.saveMu.Lock()
+	defer p.saveMu.Unlock()
+	return p.saveLocked()
+}
+
+// saveLocked writes the list of held ranges. Caller holds saveMu.
+func (p *partialBlob) saveLocked() error {
+	if p.gone {
+		return nil
+	}
 	p.mu.Lock()
 	b := make([]byte, 0, 16*len(p.have))
 	for _, h := range p.have {
@@ -248,6 +270,8 @@ func (p *partialBlob) save() error {
 
 // reset forgets everything held (after a failed digest check).
 func (p *partialBlob) reset() {
+	p.saveMu.Lock()
+	defer p.saveMu.Unlock()
 	p.mu.Lock()
 	p.have = nil
 	p.mu.Unlock()
@@ -256,6 +280,9 @@ func (p *partialBlob) reset() {
 
 // remove closes and deletes the partial blob and its range list.
 func (p *partialBlob) remove() error {
+	p.saveMu.Lock()
+	defer p.saveMu.Unlock()
+	p.gone = true
 	p.mu.Lock()
 	defer p.mu.Unlock()
 	p.f.Close()
@@ -263,8 +290,12 @@ func (p *partialBlob) remove() error {
 	return os.Remove(p.path)
 }
 
+// close saves the list of held ranges and closes the copy.
 func (p *partialBlob) close() error {
-	err := p.save()
+	p.saveMu.Lock()
+	defer p.saveMu.Unlock()
+	err := p.saveLocked()
+	p.gone = true
 	p.mu.Lock()
 	defer p.mu.Unlock()
 	if cerr := p.f.Close(); err == nil {

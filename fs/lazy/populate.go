@@ -34,7 +34,14 @@ type PopulateOptions struct {
 
 // Progress is how far population got.
 type Progress struct {
-	Held    int64         // bytes of the blob held locally
+	// Held is how many bytes of the blob the local blob copy holds: the
+	// bytes population will not fetch, whether on-demand reads or
+	// population fetched them, before a restart of the daemon or after
+	// (the copy records its ranges as they arrive). Chunks that are only
+	// in the chunk cache do not count: they spare reads the registry, not
+	// population, which needs the blob's own compressed bytes to check
+	// its digest.
+	Held    int64
 	Size    int64         // size of the blob
 	Fetched int64         // bytes population fetched itself
 	Elapsed time.Duration // since population started; 0 if it has not
@@ -130,17 +137,12 @@ func (l *Layer) download(ctx context.Context, o PopulateOptions) error {
 			}
 		}()
 	}
-	saved := time.Now()
 feed:
 	for _, s := range l.f.partial.missing(o.RangeSize) {
 		select {
 		case todo <- s:
 		case <-ctx.Done():
 			break feed
-		}
-		if time.Since(saved) > 5*time.Second {
-			l.f.partial.save()
-			saved = time.Now()
 		}
 	}
 	close(todo)
