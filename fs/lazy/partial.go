@@ -6,6 +6,7 @@ import (
 	"fmt"
 	"io"
 	"os"
+	"slices"
 	"sort"
 	"sync"
 	"time"
@@ -21,13 +22,15 @@ type partialBlob struct {
 	path string
 	size int64
 
-	saveMu sync.Mutex // serializes saves of the list, and closing with them
-	gone   bool       // closed or removed: the list is saved no more; guarded by saveMu
+	// saveMu is held to change have, from saving the new list until it is
+	// in place, and to close or remove the copy.
+	saveMu sync.Mutex
+	gone   bool // closed or removed: the list is saved no more; guarded by saveMu
 
 	mu    sync.Mutex
 	f     *os.File      // guarded by mu for Close; WriteAt/ReadAt are safe concurrently
-	have  []span        // sorted, disjoint, not adjacent; guarded by mu
-	added chan struct{} // closed and replaced when a range is added; guarded by mu
+	have  []span        // sorted, disjoint, not adjacent; guarded by mu, and by saveMu to change
+	added chan struct{} // closed and replaced when the ranges change; guarded by mu
 	// The last write failure and when to try writing again, nil once a
 	// write worked; guarded by mu.
 	writeErr error
@@ -60,7 +63,7 @@ func openPartial(path string, size int64) (*partialBlob, error) {
 		for ; len(b) >= 16; b = b[16:] {
 			s := span{int64(binary.LittleEndian.Uint64(b)), int64(binary.LittleEndian.Uint64(b[8:]))}
 			if s.start >= 0 && s.start < s.end && s.end <= size {
-				p.add(s)
+				p.have = withSpan(p.have, s)
 			}
 		}
 	}
@@ -84,12 +87,28 @@ func (p *partialBlob) WriteAt(b []byte, off int64) error {
 	}
 	p.mu.Lock()
 	p.writeErr = nil
-	p.add(span{off, off + int64(len(b))})
 	p.mu.Unlock()
-	// The bytes are in; a list that cannot be saved now is saved with the
-	// next change, or by close, which reports the failure.
-	_ = p.save()
+	p.change(func(have []span) []span { return withSpan(have, span{off, off + int64(len(b))}) })
 	return nil
+}
+
+// change replaces the held ranges with what edit makes of a copy of them,
+// saving the new list before it takes effect: a range counts as held only
+// once the list on disk says so, and a daemon that dies loses nothing it
+// counted. A list that cannot be saved (a full disk) takes effect all the
+// same; the next change or close saves it, and close reports the failure.
+func (p *partialBlob) change(edit func([]span) []span) {
+	p.saveMu.Lock()
+	defer p.saveMu.Unlock()
+	p.mu.Lock()
+	have := edit(slices.Clone(p.have))
+	p.mu.Unlock()
+	_ = p.writeList(have)
+	p.mu.Lock()
+	p.have = have
+	close(p.added)
+	p.added = make(chan struct{})
+	p.mu.Unlock()
 }
 
 // writable returns nil unless a write failed within writeRetry, and then an
@@ -103,31 +122,27 @@ func (p *partialBlob) writable() error {
 	return nil
 }
 
-// add merges s into p.have. Caller holds mu.
-func (p *partialBlob) add(s span) {
-	i := sort.Search(len(p.have), func(i int) bool { return p.have[i].end >= s.start })
+// withSpan merges s into have, which it may modify, and returns the result.
+func withSpan(have []span, s span) []span {
+	i := sort.Search(len(have), func(i int) bool { return have[i].end >= s.start })
 	j := i
-	for j < len(p.have) && p.have[j].start <= s.end {
-		s.start = min(s.start, p.have[j].start)
-		s.end = max(s.end, p.have[j].end)
+	for j < len(have) && have[j].start <= s.end {
+		s.start = min(s.start, have[j].start)
+		s.end = max(s.end, have[j].end)
 		j++
 	}
-	p.have = append(p.have[:i], append([]span{s}, p.have[j:]...)...)
-	close(p.added)
-	p.added = make(chan struct{})
+	return append(have[:i], append([]span{s}, have[j:]...)...)
 }
 
 // forget drops s from the held ranges: its bytes proved wrong.
 func (p *partialBlob) forget(s span) {
-	p.dropRanges(s)
-	_ = p.save() // as in WriteAt
+	p.change(func(have []span) []span { return without(have, s) })
 }
 
-func (p *partialBlob) dropRanges(s span) {
-	p.mu.Lock()
-	defer p.mu.Unlock()
+// without returns have less s.
+func without(have []span, s span) []span {
 	var out []span
-	for _, h := range p.have {
+	for _, h := range have {
 		if h.end <= s.start || h.start >= s.end {
 			out = append(out, h)
 			continue
@@ -139,7 +154,7 @@ func (p *partialBlob) dropRanges(s span) {
 			out = append(out, span{s.end, h.end})
 		}
 	}
-	p.have = out
+	return out
 }
 
 // missing returns the ranges not yet held, each at most max bytes.
@@ -196,7 +211,7 @@ func (p *partialBlob) has(s span) bool {
 }
 
 // heldAt returns how many bytes from off on are held without a gap, and a
-// channel that is closed when more are added.
+// channel that is closed when the held ranges change.
 func (p *partialBlob) heldAt(off int64) (int64, <-chan struct{}) {
 	p.mu.Lock()
 	defer p.mu.Unlock()
@@ -251,16 +266,23 @@ func (p *partialBlob) save() error {
 
 // saveLocked writes the list of held ranges. Caller holds saveMu.
 func (p *partialBlob) saveLocked() error {
+	p.mu.Lock()
+	have := p.have
+	p.mu.Unlock()
+	return p.writeList(have)
+}
+
+// writeList writes have as the list of held ranges, unless the copy is
+// closed or removed. Caller holds saveMu.
+func (p *partialBlob) writeList(have []span) error {
 	if p.gone {
 		return nil
 	}
-	p.mu.Lock()
-	b := make([]byte, 0, 16*len(p.have))
-	for _, h := range p.have {
+	b := make([]byte, 0, 16*len(have))
+	for _, h := range have {
 		b = binary.LittleEndian.AppendUint64(b, uint64(h.start))
 		b = binary.LittleEndian.AppendUint64(b, uint64(h.end))
 	}
-	p.mu.Unlock()
 	tmp := p.path + ".ranges.tmp"
 	if err := os.WriteFile(tmp, b, 0o600); err != nil {
 		return err
@@ -270,12 +292,7 @@ func (p *partialBlob) saveLocked() error {
 
 // reset forgets everything held (after a failed digest check).
 func (p *partialBlob) reset() {
-	p.saveMu.Lock()
-	defer p.saveMu.Unlock()
-	p.mu.Lock()
-	p.have = nil
-	p.mu.Unlock()
-	os.Remove(p.path + ".ranges")
+	p.change(func([]span) []span { return nil })
 }
 
 // remove closes and deletes the partial blob and its range list.
