@@ -52,8 +52,9 @@ func (b *Blob) Digest() digest.Digest { return b.desc.Digest }
 
 // ReadRange returns a reader of the n bytes at off, fetched with one ranged
 // GET. The request is retried on transient errors until it is answered; if it
-// cannot be, ReadRange returns an error wrapping ErrUnavailable (or ErrBadData
-// for a reply with the wrong Content-Range). ctx governs the reader's whole
+// cannot be, ReadRange returns an error wrapping ErrUnavailable (ErrNotFound
+// if the registry does not have the blob, ErrBadData for a reply with the
+// wrong Content-Range). ctx governs the reader's whole
 // life: if the body breaks mid-way, the reader requests the remaining bytes
 // again, with the same retry budget. From a registry that ignores Range the
 // reader discards the bytes before off. The reader returns exactly n bytes

@@ -15,9 +15,11 @@
 // request is retried on transient failures with bounded, jittered exponential
 // backoff, and a reply body that breaks mid-way is resumed from where it broke.
 //
-// Errors say which of two things went wrong: [ErrUnavailable] (the bytes could
-// not be fetched or pushed; another source may do better) or [ErrBadData] (the
-// registry replied with something wrong). Use errors.Is to tell them apart.
+// Errors say which of three things went wrong: [ErrUnavailable] (the bytes
+// could not be fetched or pushed; another source may do better),
+// [ErrNotFound] (every registry host asked answered that it does not have
+// them) or [ErrBadData] (the registry replied with something wrong). Use
+// errors.Is to tell them apart.
 //
 // What remote is not: it does not verify blob digests (a blob's reader returns
 // the registry's bytes; the caller verifies them), it does not cache, it does

@@ -8,6 +8,7 @@ import (
 	"fmt"
 	"io"
 	"net/http"
+	"slices"
 	"strings"
 	"unicode"
 
@@ -16,10 +17,15 @@ import (
 )
 
 // ErrUnavailable means the bytes could not be fetched: the registry could not
-// be reached, kept failing (5xx, 429) or stalling after all retries, refused
-// authorization (401, 403), or does not have the content (404). The bytes were
-// not wrong; another source may have them.
+// be reached, kept failing (5xx, 429) or stalling after all retries, or
+// refused authorization (401, 403). The bytes were not wrong; another source
+// may have them.
 var ErrUnavailable = errors.New("remote: registry unavailable")
+
+// ErrNotFound means that every registry host asked answered 404: the
+// registry is up and does not have the manifest or blob (a wrong tag, digest
+// or repository, or content deleted since). Such a request is not retried.
+var ErrNotFound = errors.New("remote: not found")
 
 // ErrBadData means the registry replied with something wrong: a body longer or
 // shorter than the descriptor says, a Content-Range other than the one asked
@@ -53,24 +59,42 @@ type requestError struct {
 	op       op
 	repo     string
 	failures []hostFailure // in host order; only hosts that were asked
-	kind     error         // ErrUnavailable or ErrBadData
+	kind     error         // ErrUnavailable, ErrNotFound or ErrBadData
 }
 
+// Error says each failure once, with the hosts that gave it: "fetch … from
+// a/repo, b/repo range 0-9: HTTP 404 (…): remote: not found".
 func (e *requestError) Error() string {
+	type group struct {
+		hosts []string
+		what  string // the failure, with its attempts
+	}
+	var groups []group
+	for _, f := range e.failures {
+		what := fmt.Sprint(f.err)
+		if f.attempts > 1 {
+			what += fmt.Sprintf(" (after %d attempts)", f.attempts)
+		}
+		host := f.host + "/" + e.repo
+		i := slices.IndexFunc(groups, func(g group) bool { return g.what == what })
+		switch {
+		case i < 0:
+			groups = append(groups, group{hosts: []string{host}, what: what})
+		case !slices.Contains(groups[i].hosts, host):
+			groups[i].hosts = append(groups[i].hosts, host)
+		}
+	}
 	var b strings.Builder
 	b.WriteString(e.op.what)
-	for i, f := range e.failures {
+	for i, g := range groups {
 		if i > 0 {
 			b.WriteString(";")
 		}
-		fmt.Fprintf(&b, " from %s/%s", f.host, e.repo)
+		fmt.Fprintf(&b, " from %s", strings.Join(g.hosts, ", "))
 		if i == 0 {
 			b.WriteString(e.op.detail)
 		}
-		fmt.Fprintf(&b, ": %v", f.err)
-		if f.attempts > 1 {
-			fmt.Fprintf(&b, " (after %d attempts)", f.attempts)
-		}
+		fmt.Fprintf(&b, ": %s", g.what)
 	}
 	fmt.Fprintf(&b, ": %v", e.kind)
 	return b.String()
@@ -180,6 +204,17 @@ func isTransient(err error) bool {
 
 func transientStatus(code int) bool {
 	return code == http.StatusTooManyRequests || code >= 500
+}
+
+// failureKind is what a request that failed on every host failed with:
+// ErrNotFound if every host answered 404, else ErrUnavailable.
+func failureKind(failures []hostFailure) error {
+	for _, f := range failures {
+		if se, ok := errors.AsType[*statusError](f.err); !ok || se.code != http.StatusNotFound {
+			return ErrUnavailable
+		}
+	}
+	return ErrNotFound
 }
 
 // errClosed is returned by reads after Close.

@@ -33,7 +33,8 @@ const (
 // docker schema 2 manifests are accepted; an image index is an error wrapping
 // errdefs.ErrInvalidArgument. Bytes that do not match dgst or do not decode
 // give an error wrapping ErrBadData; a manifest that cannot be fetched gives
-// one wrapping ErrUnavailable.
+// one wrapping ErrUnavailable, or ErrNotFound if the registry does not have
+// it.
 func (r *Resolver) Manifest(ctx context.Context, ref string, dgst digest.Digest) (ocispec.Manifest, error) {
 	spec, err := parseRef(ref)
 	if err != nil {

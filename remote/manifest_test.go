@@ -54,7 +54,7 @@ func TestManifest(t *testing.T) {
 		{name: "schema1", stored: `{"schemaVersion":1}`, dgst: digest.FromString(`{"schemaVersion":1}`), want: ErrBadData},
 		{name: "bad layer digest", stored: strings.Replace(docker, "sha256:", "sha256:x", 2), dgst: digest.FromString(strings.Replace(docker, "sha256:", "sha256:x", 2)), want: ErrBadData},
 		{name: "index", stored: index, dgst: digest.FromString(index), want: errdefs.ErrInvalidArgument},
-		{name: "missing", dgst: good, want: ErrUnavailable},
+		{name: "missing", dgst: good, want: ErrNotFound},
 		{name: "no digest", ref: "/foo:latest", want: errdefs.ErrInvalidArgument},
 	} {
 		t.Run(tc.name, func(t *testing.T) {

@@ -20,7 +20,9 @@ import (
 // in order until one answers 200 or 206, and returns that reply with the name
 // of the host that sent it. A round in which some host failed transiently is
 // repeated after a backoff, up to Options.Retries rounds; a host that failed
-// for good (404, 401, 403, ...) is not asked again. The caller closes the body.
+// for good (404, 401, 403, ...) is not asked again. The error wraps
+// ErrNotFound if every host answered 404, else ErrUnavailable. The caller
+// closes the body.
 func (r *Resolver) get(ctx context.Context, t *target, o op, suffix string, hdr http.Header) (*http.Response, string, error) {
 	failures := make([]hostFailure, len(t.hosts))
 	for attempt := 1; ; attempt++ {
@@ -41,7 +43,7 @@ func (r *Resolver) get(ctx context.Context, t *target, o op, suffix string, hdr 
 			retry = retry || f.transient
 		}
 		if !retry || attempt >= r.opts.Retries {
-			return nil, "", &requestError{op: o, repo: t.repo, failures: failures, kind: ErrUnavailable}
+			return nil, "", &requestError{op: o, repo: t.repo, failures: failures, kind: failureKind(failures)}
 		}
 		if err := sleep(ctx, backoff(r.opts.Backoff, attempt)); err != nil {
 			return nil, "", fmt.Errorf("%s from %s/%s%s: %w", o.what, t.name, t.repo, o.detail, err)

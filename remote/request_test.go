@@ -72,8 +72,8 @@ func TestReadRangeNotFound(t *testing.T) {
 		t.Fatal(err)
 	}
 	_, err = b.ReadRange(t.Context(), 0, 10)
-	if !errors.Is(err, ErrUnavailable) || !strings.Contains(err.Error(), "HTTP 404 (BLOB_UNKNOWN: not here)") {
-		t.Fatalf("got %v, want ErrUnavailable naming the 404", err)
+	if !errors.Is(err, ErrNotFound) || errors.Is(err, ErrUnavailable) || !strings.Contains(err.Error(), "HTTP 404 (BLOB_UNKNOWN: not here)") {
+		t.Fatalf("got %v, want ErrNotFound naming the 404", err)
 	}
 	if reqs := len(reg.blobRequests()); reqs != 1 {
 		t.Errorf("registry saw %d requests for a missing blob, want 1", reqs)
@@ -440,8 +440,9 @@ func TestContextBoundsRequests(t *testing.T) {
 		{"body stalls", reg.host},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
-			// The defaults: 4 attempts, 30s without progress each.
-			r := NewResolver(Options{DockerConfig: t.TempDir()})
+			// 30s without progress per attempt, as by default, and more
+			// attempts than the deadline leaves time for.
+			r := NewResolver(Options{DockerConfig: t.TempDir(), Retries: 100})
 			b, err := r.Blob(t.Context(), tc.host+"/foo:latest", desc)
 			if err != nil {
 				t.Fatal(err)
@@ -460,6 +461,48 @@ func TestContextBoundsRequests(t *testing.T) {
 			}
 			if elapsed > deadline+250*time.Millisecond {
 				t.Errorf("returned after %v, the deadline was %v", elapsed, deadline)
+			}
+		})
+	}
+}
+
+// TestNotFoundOnEveryHost: a request that every host answers with 404
+// fails with ErrNotFound, saying the 404 once for the hosts that gave it;
+// if a host could not be reached, the content may be there: ErrUnavailable.
+func TestNotFoundOnEveryHost(t *testing.T) {
+	reg := newRegistry(t)
+	refused := closedAddr(t)
+	for _, tc := range []struct {
+		name     string
+		mirror   string
+		kind     error
+		contains []string
+	}{
+		{"mirror is the registry", reg.host, ErrNotFound,
+			[]string{"resolve " + reg.host + "/foo:nope from " + reg.host + "/foo: HTTP 404 (MANIFEST_UNKNOWN: not here): remote: not found"}},
+		{"mirror refuses", refused, ErrUnavailable,
+			[]string{"from " + refused + "/foo: dial tcp", "; from " + reg.host + "/foo: HTTP 404 (MANIFEST_UNKNOWN: not here)", "remote: registry unavailable"}},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			hostsDir := t.TempDir()
+			writeHostsToml(t, hostsDir, reg.host, fmt.Sprintf(`server = "http://%s"
+
+[host."http://%s"]
+  capabilities = ["pull", "resolve"]
+`, reg.host, tc.mirror))
+			opts := testOptions(t)
+			opts.HostsDir = hostsDir
+			_, err := NewResolver(opts).Resolve(t.Context(), reg.host+"/foo:nope")
+			if !errors.Is(err, tc.kind) {
+				t.Fatalf("got %v, want %v", err, tc.kind)
+			}
+			for _, s := range tc.contains {
+				if !strings.Contains(err.Error(), s) {
+					t.Errorf("error %q does not say %q", err, s)
+				}
+			}
+			if n := strings.Count(err.Error(), "404"); n != 1 {
+				t.Errorf("error %q names the 404 %d times", err, n)
 			}
 		})
 	}

@@ -30,7 +30,8 @@ import (
 // digest gives an error wrapping errdefs.ErrInvalidArgument; content that does
 // not match the digest, does not decode, or has another media type gives one
 // wrapping ErrBadData; a manifest that cannot be fetched gives one wrapping
-// ErrUnavailable.
+// ErrUnavailable, or ErrNotFound if the registry does not have it. Errors
+// name ref.
 func (r *Resolver) Resolve(ctx context.Context, ref string) (ocispec.Descriptor, error) {
 	spec, err := parseRef(ref)
 	if err != nil {
@@ -51,7 +52,7 @@ func (r *Resolver) Resolve(ctx context.Context, ref string) (ocispec.Descriptor,
 	if err != nil {
 		return ocispec.Descriptor{}, fmt.Errorf("resolve %s: %w", ref, err)
 	}
-	o := op{what: "resolve manifest " + object}
+	o := op{what: "resolve " + ref}
 	b, contentType, host, err := r.readManifest(ctx, &t, o, object)
 	if err != nil {
 		return ocispec.Descriptor{}, err
@@ -74,7 +75,7 @@ func (r *Resolver) Resolve(ctx context.Context, ref string) (ocispec.Descriptor,
 // accepted; an image manifest is an error wrapping errdefs.ErrInvalidArgument.
 // Bytes that do not match dgst or do not decode give an error wrapping
 // ErrBadData; an index that cannot be fetched gives one wrapping
-// ErrUnavailable.
+// ErrUnavailable, or ErrNotFound if the registry does not have it.
 func (r *Resolver) Index(ctx context.Context, ref string, dgst digest.Digest) (ocispec.Index, error) {
 	spec, err := parseRef(ref)
 	if err != nil {

@@ -18,7 +18,8 @@ import (
 // digest (the caller does), but a registry that sends fewer or more bytes than
 // the descriptor's size, or a Content-Range other than the one asked for,
 // gives an error wrapping ErrBadData; bytes that cannot be fetched give one
-// wrapping ErrUnavailable. Canceling ctx stops the stream. Close must be
+// wrapping ErrUnavailable (ErrNotFound if the registry does not have the
+// blob). Canceling ctx stops the stream. Close must be
 // called, and not while a Read is in progress; it stops every fetch and
 // returns once no goroutine of the stream is left.
 func (b *Blob) Stream(ctx context.Context) io.ReadCloser {

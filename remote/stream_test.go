@@ -69,12 +69,13 @@ func TestStreamRetries(t *testing.T) {
 		status   int
 		retries  int
 		wantErr  string // "" for success
+		kind     error  // what the error wraps; ErrUnavailable if nil
 	}{
 		{name: "recovers", failures: 2, status: 500, retries: 3},
 		{name: "429 recovers", failures: 1, status: 429, retries: 2},
 		{name: "gives up", failures: 3, status: 500, retries: 3, wantErr: "HTTP 500 (after 3 attempts)"},
 		{name: "503 gives up", failures: 9, status: 503, retries: 2, wantErr: "HTTP 503 (after 2 attempts)"},
-		{name: "404 at once", failures: 9, status: 404, retries: 3, wantErr: "HTTP 404: remote"},
+		{name: "404 at once", failures: 9, status: 404, retries: 3, wantErr: "HTTP 404: remote", kind: ErrNotFound},
 		{name: "403 at once", failures: 9, status: 403, retries: 3, wantErr: "HTTP 403: remote"},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
@@ -102,8 +103,12 @@ func TestStreamRetries(t *testing.T) {
 				}
 				return
 			}
-			if !errors.Is(err, ErrUnavailable) || !strings.Contains(err.Error(), tc.wantErr) {
-				t.Fatalf("got %v, want ErrUnavailable with %q", err, tc.wantErr)
+			kind := tc.kind
+			if kind == nil {
+				kind = ErrUnavailable
+			}
+			if !errors.Is(err, kind) || !strings.Contains(err.Error(), tc.wantErr) {
+				t.Fatalf("got %v, want %v with %q", err, kind, tc.wantErr)
 			}
 			for _, s := range []string{reg.host + "/foo", desc.Digest.String(), "range "} {
 				if !strings.Contains(err.Error(), s) {

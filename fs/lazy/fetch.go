@@ -17,6 +17,7 @@ import (
 	"github.com/opencontainers/go-digest"
 
 	"github.com/lazylayer/lazylayer/cache"
+	"github.com/lazylayer/lazylayer/remote"
 )
 
 // Blob is the registry side of a lazy layer: any byte range of the blob.
@@ -88,8 +89,9 @@ const retryWindow = time.Second
 
 // load returns the bytes of the chunks cs, in order. While the registry
 // fails it retries, until the registry has sent this layer nothing for
-// f.timeout (retries and remote's own timeouts included); a chunk that
-// failed verification is fetched again up to verifyRetries times.
+// f.timeout (retries and remote's own timeouts included), but not when the
+// registry answered that it does not have the blob; a chunk that failed
+// verification is fetched again up to verifyRetries times.
 func (f *fetcher) load(ctx context.Context, cs []chunk) ([][]byte, error) {
 	ds := make([]digest.Digest, len(cs))
 	for i := range cs {
@@ -114,7 +116,9 @@ func (f *fetcher) load(ctx context.Context, cs []chunk) ([][]byte, error) {
 		if ctx.Err() != nil {
 			return nil, ctx.Err()
 		}
-		if errors.Is(err, errRetrying) {
+		if errors.Is(err, errRetrying) || errors.Is(err, remote.ErrNotFound) {
+			// A registry that does not have the blob is up: waiting
+			// for it does not help.
 			return nil, err
 		}
 		if wctx.Err() != nil {

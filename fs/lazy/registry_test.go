@@ -25,6 +25,7 @@ type testRegistry struct {
 	data     []byte
 	requests atomic.Int64 // blob requests
 	served   atomic.Int64 // body bytes written
+	missing  atomic.Bool  // answer 404, as for a blob deleted from the registry
 }
 
 func newTestRegistry(t *testing.T, data []byte) *testRegistry {
@@ -36,6 +37,12 @@ func newTestRegistry(t *testing.T, data []byte) *testRegistry {
 			return
 		}
 		reg.requests.Add(1)
+		if reg.missing.Load() {
+			w.Header().Set("Content-Type", "application/json")
+			w.WriteHeader(http.StatusNotFound)
+			_, _ = w.Write([]byte(`{"errors":[{"code":"BLOB_UNKNOWN","message":"blob unknown to registry"}]}`))
+			return
+		}
 		http.ServeContent(&countingWriter{ResponseWriter: w, n: &reg.served}, r, "", time.Time{}, bytes.NewReader(reg.data))
 	}))
 	t.Cleanup(reg.srv.Close)

@@ -12,6 +12,8 @@ import (
 	"syscall"
 	"testing"
 	"time"
+
+	"github.com/lazylayer/lazylayer/remote"
 )
 
 // TestReadTimeoutBoundsRead: a read of a file that is not fetched yet fails
@@ -131,3 +133,25 @@ func (r *slowReader) Read(p []byte) (int, error) {
 }
 
 func (r *slowReader) Close() error { return r.rc.Close() }
+
+// TestBlobNotFound: a registry that answers that it does not have the blob
+// is not waited for as if it were down: the read fails at once, after one
+// request.
+func TestBlobNotFound(t *testing.T) {
+	data, desc, _ := buildLayer(t)
+	reg := newTestRegistry(t, data)
+	reg.missing.Store(true)
+	l := openLayer(t, data, remoteBlob(t, reg.host, desc), desc, Options{ReadTimeout: 5 * time.Second})
+	t.Cleanup(func() { l.Close() })
+	start := time.Now()
+	_, err := readFile(context.Background(), l, "data/small", make([]byte, 100), 0)
+	if !errors.Is(err, remote.ErrNotFound) {
+		t.Errorf("read of a blob the registry does not have: %v, want remote.ErrNotFound", err)
+	}
+	if elapsed := time.Since(start); elapsed > time.Second {
+		t.Errorf("the read failed after %v", elapsed)
+	}
+	if n := reg.requests.Load(); n != 1 {
+		t.Errorf("%d requests, want 1", n)
+	}
+}
