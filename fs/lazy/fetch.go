@@ -159,8 +159,9 @@ func (f *fetcher) watch(ctx context.Context) (_ context.Context, stop func()) {
 	ctx, cancel := context.WithCancelCause(ctx)
 	start := time.Now().UnixNano()
 	var (
-		mu    sync.Mutex
-		timer *time.Timer // guarded by mu
+		mu      sync.Mutex
+		timer   *time.Timer // guarded by mu
+		stopped bool        // guarded by mu
 	)
 	mu.Lock()
 	defer mu.Unlock()
@@ -168,7 +169,9 @@ func (f *fetcher) watch(ctx context.Context) (_ context.Context, stop func()) {
 		last := max(start, f.lastByte.Load())
 		if wait := time.Until(time.Unix(0, last).Add(f.timeout)); wait > 0 {
 			mu.Lock()
-			timer.Reset(wait)
+			if !stopped {
+				timer.Reset(wait)
+			}
 			mu.Unlock()
 			return
 		}
@@ -176,6 +179,7 @@ func (f *fetcher) watch(ctx context.Context) (_ context.Context, stop func()) {
 	})
 	return ctx, func() {
 		mu.Lock()
+		stopped = true
 		timer.Stop()
 		mu.Unlock()
 		cancel(nil)
