@@ -33,7 +33,7 @@ func (m *Manager) Stat(dir string, st *layerstatus.Layer, accessed bool) {
 	st.Reads = s.Reads
 	st.Entries = ll.layer.Entries()
 	ll.mu.Lock()
-	st.HeldBack = !ll.released
+	st.HeldBack = !ll.released && m.cfg.Policy == PolicyManual
 	if ll.err != nil {
 		st.Error = ll.err.Error()
 	}
