@@ -459,7 +459,7 @@ func TestContextBoundsRequests(t *testing.T) {
 			if !errors.Is(err, context.DeadlineExceeded) {
 				t.Errorf("got %v, want the deadline's error", err)
 			}
-			if elapsed > deadline+250*time.Millisecond {
+			if elapsed > deadline+time.Second { // without the deadline: minutes
 				t.Errorf("returned after %v, the deadline was %v", elapsed, deadline)
 			}
 		})
