@@ -28,8 +28,10 @@
 //   - With metacopy=on, a chmod, chown or utime of a lower file in a
 //     container copies up only its metadata: the upper directory holds a
 //     data-less metacopy file, and every later mount of that upper
-//     directory needs metacopy=on too. Without it, such a change copies the
-//     whole file up (for a lazy file: fetches it).
+//     directory needs metacopy=on too. The stub finds its data by path, so
+//     it still reads right once its layer is a plain local tree. Without
+//     metacopy=on, such a change copies the whole file up (for a lazy
+//     file: fetches it). A write always copies the whole file up.
 //   - A redirect is looked up first in every non-data lower layer below the
 //     metacopy file, by path, and only then in the data-only layers. Image
 //     content in a lower layer at the same path would be served instead of
