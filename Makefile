@@ -8,7 +8,7 @@ export PATH := $(TOOLS)/bin:$(CURDIR)/bin:$(PATH)
 
 BINARIES := bin/lazylayer-snapshotter bin/lazylayer bin/mkimage
 
-.PHONY: all build setup demo demo-stop test unit e2e lint bench bench-quick clean
+.PHONY: all build setup demo demo-stop test unit e2e lint bench bench-quick clean fuzz
 
 all: build
 
@@ -41,6 +41,10 @@ bench: setup build
 
 bench-quick: setup build
 	@bash script/bench.sh --quick
+
+# Every go test -fuzz target for FUZZTIME each (default 10m); not part of test.
+fuzz:
+	@bash script/fuzz.sh
 
 clean: demo-stop
 	rm -rf bin .run

@@ -58,6 +58,13 @@ var (
 	magicZstd = []byte{0x28, 0xb5, 0x2f, 0xfd}
 )
 
+// maxZstdWindow is the largest zstd window a layer may declare. A frame
+// header of a few bytes makes the decoder allocate its window (twice over),
+// and the library accepts up to 512 MiB; 128 MiB is the reference zstd's own
+// default limit (ZSTD_WINDOWLOG_LIMIT_DEFAULT), so a frame beyond it needs
+// `zstd --long` to decompress anywhere and no image builder writes one.
+const maxZstdWindow = 128 << 20
+
 // Layer reads a layer blob from r (gzip, zstd or a plain tar, told apart by
 // their magic bytes) and extracts it into dir, which must exist. It reads r
 // to its end and verifies the blob before returning; on error dir may hold
@@ -125,7 +132,7 @@ func decompress(br *bufio.Reader) (io.Reader, func(), error) {
 		}
 		return zr, func() { zr.Close() }, nil
 	case bytes.HasPrefix(magic, magicZstd):
-		zr, err := zstd.NewReader(br, zstd.WithDecoderConcurrency(1))
+		zr, err := zstd.NewReader(br, zstd.WithDecoderConcurrency(1), zstd.WithDecoderMaxWindow(maxZstdWindow))
 		if err != nil {
 			return nil, nil, fmt.Errorf("zstd header: %w: %w", err, ErrInvalid)
 		}

@@ -5,9 +5,11 @@ import (
 	"bytes"
 	"context"
 	"errors"
+	"fmt"
 	"io"
 	"os"
 	"path/filepath"
+	"strconv"
 	"strings"
 	"testing"
 	"time"
@@ -153,6 +155,23 @@ func TestLayerRejectsBadData(t *testing.T) {
 		{name: "diffid", blob: good, opts: func(o *Options) { o.DiffID = digest.FromString("other") }, want: "uncompressed tar has digest"},
 		{name: "truncated gzip", blob: good[:len(good)/2], want: "unexpected EOF"},
 		{name: "corrupt gzip", blob: append(append([]byte{}, good[:20]...), bytes.Repeat([]byte{0xff}, 200)...), want: "invalid layer data"},
+		// A sparse file of 256 MiB in 2.5 KiB of tar; containerd would write
+		// out every byte of its holes. Three ways to say it: PAX 0.1 (map in
+		// the records), PAX 1.0 (map in the data), old GNU type 'S'.
+		{name: "sparse pax 0.1", blob: sparseTar(t, "GNU.sparse.major", "0", "GNU.sparse.minor", "1",
+			"GNU.sparse.numblocks", "0", "GNU.sparse.size", "268435456"), want: `tar entry "big": GNU sparse file of 268435456 bytes`},
+		{name: "sparse pax 1.0", blob: sparseTar(t, "GNU.sparse.major", "1", "GNU.sparse.minor", "0",
+			"GNU.sparse.name", "big", "GNU.sparse.realsize", "268435456"), want: "GNU sparse file of 268435456 bytes"},
+		{name: "sparse old gnu", blob: oldGNUSparseTar(268435456), want: "unhandled tar header type 83"},
+		// 621 bytes of gzip hold a 400 KB name of 200001 components.
+		{name: "name over PATH_MAX", blob: gzipOf(t, tarOf(t, entry{name: strings.Repeat("a/", 200000) + "f", typ: tar.TypeReg})),
+			want: "path of 400001 bytes, longer than PATH_MAX"},
+		{name: "too deep", blob: tarOf(t, entry{name: strings.Repeat("a/", maxDepth) + "f", typ: tar.TypeReg}),
+			want: "path of 257 components, more than 256"},
+		{name: "hard link target too deep", blob: tarOf(t, entry{name: "h", typ: tar.TypeLink, link: strings.Repeat("a/", maxDepth) + "f"}),
+			want: "hard link target"},
+		// A 10-byte zstd frame that asks for a 512 MiB window.
+		{name: "zstd window", blob: []byte{0x28, 0xb5, 0x2f, 0xfd, 0x00, 0x98, 0x0b, 0x00, 0x00, 'a'}, want: "window size exceeded"},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
 			outside := t.TempDir()
@@ -182,6 +201,77 @@ func TestLayerRejectsBadData(t *testing.T) {
 	}
 }
 
+// ustarHeader is a tar header block as archive/tar's Writer will not write
+// one: for a sparse file. magic is "ustar\x0000" (POSIX) or "ustar  \x00"
+// (old GNU).
+func ustarHeader(name string, typ byte, size int64, magic string) []byte {
+	b := make([]byte, 512)
+	copy(b[0:], name)
+	copy(b[100:], "0000644\x00")
+	copy(b[108:], "0000000\x00")
+	copy(b[116:], "0000000\x00")
+	copy(b[124:], fmt.Sprintf("%011o\x00", size))
+	copy(b[136:], "15000000000\x00")
+	b[156] = typ
+	copy(b[257:], magic)
+	return b
+}
+
+// withChecksum fills in the checksum of a header block.
+func withChecksum(b []byte) []byte {
+	copy(b[148:156], "        ")
+	sum := 0
+	for _, c := range b {
+		sum += int(c)
+	}
+	copy(b[148:], fmt.Sprintf("%06o\x00 ", sum))
+	return b
+}
+
+// padBlock pads b to a whole number of 512-byte tar blocks.
+func padBlock(b []byte) []byte {
+	return append(b, make([]byte, (512-len(b)%512)%512)...)
+}
+
+// paxRecord is one "len key=value\n" record of a PAX header.
+func paxRecord(k, v string) string {
+	rec := " " + k + "=" + v + "\n"
+	n := len(rec)
+	for n != len(strconv.Itoa(n))+len(rec) {
+		n = len(strconv.Itoa(n)) + len(rec)
+	}
+	return strconv.Itoa(n) + rec
+}
+
+// sparseTar is a tar of one GNU sparse file "big" that is all hole, its
+// size and format given by PAX records (key, value, key, value...).
+func sparseTar(t testing.TB, kv ...string) []byte {
+	t.Helper()
+	var recs string
+	for i := 0; i+1 < len(kv); i += 2 {
+		recs += paxRecord(kv[i], kv[i+1])
+	}
+	var data []byte
+	if kv[1] == "1" {
+		data = padBlock([]byte("0\n")) // format 1.0: the map, no entries
+	}
+	var buf bytes.Buffer
+	buf.Write(withChecksum(ustarHeader("PaxHeaders/big", tar.TypeXHeader, int64(len(recs)), "ustar\x0000")))
+	buf.Write(padBlock([]byte(recs)))
+	buf.Write(withChecksum(ustarHeader("big", tar.TypeReg, int64(len(data)), "ustar\x0000")))
+	buf.Write(data)
+	buf.Write(make([]byte, 1024))
+	return buf.Bytes()
+}
+
+// oldGNUSparseTar is a tar of one old-GNU sparse file (type 'S') of
+// realSize bytes that is all hole.
+func oldGNUSparseTar(realSize int64) []byte {
+	hdr := ustarHeader("big", tar.TypeGNUSparse, 0, "ustar  \x00")
+	copy(hdr[483:], fmt.Sprintf("%011o\x00", realSize))
+	return append(withChecksum(hdr), make([]byte, 1024)...)
+}
+
 type failingReader struct {
 	r   io.Reader
 	err error
@@ -208,6 +298,20 @@ func TestLayerSourceErrorIsNotBadData(t *testing.T) {
 	}
 }
 
+// TestLayerDeepPath extracts a path of maxDepth components, the deepest
+// that is accepted.
+func TestLayerDeepPath(t *testing.T) {
+	name := strings.Repeat("a/", maxDepth-1) + "f"
+	blob := tarOf(t, entry{name: name, typ: tar.TypeReg, body: "deep"})
+	dir := t.TempDir()
+	if _, err := Layer(context.Background(), bytes.NewReader(blob), dir, Options{Digest: digest.FromBytes(blob)}); err != nil {
+		t.Fatal(err)
+	}
+	if b, err := os.ReadFile(filepath.Join(dir, name)); err != nil || string(b) != "deep" {
+		t.Errorf("%d components deep: %q, %v", maxDepth, b, err)
+	}
+}
+
 func TestLayerImplicitDirs(t *testing.T) {
 	blob := tarOf(t, entry{name: "usr/lib/x", typ: tar.TypeReg, body: "x"})
 	res, err := Layer(context.Background(), bytes.NewReader(blob), t.TempDir(), Options{Digest: digest.FromBytes(blob)})
@@ -219,12 +323,34 @@ func TestLayerImplicitDirs(t *testing.T) {
 	}
 }
 
-// FuzzLayer feeds arbitrary tar streams to Layer: it must not panic and must
-// never write outside the directory it was given.
+// FuzzLayer feeds arbitrary blobs (tar, gzip, zstd) to Layer: it must not
+// panic, must never write outside the directory it was given, and must not
+// take long on any input (go test fails one that runs 10 s). The seeds
+// include the inputs that once cost far more than their size: a sparse file
+// that is all hole, a name deeper than maxDepth, a zstd frame asking for a
+// 512 MiB window.
+//
+// An input costs about a millisecond: Layer really extracts it, into a new
+// directory, which is removed after. That is cheap enough to fuzz with
+// (several hundred inputs a second on two busy cores), not to minimize with:
+// go test minimizes every input that finds new code, by trying it again with
+// each byte and then each range of bytes removed, O(n²) runs for n bytes,
+// and a tar input is one to five KiB. Left at the default -fuzzminimizetime
+// of 60s, each new input held a worker for the whole minute, then go test
+// killed the worker and dropped its runs from the count: the "stall" of 7
+// inputs in 3 minutes. script/fuzz.sh bounds minimization by a count
+// (-fuzzminimizetime=1000x), which the worker stops at and reports; run by
+// hand, pass the same.
 func FuzzLayer(f *testing.F) {
 	f.Add(tarOf(f, sample...))
+	f.Add(gzipOf(f, tarOf(f, sample...)))
+	f.Add(zstdOf(f, tarOf(f, sample...)))
 	f.Add(tarOf(f, entry{name: "l", typ: tar.TypeSymlink, link: ".."}, entry{name: "l/x", typ: tar.TypeReg, body: "x"}))
 	f.Add(tarOf(f, entry{name: "../x", typ: tar.TypeReg, body: "x"}))
+	f.Add(sparseTar(f, "GNU.sparse.major", "0", "GNU.sparse.minor", "1", "GNU.sparse.numblocks", "0", "GNU.sparse.size", "268435456"))
+	f.Add(oldGNUSparseTar(268435456))
+	f.Add(tarOf(f, entry{name: strings.Repeat("a/", maxDepth) + "f", typ: tar.TypeReg}))
+	f.Add([]byte{0x28, 0xb5, 0x2f, 0xfd, 0x00, 0x98, 0x0b, 0x00, 0x00, 'a'})
 	f.Fuzz(func(t *testing.T, blob []byte) {
 		outside := t.TempDir()
 		dir := filepath.Join(outside, "root")

@@ -5,12 +5,17 @@ import (
 	"fmt"
 	"path"
 	"strings"
+
+	"golang.org/x/sys/unix"
 )
 
 // pathGuard checks each tar header before containerd's archive package acts
 // on it. containerd scopes every path to the root, silently rewriting one
 // that would escape; lazylayer refuses such a layer instead, because an image
-// that tries it is not one to run.
+// that tries it is not one to run. It also refuses the entries whose cost is
+// out of proportion to their bytes in the tar: sparse files (checkSparse)
+// and names too long or too deep for containerd to create cheaply
+// (checkPath).
 type pathGuard struct {
 	hide         map[string]bool     // root entries not to extract
 	symlinks     map[string]struct{} // names this layer made symlinks
@@ -29,15 +34,18 @@ func newPathGuard(hide []string) *pathGuard {
 // check is an archive.Filter. hdr.Name has been cleaned by archive.Apply.
 func (g *pathGuard) check(hdr *tar.Header) (bool, error) {
 	name := hdr.Name
+	if err := checkSparse(hdr); err != nil {
+		return false, fmt.Errorf("tar entry %q: %w", abbrev(name), err)
+	}
 	if err := g.checkPath(name); err != nil {
-		return false, fmt.Errorf("tar entry %q: %w", name, err)
+		return false, fmt.Errorf("tar entry %q: %w", abbrev(name), err)
 	}
 	if g.hide[name] {
 		return false, nil
 	}
 	if hdr.Typeflag == tar.TypeLink {
 		if err := g.checkPath(path.Clean(hdr.Linkname)); err != nil {
-			return false, fmt.Errorf("tar entry %q: hard link target %q: %w", name, hdr.Linkname, err)
+			return false, fmt.Errorf("tar entry %q: hard link target %q: %w", abbrev(name), abbrev(hdr.Linkname), err)
 		}
 	}
 	parent := path.Dir(name)
@@ -58,19 +66,73 @@ func (g *pathGuard) check(hdr *tar.Header) (bool, error) {
 	return true, nil
 }
 
+// maxDepth is the most components a path in a layer may have. containerd
+// resolves every entry's parent one component at a time, an lstat of each
+// prefix, so an entry costs depth² path lookups in the kernel. Measured on a
+// 2-core VM: 0.6 ms at depth 16, 7 ms at 256, 0.45 s at 2000, the most
+// PATH_MAX allows, where such a name ("a/a/a/...") is 25 bytes of gzip per
+// entry. At 256 the worst entry costs about ten ordinary ones; the paths of
+// real images are a few dozen components deep at most.
+const maxDepth = 256
+
 // checkPath refuses a cleaned path that is absolute, climbs out of the root,
-// or passes through a symlink this layer created.
+// is longer than PATH_MAX or deeper than maxDepth, or passes through a
+// symlink this layer created.
+//
+// A tar entry's name can be a 1 MiB PAX record that gzip shrinks to a few
+// hundred bytes. A name longer than PATH_MAX could never be created
+// (containerd fails on it with ENAMETOOLONG), so it is refused before any
+// work is done on it; and the parents are found in one pass over the name,
+// not by repeated path.Dir, which cost depth × length: 74 s for one entry of
+// 400 KB, 621 bytes compressed.
 func (g *pathGuard) checkPath(p string) error {
 	switch {
+	case len(p) > unix.PathMax:
+		return fmt.Errorf("path of %d bytes, longer than PATH_MAX: %w", len(p), ErrInvalid)
 	case path.IsAbs(p):
 		return fmt.Errorf("absolute path: %w", ErrInvalid)
 	case p == ".." || strings.HasPrefix(p, "../"):
 		return fmt.Errorf("path escapes the layer root: %w", ErrInvalid)
 	}
-	for dir := path.Dir(p); dir != "." && dir != "/"; dir = path.Dir(dir) {
-		if _, ok := g.symlinks[dir]; ok {
-			return fmt.Errorf("path goes through symlink %q: %w", dir, ErrInvalid)
+	if depth := strings.Count(p, "/") + 1; depth > maxDepth {
+		return fmt.Errorf("path of %d components, more than %d: %w", depth, maxDepth, ErrInvalid)
+	}
+	if len(g.symlinks) == 0 {
+		return nil
+	}
+	for i := 1; i < len(p); i++ {
+		if p[i] != '/' {
+			continue
+		}
+		if _, ok := g.symlinks[p[:i]]; ok {
+			return fmt.Errorf("path goes through symlink %q: %w", p[:i], ErrInvalid)
 		}
 	}
 	return nil
+}
+
+// checkSparse refuses a GNU sparse file (PAX "GNU.sparse.*" records; the
+// old GNU 'S' type containerd refuses itself). Its header declares a size of
+// up to 8 EiB that is mostly holes; archive/tar reads the holes as zeros and
+// containerd writes every one of them out, so a tar of a few KiB could fill
+// the disk, and the digests cannot catch it: they cover only those KiB.
+// The OCI image spec says sparse files SHOULD NOT be used, and Go's
+// archive/tar, which docker, BuildKit and containerd write layers with,
+// cannot produce them.
+func checkSparse(hdr *tar.Header) error {
+	for k := range hdr.PAXRecords {
+		if strings.HasPrefix(k, "GNU.sparse.") {
+			return fmt.Errorf("GNU sparse file of %d bytes: %w", hdr.Size, ErrInvalid)
+		}
+	}
+	return nil
+}
+
+// abbrev shortens a name for an error message: a tar name can be 1 MiB.
+func abbrev(name string) string {
+	const limit = 256
+	if len(name) <= limit {
+		return name
+	}
+	return name[:limit] + "..."
 }
