@@ -16,7 +16,11 @@ import (
 // a directory) and files other entries spread over them: mostly non-empty
 // regular files, one in 10 empty, one in 30 a symlink, one in 50 with a
 // user xattr and one in 500 with security.capability.
-func synthetic(dirs, files int) []Entry {
+//
+// Redirects are "/.lazylayer/b/<base-36 number>", short enough for ext4 to
+// keep a file's xattrs in its inode; with pathRedirects they are
+// "/.lazylayer/12345/<path>" instead.
+func synthetic(dirs, files int, pathRedirects bool) []Entry {
 	out := make([]Entry, 0, dirs+files)
 	names := make([]string, dirs)
 	mtime := time.Date(2025, 1, 2, 3, 4, 5, 0, time.UTC)
@@ -41,6 +45,9 @@ func synthetic(dirs, files int) []Entry {
 		default:
 			e.Size = int64(1 + j%50000)
 			e.Redirect = "/" + RedirectRoot + "/b/" + strconv.FormatInt(int64(j), 36)
+			if pathRedirects {
+				e.Redirect = "/" + RedirectRoot + "/12345/" + e.Path
+			}
 		}
 		if j%50 == 3 {
 			e.Xattrs = map[string][]byte{"user.mime_type": []byte("text/x-python")}
@@ -64,14 +71,16 @@ func BenchmarkBuild(b *testing.B) {
 		workers = w
 	}
 	for _, c := range []struct {
-		name        string
-		dirs, files int
+		name          string
+		dirs, files   int
+		pathRedirects bool
 	}{
-		{"8k", 700, 7300},
-		{"100k", 10000, 90000},
+		{"8k", 700, 7300, false},
+		{"100k", 10000, 90000, false},
+		{"100k-path-redirects", 10000, 90000, true},
 	} {
 		b.Run(fmt.Sprintf("%s/workers=%d", c.name, workers), func(b *testing.B) {
-			entries := synthetic(c.dirs, c.files)
+			entries := synthetic(c.dirs, c.files, c.pathRedirects)
 			base := os.Getenv("LAZYLAYER_META_BENCH_DIR")
 			if base == "" {
 				base = b.TempDir()
