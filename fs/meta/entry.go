@@ -33,8 +33,9 @@ const (
 // untrusted, except Redirect, which lazylayer generates.
 type Entry struct {
 	// Path is the entry's name, slash-separated and relative to the layer
-	// root, in clean form ("usr/bin/python3"); "." is the root directory.
-	// Every parent directory must be an entry too.
+	// root, in clean form ("usr/bin/python3"); "." (or "") is the root
+	// directory, which is 0755 root:root at the epoch when no entry
+	// describes it. Every other parent directory must be an entry too.
 	Path string
 
 	// Mode is st_mode: one type (syscall.S_IFREG, S_IFDIR, S_IFLNK,
@@ -107,12 +108,10 @@ type tree struct {
 	links  []int32 // hard-link nodes
 }
 
-var defaultRoot = Entry{Path: ".", Mode: syscall.S_IFDIR | 0o755}
-
 // plan validates entries and arranges them as a tree.
 func plan(entries []Entry) (*tree, error) {
 	t := &tree{nodes: make([]node, 1, len(entries)+1)}
-	t.nodes[0] = node{e: &defaultRoot, name: ".", target: -1}
+	t.nodes[0] = node{e: &Entry{Path: ".", Mode: syscall.S_IFDIR | 0o755}, name: ".", target: -1}
 	byPath := make(map[string]int32, len(entries))
 	byPath["."] = 0
 	rootSeen := false
