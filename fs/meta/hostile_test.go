@@ -1,6 +1,8 @@
 package meta
 
 import (
+	"context"
+	"errors"
 	"os"
 	"path/filepath"
 	"strings"
@@ -148,5 +150,20 @@ func TestParentInheritance(t *testing.T) {
 		if st.Mode != mode || st.Gid != 0 {
 			t.Errorf("%s: mode %#o gid %d, want %#o gid 0", p, st.Mode, st.Gid, mode)
 		}
+	}
+}
+
+// TestBuildCancelled: a cancelled build returns the context's error and
+// leaves nothing.
+func TestBuildCancelled(t *testing.T) {
+	requireRoot(t)
+	parent := t.TempDir()
+	ctx, cancel := context.WithCancel(t.Context())
+	cancel()
+	if err := Build(ctx, filepath.Join(parent, "meta"), synthetic(10, 100, false)); !errors.Is(err, context.Canceled) {
+		t.Fatalf("Build: %v, want context.Canceled", err)
+	}
+	if left, _ := os.ReadDir(parent); len(left) != 0 {
+		t.Errorf("left behind: %v", left)
 	}
 }
