@@ -2,6 +2,8 @@ package main
 
 import (
 	"context"
+	"fmt"
+	"net"
 	"os"
 	"path/filepath"
 	"strconv"
@@ -35,9 +37,55 @@ func TestRefusesLockedRoot(t *testing.T) {
 	}
 	defer unlock()
 	err = runArgs(t, root)
-	if err == nil || !strings.Contains(err.Error(), "in use by another lazylayer-snapshotter (pid "+strconv.Itoa(os.Getpid())+")") {
+	if err == nil || !strings.Contains(err.Error(), "in use by another lazylayer-snapshotter (pid "+strconv.Itoa(os.Getpid())+" (") {
 		t.Fatalf("second daemon on a locked root: %v", err)
 	}
+}
+
+// TestRefusesBusySocket: a socket where another process answers is never
+// taken over, whoever holds it; the error names that process.
+func TestRefusesBusySocket(t *testing.T) {
+	addr := filepath.Join(t.TempDir(), "snapshotter.sock")
+	l, err := net.Listen("unix", addr)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer l.Close()
+	go func() {
+		for {
+			c, err := l.Accept()
+			if err != nil {
+				return
+			}
+			c.Close()
+		}
+	}()
+	unlock, err := lockAddress(addr)
+	if err == nil {
+		unlock()
+		t.Fatal("a daemon took a socket another process serves")
+	}
+	if want := fmt.Sprintf("socket %s is in use by pid %d", addr, os.Getpid()); !strings.Contains(err.Error(), want) {
+		t.Errorf("error %q does not say %q", err, want)
+	}
+	if _, err := os.Stat(addr); err != nil {
+		t.Errorf("the other process's socket: %v", err)
+	}
+
+	// A socket file nobody answers on is stale: it is taken.
+	l.Close()
+	stale := filepath.Join(t.TempDir(), "stale.sock")
+	sl, err := net.Listen("unix", stale)
+	if err != nil {
+		t.Fatal(err)
+	}
+	sl.(*net.UnixListener).SetUnlinkOnClose(false)
+	sl.Close()
+	unlock, err = lockAddress(stale)
+	if err != nil {
+		t.Fatalf("a stale socket: %v", err)
+	}
+	unlock()
 }
 
 func TestRefusesOverlayRoot(t *testing.T) {
