@@ -90,9 +90,10 @@ type Layer struct {
 	passthrough bool
 
 	mu         sync.Mutex
-	server     *fuse.Server // guarded by mu
-	mountpoint string       // guarded by mu
-	cancel     context.CancelFunc
+	server     *fuse.Server       // guarded by mu
+	mountpoint string             // guarded by mu
+	cancel     context.CancelFunc // stops the prefetch of the last Mount; guarded by mu
+	prefetched chan struct{}      // closed when that prefetch has returned; guarded by mu
 
 	accessMu sync.Mutex
 	accessed []string        // files opened while lazy, in first-open order; guarded by accessMu
@@ -254,8 +255,16 @@ func (l *Layer) DropBlob() error {
 	return l.f.partial.remove()
 }
 
-// Close saves what the local blob copy holds and closes it.
+// Close stops the prefetch that Mount started and waits for it to return,
+// then saves what the local blob copy holds and closes it.
 func (l *Layer) Close() error {
+	l.mu.Lock()
+	cancel, prefetched := l.cancel, l.prefetched
+	l.mu.Unlock()
+	if cancel != nil {
+		cancel()
+		<-prefetched
+	}
 	if l.f.partial == nil {
 		return nil
 	}
@@ -313,14 +322,19 @@ func (l *Layer) Mount(ctx context.Context, mountpoint string) error {
 	}
 	l.server, l.mountpoint = server, mountpoint
 	bg, cancel := context.WithCancel(context.WithoutCancel(ctx))
-	l.cancel = cancel
-	go l.prefetch(bg)
+	prefetched := make(chan struct{})
+	l.cancel, l.prefetched = cancel, prefetched
+	go func() {
+		defer close(prefetched)
+		l.prefetch(bg)
+	}()
 	return nil
 }
 
-// Unmount detaches the mount from the file system tree. Overlays that use
-// it keep reading through the server until they are unmounted; done is
-// closed when the server has stopped.
+// Unmount stops the prefetch that Mount started and detaches the mount
+// from the file system tree. Overlays that use it keep reading through the
+// server until they are unmounted; done is closed when the server has
+// stopped and the prefetch has returned.
 func (l *Layer) Unmount() (done <-chan struct{}, err error) {
 	l.mu.Lock()
 	defer l.mu.Unlock()
@@ -333,10 +347,11 @@ func (l *Layer) Unmount() (done <-chan struct{}, err error) {
 	if err := unix.Unmount(l.mountpoint, unix.MNT_DETACH); err != nil && err != unix.EINVAL {
 		return nil, fmt.Errorf("unmount %s: %w", l.mountpoint, err)
 	}
-	server := l.server
+	server, prefetched := l.server, l.prefetched
 	l.server = nil
 	go func() {
 		server.Wait()
+		<-prefetched
 		close(ch)
 	}()
 	return ch, nil
