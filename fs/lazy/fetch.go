@@ -416,6 +416,11 @@ func (f *fetcher) readAt(ctx context.Context, cs []chunk, size int64, p []byte, 
 		}
 	}
 	bufs, err := f.load(ctx, want)
+	if errors.Is(err, errRetrying) && len(want) > need-i {
+		// The chunks that timed out a moment ago may be only the ones
+		// brought along, which this read does not need.
+		bufs, err = f.load(ctx, cs[i:need])
+	}
 	if err != nil {
 		return 0, err
 	}

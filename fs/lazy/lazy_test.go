@@ -377,12 +377,29 @@ func TestRegistryGoesAway(t *testing.T) {
 		t.Errorf("the read gave up after %v, before the read timeout", waited)
 	}
 	// A read that starts while the registry is down succeeds when it
-	// comes back within the timeout.
+	// comes back within the timeout: the registry comes back once the
+	// read has been refused. The prefetch gave up too, so the requests
+	// from now on are the read's.
+	f.layer.mu.Lock()
+	prefetched := f.layer.prefetched
+	f.layer.mu.Unlock()
+	<-prefetched
+	refused := f.blob.requests.Load()
+	read, back := make(chan struct{}), make(chan struct{})
 	go func() {
-		time.Sleep(500 * time.Millisecond)
+		defer close(back)
+		for f.blob.requests.Load() == refused {
+			select {
+			case <-read:
+				return
+			case <-time.After(time.Millisecond):
+			}
+		}
 		f.blob.down.Store(false)
 	}()
 	b, err := os.ReadFile(filepath.Join(f.mnt, "data/big"))
+	close(read)
+	<-back
 	if err != nil || !bytes.Equal(b, f.files["data/big"]) {
 		t.Fatalf("read while the registry came back: %v", err)
 	}
