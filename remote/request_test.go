@@ -405,7 +405,11 @@ func TestTimeoutFrozenRegistry(t *testing.T) {
 	if !errors.Is(err, ErrUnavailable) || !strings.Contains(err.Error(), "no progress for 200ms (after 3 attempts)") {
 		t.Errorf("ReadRange from a frozen registry: got %v, want ErrUnavailable naming the stall", err)
 	}
-	if limit := 3*opts.Timeout + time.Second; elapsed > limit {
+	// Without Options.Timeout only the transport's own timeouts (10s for
+	// a TLS handshake, none for an answer) would end an attempt. The
+	// bound tells the two apart with room for a busy machine; it is not
+	// a speed target.
+	if limit := 3*opts.Timeout + 5*time.Second; elapsed > limit {
 		t.Errorf("ReadRange from a frozen registry took %v, want at most %v", elapsed, limit)
 	}
 }
@@ -459,7 +463,12 @@ func TestContextBoundsRequests(t *testing.T) {
 			if !errors.Is(err, context.DeadlineExceeded) {
 				t.Errorf("got %v, want the deadline's error", err)
 			}
-			if elapsed > deadline+time.Second { // without the deadline: minutes
+			// Without the deadline the Resolver would give up after 30s
+			// without progress per attempt, or minutes of retries. The
+			// bound tells the two apart with room for a busy machine
+			// (the race detector on 2 busy cores took 1.7s); it is not a
+			// speed target.
+			if elapsed > deadline+5*time.Second {
 				t.Errorf("returned after %v, the deadline was %v", elapsed, deadline)
 			}
 		})
@@ -501,7 +510,8 @@ func TestNotFoundOnEveryHost(t *testing.T) {
 					t.Errorf("error %q does not say %q", err, s)
 				}
 			}
-			if n := strings.Count(err.Error(), "404"); n != 1 {
+			// "HTTP 404", not "404": a random port may hold those digits.
+			if n := strings.Count(err.Error(), "HTTP 404"); n != 1 {
 				t.Errorf("error %q names the 404 %d times", err, n)
 			}
 		})

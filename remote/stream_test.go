@@ -268,7 +268,12 @@ func TestStreamCanceled(t *testing.T) {
 	reg := newRegistry(t)
 	_, desc := reg.addBlob(4 * 1024)
 	release := make(chan struct{})
+	asked := make(chan struct{}, 1)
 	reg.setMisbehave(func(w http.ResponseWriter, r *http.Request, seen int) bool {
+		select {
+		case asked <- struct{}{}:
+		default:
+		}
 		select {
 		case <-release:
 		case <-r.Context().Done():
@@ -283,7 +288,10 @@ func TestStreamCanceled(t *testing.T) {
 	ctx, cancel := context.WithCancel(t.Context())
 	s := b.Stream(ctx)
 	defer s.Close()
-	time.AfterFunc(20*time.Millisecond, cancel)
+	go func() {
+		<-asked // cancel while the registry holds a request
+		cancel()
+	}()
 	if _, err := io.ReadAll(s); !errors.Is(err, context.Canceled) {
 		t.Fatalf("got %v, want context.Canceled", err)
 	}
