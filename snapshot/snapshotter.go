@@ -294,7 +294,16 @@ func (s *Snapshotter) createSnapshot(ctx context.Context, kind snapshots.Kind, k
 		return nil, snap, err
 	}
 	mounts, err := s.mounts(ctx, snap, info)
-	return mounts, snap, err
+	if err != nil {
+		// A parent being obtained again did not come back in time: the
+		// call failed, so leave no snapshot that would make containerd's
+		// retry with the same key fail.
+		if rerr := s.Remove(context.WithoutCancel(ctx), key); rerr != nil {
+			log.G(ctx).WithError(rerr).WithField("key", key).Warn("remove snapshot whose mounts failed")
+		}
+		return nil, snap, err
+	}
+	return mounts, snap, nil
 }
 
 // mounts returns the mounts for snap: a bind mount when there is a single
