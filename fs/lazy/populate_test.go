@@ -143,16 +143,19 @@ func TestPopulateDownloadFailure(t *testing.T) {
 }
 
 func TestPopulateRejectsBadBlob(t *testing.T) {
-	f := newFixture(t, Options{})
+	data, desc, _ := buildLayer(t)
 	// Every chunk matches its TOC digest, but the blob is not the one the
-	// manifest names.
-	f.layer.desc.Digest = digest.FromString("another blob")
+	// manifest names. (Set before Open: a mounted layer's prefetch reads
+	// the descriptor.)
+	desc.Digest = digest.FromString("another blob")
+	l := openLayer(t, data, &testBlob{data: data}, desc, Options{})
+	t.Cleanup(func() { l.Close() })
 	tree := t.TempDir()
-	err := f.layer.Populate(context.Background(), tree, PopulateOptions{})
+	err := l.Populate(context.Background(), tree, PopulateOptions{})
 	if !errors.Is(err, extract.ErrInvalid) {
 		t.Fatalf("Populate of a blob with the wrong digest: %v", err)
 	}
-	if held := f.layer.Progress().Held; held != 0 {
+	if held := l.Progress().Held; held != 0 {
 		t.Errorf("after the failed check %d bytes are still held; the next attempt would trust them", held)
 	}
 }
