@@ -3,6 +3,7 @@ package remote
 import (
 	"context"
 	"fmt"
+	"net/http"
 	"os"
 	"path/filepath"
 	"strings"
@@ -97,6 +98,19 @@ type Resolver struct {
 type hostConfig struct {
 	hosts   []docker.RegistryHost
 	version string
+	// transports are the hosts' HTTP transports as configured, before
+	// containerd wraps some in its HTTPS-to-HTTP fallback, which cannot
+	// close idle connections.
+	transports []idleCloser
+}
+
+type idleCloser interface{ CloseIdleConnections() }
+
+// closeIdle closes the idle connections of hc's transports.
+func (hc hostConfig) closeIdle() {
+	for _, t := range hc.transports {
+		t.CloseIdleConnections()
+	}
 }
 
 // NewResolver returns a Resolver with opts (zero fields take defaults).
@@ -120,11 +134,7 @@ func (r *Resolver) CloseIdleConnections() {
 	r.mu.Lock()
 	defer r.mu.Unlock()
 	for _, hc := range r.hosts {
-		for _, h := range hc.hosts {
-			if h.Client != nil {
-				h.Client.CloseIdleConnections()
-			}
-		}
+		hc.closeIdle()
 	}
 }
 
@@ -171,7 +181,18 @@ func (r *Resolver) hostsFor(ctx context.Context, name string) ([]docker.Registry
 	if hc, ok := r.hosts[name]; ok && hc.version == version {
 		return hc.hosts, nil
 	}
-	hostOpts := config.HostOptions{Credentials: r.creds.cached}
+	var transports []idleCloser
+	hostOpts := config.HostOptions{
+		Credentials: r.creds.cached,
+		// Called with each client ConfigureHosts makes, before it wraps
+		// the transport of a host it may reach over plain HTTP.
+		UpdateClient: func(c *http.Client) error {
+			if t, ok := c.Transport.(idleCloser); ok {
+				transports = append(transports, t)
+			}
+			return nil
+		},
+	}
 	if r.opts.HostsDir != "" {
 		hostOpts.HostDir = config.HostDirFromRoot(r.opts.HostsDir)
 	}
@@ -180,13 +201,9 @@ func (r *Resolver) hostsFor(ctx context.Context, name string) ([]docker.Registry
 		return nil, fmt.Errorf("configure hosts for %s (hosts dir %q): %w", name, r.opts.HostsDir, err)
 	}
 	if old, ok := r.hosts[name]; ok {
-		for _, h := range old.hosts {
-			if h.Client != nil {
-				h.Client.CloseIdleConnections()
-			}
-		}
+		old.closeIdle()
 	}
-	r.hosts[name] = hostConfig{hosts: hosts, version: version}
+	r.hosts[name] = hostConfig{hosts: hosts, version: version, transports: transports}
 	return hosts, nil
 }
 
