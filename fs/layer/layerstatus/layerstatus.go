@@ -53,6 +53,19 @@ type Layer struct {
 	Error      string `json:"error,omitempty"` // why population gave up, or why the layer is unavailable
 	Mountpoint string `json:"mountpoint,omitempty"`
 	Users      int    `json:"users"` // overlays using the FUSE mount
+	// Native is true when containers see the layer through its metadata
+	// tree (native metadata: lookups, stat and readdir never reach the
+	// daemon) and the FUSE mount only serves file data not yet local.
+	Native bool `json:"native,omitempty"`
+	// FUSERequests counts the requests the layer's FUSE mount answered,
+	// of every kind (lookup, getattr, readdir, open, read, ...).
+	FUSERequests int64 `json:"fuse_requests"`
+	// FUSEBound is, for a native layer, how many of its files running
+	// containers hold bound to the FUSE mount: files first opened before
+	// their data was local. They read through FUSE (passthrough once
+	// local) until the kernel evicts them, and a crash of the daemon
+	// breaks their reads; every other file reads natively.
+	FUSEBound int64 `json:"fuse_bound"`
 	// Accessed lists the files opened while the layer was lazy, in
 	// first-open order; only when asked for.
 	Accessed []string `json:"accessed,omitempty"`
