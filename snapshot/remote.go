@@ -283,21 +283,32 @@ func (s *Snapshotter) localFunc(id, name string) func(context.Context) error {
 }
 
 // lowerPaths returns the directories the committed layers ids contribute to
-// an overlay: the FUSE mount of a lazy layer, the tree of a local one. For a
-// layer being obtained again after a restart it waits until it is back.
+// an overlay as plain lower layers: the FUSE mount of a lazy layer, the tree
+// of a local one. For a layer being obtained again after a restart it
+// waits until it is back.
 func (s *Snapshotter) lowerPaths(ctx context.Context, ids []string) ([]string, error) {
-	lowers := make([]string, len(ids))
+	ls, err := s.lowers(ctx, ids)
+	if err != nil {
+		return nil, err
+	}
+	paths := make([]string, len(ls))
+	for i, l := range ls {
+		paths[i] = l.p.Lower
+	}
+	return paths, nil
+}
+
+// lowers returns how the committed layers ids are shown to overlay,
+// waiting for layers that are being obtained again (see lowerPaths).
+func (s *Snapshotter) lowers(ctx context.Context, ids []string) ([]lower, error) {
+	ls := make([]lower, len(ids))
 	for i, id := range ids {
 		for {
 			s.mu.Lock()
 			h := s.held[id]
 			s.mu.Unlock()
-			if h == nil {
-				lowers[i] = s.upperPath(id)
-				break
-			}
-			if h.ready == nil {
-				lowers[i] = s.lazyPath(id)
+			if h == nil || h.ready == nil {
+				ls[i] = s.present(id, h != nil)
 				break
 			}
 			log.G(ctx).WithField("layer", h.name).Info("waiting for a layer that is being fetched again")
@@ -308,7 +319,21 @@ func (s *Snapshotter) lowerPaths(ctx context.Context, ids []string) ([]string, e
 			}
 		}
 	}
-	return lowers, nil
+	return ls, nil
+}
+
+// present says how the committed layer id, lazy or not, is shown.
+func (s *Snapshotter) present(id string, lazy bool) lower {
+	l := lower{id: id, lazy: lazy}
+	if nfs, ok := s.fs.(NativeFileSystem); ok {
+		l.p = nfs.Present(s.snapshotDir(id), lazy)
+		return l
+	}
+	l.p.Lower = s.upperPath(id)
+	if lazy {
+		l.p.Lower = s.lazyPath(id)
+	}
+	return l
 }
 
 func (s *Snapshotter) lazyPath(id string) string {

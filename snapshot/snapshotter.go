@@ -6,7 +6,6 @@ import (
 	"fmt"
 	"os"
 	"path/filepath"
-	"strings"
 	"sync"
 
 	"github.com/containerd/containerd/v2/core/mount"
@@ -183,6 +182,9 @@ func (s *Snapshotter) Remove(ctx context.Context, key string) error {
 		log.G(ctx).WithError(err).WithField("id", id).Warn("release lazy layer; Cleanup will retry")
 		return nil
 	}
+	if err := s.removeShort(id); err != nil {
+		log.G(ctx).WithError(err).WithField("id", id).Warn("remove snapshot link")
+	}
 	if err := os.RemoveAll(s.snapshotDir(id)); err != nil {
 		log.G(ctx).WithError(err).WithField("id", id).Warn("remove snapshot directory; Cleanup will retry")
 	}
@@ -218,7 +220,10 @@ func (s *Snapshotter) Cleanup(ctx context.Context) error {
 			continue
 		}
 		dir := filepath.Join(s.root, "snapshots", e.Name())
-		if err := unmountUnder(dir); err != nil {
+		if err := s.release(ctx, e.Name()); err != nil {
+			return fmt.Errorf("cleanup %s: %w", dir, err)
+		}
+		if err := s.removeShort(e.Name()); err != nil {
 			return fmt.Errorf("cleanup %s: %w", dir, err)
 		}
 		if err := os.RemoveAll(dir); err != nil {
@@ -317,20 +322,26 @@ func (s *Snapshotter) mounts(ctx context.Context, snap storage.Snapshot, _ snaps
 		}
 		return []mount.Mount{{Type: "bind", Source: s.upperPath(snap.ID), Options: []string{ro, "rbind"}}}, nil
 	}
-	lowers, err := s.lowerPaths(ctx, snap.ParentIDs)
+	lowers, err := s.lowers(ctx, snap.ParentIDs)
 	if err != nil {
 		return nil, err
 	}
+	active := snap.Kind == snapshots.KindActive
 	var options []string
-	if snap.Kind == snapshots.KindActive {
+	if active {
 		options = append(options,
 			"workdir="+s.workPath(snap.ID),
 			"upperdir="+s.upperPath(snap.ID),
 		)
 	} else if len(lowers) == 1 {
-		return []mount.Mount{{Type: "bind", Source: lowers[0], Options: []string{"ro", "rbind"}}}, nil
+		return []mount.Mount{{Type: "bind", Source: lowers[0].p.Lower, Options: []string{"ro", "rbind"}}}, nil
 	}
-	options = append(options, "lowerdir="+strings.Join(lowers, ":"))
+	lowerdir, extra, err := s.presentLowers(snap.ID, active, lowers)
+	if err != nil {
+		return nil, err
+	}
+	options = append(options, "lowerdir="+lowerdir)
+	options = append(options, extra...)
 	options = append(options, s.options...)
 	return []mount.Mount{{Type: "overlay", Source: "overlay", Options: options}}, nil
 }

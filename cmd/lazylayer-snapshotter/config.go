@@ -58,6 +58,12 @@ type lazyConfig struct {
 	// SwapGrace is how long a layer's FUSE mount stays attached after the
 	// layer turned local, e.g. "30s".
 	SwapGrace string `toml:"swap_grace"`
+	// NativeMetadata presents lazy layers to overlay as metadata trees
+	// over data-only layers, so that containers started lazily read
+	// metadata natively and file data natively once it is local: "auto"
+	// (when the kernel and the root's file system allow it, checked at
+	// start) or "off".
+	NativeMetadata string `toml:"native_metadata"`
 }
 
 type fetchConfig struct {
@@ -105,6 +111,7 @@ func defaultConfig() config {
 			PopulateRangeSize:   "1MiB",
 			PopulateBandwidth:   "0",
 			SwapGrace:           "30s",
+			NativeMetadata:      "auto",
 		},
 	}
 }
@@ -186,6 +193,7 @@ type lazyOptions struct {
 	populateRangeSize   int64
 	populateBandwidth   int64 // bytes per second; 0 unbounded
 	swapGrace           time.Duration
+	native              bool
 }
 
 func (l lazyConfig) parse() (lazyOptions, error) {
@@ -227,9 +235,17 @@ func (l lazyConfig) parse() (lazyOptions, error) {
 	if l.PopulateConcurrency < 1 {
 		return lazyOptions{}, errors.New("lazy.populate_concurrency must be at least 1")
 	}
+	var native bool
+	switch l.NativeMetadata {
+	case "auto", "":
+		native = true
+	case "off":
+	default:
+		return lazyOptions{}, fmt.Errorf("lazy.native_metadata %q: want \"auto\" or \"off\"", l.NativeMetadata)
+	}
 	return lazyOptions{enabled: l.Enabled, cacheSize: size, readTimeout: to, minRequest: minReq, populateConcurrency: l.PopulateConcurrency,
 		populateRangeSize: popRange,
-		policy:            policy, populateDelay: delay, populateBandwidth: bw, swapGrace: grace}, nil
+		policy:            policy, populateDelay: delay, populateBandwidth: bw, swapGrace: grace, native: native}, nil
 }
 
 // parsePolicy reads lazy.populate: "auto" or "manual", or a boolean as

@@ -25,6 +25,7 @@ import (
 	"github.com/lazylayer/lazylayer/fs/layer"
 	"github.com/lazylayer/lazylayer/fs/layer/layerstatus"
 	"github.com/lazylayer/lazylayer/fs/lazy"
+	"github.com/lazylayer/lazylayer/fs/meta"
 	"github.com/lazylayer/lazylayer/remote"
 	"github.com/lazylayer/lazylayer/snapshot"
 )
@@ -124,6 +125,15 @@ func run(ctx context.Context, args []string) error {
 		layerCfg.SwapGrace = lazyOpts.swapGrace
 		layerCfg.Policy = lazyOpts.policy
 		layerCfg.PopulateDelay = lazyOpts.populateDelay
+		if lazyOpts.native {
+			if err := meta.Check(ctx, cfg.Root); err != nil {
+				log.G(ctx).WithError(err).Warn("native metadata unavailable: containers started lazily read metadata " +
+					"through FUSE for their whole life and need the daemon running")
+			} else {
+				layerCfg.Native = true
+				layerCfg.DataDir = filepath.Join(cfg.Root, "d")
+			}
+		}
 	}
 	unlockAddr, err := lockAddress(cfg.Address)
 	if err != nil {
@@ -157,6 +167,10 @@ func (f fileSystem) Prepare(ctx context.Context, dir string, parents []string, l
 
 func (f fileSystem) Restore(ctx context.Context, dir string, labels map[string]string) (snapshot.LazyLayer, error) {
 	return lazyLayer(f.Manager.Restore(ctx, dir, labels))
+}
+
+func (f fileSystem) Present(dir string, lazy bool) snapshot.Presentation {
+	return snapshot.Presentation(f.Manager.Present(dir, lazy))
 }
 
 // lazyLayer keeps a nil *layer.Lazy a nil interface.

@@ -1,6 +1,7 @@
 package extract
 
 import (
+	"archive/tar"
 	"bufio"
 	"bytes"
 	"context"
@@ -42,6 +43,11 @@ type Options struct {
 	// HideRoot names entries at the root of the layer that are not
 	// extracted (eStargz's metadata files). They are still verified.
 	HideRoot []string
+	// OnEntry, if set, is called with each tar entry that passed the
+	// checks, before it is extracted: the entry before it is then
+	// complete on disk, attributes included. An error stops extraction
+	// and is returned.
+	OnEntry func(hdr *tar.Header) error
 }
 
 // Result tells what an extraction found.
@@ -86,6 +92,7 @@ func Layer(ctx context.Context, r io.Reader, dir string, opts Options) (Result, 
 	diffHash := digest.SHA256.Digester()
 	tarReader := io.TeeReader(tarStream, diffHash.Hash())
 	guard := newPathGuard(opts.HideRoot)
+	guard.onEntry = opts.OnEntry
 	applyOpts := []archive.ApplyOpt{
 		archive.WithConvertWhiteout(archive.OverlayConvertWhiteout),
 		archive.WithFilter(guard.check),

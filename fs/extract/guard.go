@@ -21,6 +21,7 @@ type pathGuard struct {
 	symlinks     map[string]struct{} // names this layer made symlinks
 	dirs         map[string]struct{} // directories this layer lists
 	implicitDirs bool                // an entry's parent was not listed
+	onEntry      func(*tar.Header) error
 }
 
 func newPathGuard(hide []string) *pathGuard {
@@ -62,6 +63,11 @@ func (g *pathGuard) check(hdr *tar.Header) (bool, error) {
 	default:
 		delete(g.symlinks, name)
 		delete(g.dirs, name)
+	}
+	if g.onEntry != nil {
+		if err := g.onEntry(hdr); err != nil {
+			return false, err
+		}
 	}
 	return true, nil
 }

@@ -40,6 +40,9 @@ type Lazy struct {
 	ref   string
 	desc  ocispec.Descriptor
 	layer *lazy.Layer
+	// native: containers see the layer through its metadata tree, and
+	// population places files in the data directory (native.go).
+	native bool
 
 	ctx    context.Context // population and retiring; cancelled by Release
 	cancel context.CancelFunc
@@ -190,15 +193,26 @@ func (m *Manager) lazyOptions(dir string) lazy.Options {
 	return o
 }
 
-// mount serves l at dir/lazy. Its population starts with Start.
+// mount serves l at dir/lazy, with its metadata tree when native metadata
+// is on. Its population starts with Start.
 func (m *Manager) mount(ctx context.Context, dir, ref string, desc ocispec.Descriptor, l *lazy.Layer) (*Lazy, error) {
-	if err := l.Mount(ctx, filepath.Join(dir, lazyMount)); err != nil {
-		l.Close()
-		return nil, err
+	native := m.cfg.Native
+	if native {
+		if err := m.mountNative(ctx, dir, l); err != nil {
+			log.G(ctx).WithError(err).WithField("layer", desc.Digest).
+				Warn("cannot serve the layer with native metadata; containers read its metadata through FUSE")
+			native = false
+		}
+	}
+	if !native {
+		if err := l.Mount(ctx, filepath.Join(dir, lazyMount)); err != nil {
+			l.Close()
+			return nil, err
+		}
 	}
 	popCtx, cancel := context.WithCancel(m.ctx)
 	ll := &Lazy{
-		m: m, dir: dir, ref: ref, desc: desc, layer: l,
+		m: m, dir: dir, ref: ref, desc: desc, layer: l, native: native,
 		ctx: popCtx, cancel: cancel,
 		begin: make(chan struct{}), local: make(chan struct{}), failed: make(chan struct{}),
 	}
@@ -256,7 +270,10 @@ func (m *Manager) Release(ctx context.Context, dir string) error {
 	delete(m.lazy, dir)
 	m.mu.Unlock()
 	if !ok {
-		return m.detachStale(ctx, dir)
+		if err := m.detachStale(ctx, dir); err != nil {
+			return err
+		}
+		return m.removeNative(dir)
 	}
 	if err := ll.stop(ctx); err != nil {
 		return err
@@ -264,7 +281,7 @@ func (m *Manager) Release(ctx context.Context, dir string) error {
 	for _, f := range []string{lazyTOCFile, lazyDescFile, lazyBlobFile} {
 		os.Remove(filepath.Join(dir, f))
 	}
-	return nil
+	return m.removeNative(dir)
 }
 
 // stop ends ll's population, waits for it, and detaches its mount. What

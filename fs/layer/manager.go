@@ -21,6 +21,7 @@ import (
 
 	"github.com/lazylayer/lazylayer/fs/extract"
 	"github.com/lazylayer/lazylayer/fs/lazy"
+	"github.com/lazylayer/lazylayer/fs/meta"
 	"github.com/lazylayer/lazylayer/remote"
 )
 
@@ -65,6 +66,15 @@ type Config struct {
 	Lazy lazy.Options
 	// Populate tunes the background download of lazy layers.
 	Populate lazy.PopulateOptions
+	// Native presents lazy layers to overlay as metadata trees with their
+	// data in data-only layers (native metadata; see native.go), so that
+	// containers started lazily end up reading natively. It needs
+	// DataDir, on the file system of the snapshots and Staging, and a
+	// kernel meta.Check accepts.
+	Native bool
+	// DataDir is where population places verified files under native
+	// metadata.
+	DataDir string
 	// Policy says when a lazy layer's background download starts.
 	Policy Policy
 	// PopulateDelay is how long after a lazy layer is committed its
@@ -142,6 +152,14 @@ func New(ctx context.Context, reg Registry, cfg Config) (*Manager, error) {
 	}
 	if err := os.MkdirAll(cfg.Staging, 0o700); err != nil {
 		return nil, err
+	}
+	if cfg.Native {
+		if cfg.DataDir == "" {
+			return nil, errors.New("layer manager: native metadata needs a data directory")
+		}
+		if err := os.MkdirAll(filepath.Join(cfg.DataDir, meta.RedirectRoot), 0o700); err != nil {
+			return nil, err
+		}
 	}
 	bg, cancel := context.WithCancel(context.WithoutCancel(ctx))
 	return &Manager{

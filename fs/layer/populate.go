@@ -162,6 +162,11 @@ func (m *Manager) populate(ll *Lazy, local func(context.Context) error) {
 	log.G(ctx).WithFields(log.Fields{
 		"fetched": p.Fetched, "size": p.Size, "elapsed": p.Elapsed.Round(time.Millisecond),
 	}).Info("layer is local")
+	if b := ll.layer.Stats().Bound; ll.native && b > 0 {
+		log.G(ctx).WithField("files", b).Warn("running containers hold files of this layer bound to its FUSE mount " +
+			"(first opened before they were local): they read through the daemon until the kernel evicts them, " +
+			"and a crash of the daemon breaks their reads; every other file reads natively")
+	}
 	// Containers that were handed the FUSE mount just before the swap may
 	// not have mounted their overlay yet: give them time before detaching.
 	select {
@@ -192,18 +197,28 @@ func (m *Manager) populateOnce(ctx context.Context, ll *Lazy, local func(context
 	if err := os.Chmod(staging, 0o755); err != nil {
 		return err
 	}
-	if err := ll.layer.Populate(ctx, staging, m.cfg.Populate); err != nil {
-		return err
-	}
 	tree := filepath.Join(ll.dir, "fs")
-	// A daemon that died between moving a tree here and recording the
-	// layer local left one: a lazy layer's fs/ is in no overlay, so it
-	// can go.
-	if err := emptyDir(tree); err != nil {
-		return err
-	}
-	if err := moveTree(staging, tree); err != nil {
-		return err
+	if ll.native {
+		if err := ll.layer.PopulateInto(ctx, staging, m.placeDir(ll.dir), m.cfg.Populate); err != nil {
+			return err
+		}
+		if err := m.linkTree(ll.dir); err != nil {
+			return err
+		}
+		tree = m.placeDir(ll.dir)
+	} else {
+		if err := ll.layer.Populate(ctx, staging, m.cfg.Populate); err != nil {
+			return err
+		}
+		// A daemon that died between moving a tree here and recording
+		// the layer local left one: a lazy layer's fs/ is in no
+		// overlay, so it can go.
+		if err := emptyDir(tree); err != nil {
+			return err
+		}
+		if err := moveTree(staging, tree); err != nil {
+			return err
+		}
 	}
 	if err := local(ctx); err != nil {
 		// The tree is complete; without the record new containers keep

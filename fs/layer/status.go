@@ -31,6 +31,9 @@ func (m *Manager) Stat(dir string, st *layerstatus.Layer, accessed bool) {
 	}
 	st.Requests = s.Requests
 	st.Reads = s.Reads
+	st.Native = ll.native
+	st.FUSERequests = s.FUSERequests
+	st.FUSEBound = s.Bound
 	st.Entries = ll.layer.Entries()
 	ll.mu.Lock()
 	st.HeldBack = !ll.released && m.cfg.Policy == PolicyManual

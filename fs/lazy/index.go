@@ -39,6 +39,7 @@ type index struct {
 	links  map[uint32]string            // symlink targets
 	rdevs  map[uint32]uint32            // device numbers
 	xattrs map[uint32]map[string][]byte // extended attributes
+	opaque map[uint32]bool              // directories with an opaque marker
 
 	// byOffset lists chunks in blob order (indices into chunks), to find
 	// a chunk's neighbours in the blob.
@@ -119,7 +120,7 @@ func buildIndex(r *estargz.Reader, links func() (map[string]*linkAttrs, error)) 
 	}
 	b := &builder{
 		r:    r,
-		ix:   &index{links: map[uint32]string{}, rdevs: map[uint32]uint32{}, xattrs: map[uint32]map[string][]byte{}},
+		ix:   &index{links: map[uint32]string{}, rdevs: map[uint32]uint32{}, xattrs: map[uint32]map[string][]byte{}, opaque: map[uint32]bool{}},
 		seen: map[*estargz.TOCEntry]uint32{},
 	}
 	if lm, ok := r.Lookup(estargz.PrefetchLandmark); ok {
@@ -232,6 +233,7 @@ func (b *builder) dir(n uint32, te *estargz.TOCEntry) error {
 			}
 			xa[opaqueXattr] = []byte("y")
 			b.ix.xattrs[n] = xa
+			b.ix.opaque[n] = true
 		case strings.HasPrefix(base, whiteoutPrefix):
 			kids = append(kids, kid{name: base[len(whiteoutPrefix):], te: c, wh: true})
 		case base == "" || base == "." || base == ".." || strings.Contains(base, "/"):

@@ -5,8 +5,10 @@ import (
 	"errors"
 	"fmt"
 	"io"
+	"path"
 	"slices"
 	"sort"
+	"strings"
 	"sync"
 	"sync/atomic"
 	"time"
@@ -83,11 +85,18 @@ type Layer struct {
 	f    *fetcher
 	toc  *Recorded // footer and TOC bytes as read, to save for restarts
 
-	reads       atomic.Int64           // FUSE read requests served
-	popFetched  atomic.Int64           // bytes population fetched
-	popStart    atomic.Int64           // when population started, unix ns
-	local       atomic.Pointer[string] // the complete local tree, once there is one
-	passthrough bool
+	reads        atomic.Int64           // FUSE read requests served
+	fuseRequests atomic.Int64           // FUSE requests of every kind answered
+	bound        atomic.Int64           // regular files the kernel holds looked up (data mounts)
+	popFetched   atomic.Int64           // bytes population fetched
+	popStart     atomic.Int64           // when population started, unix ns
+	local        atomic.Pointer[string] // where verified files are, once there is a place
+	complete     atomic.Bool            // local holds the complete tree
+	passthrough  bool
+
+	// top is the inode of the layer's root directory when the mount
+	// serves the layer under a prefix (MountData); nil otherwise.
+	top *fs.Inode
 
 	mu         sync.Mutex
 	server     *fuse.Server       // guarded by mu
@@ -106,7 +115,7 @@ const maxAccessed = 100000
 // recordOpen notes that file num (at path) was opened while the layer is
 // lazy, for a prefetch list.
 func (l *Layer) recordOpen(num uint32, path string) {
-	if l.localDir() != "" {
+	if l.complete.Load() {
 		return
 	}
 	l.accessMu.Lock()
@@ -226,9 +235,19 @@ func openTOC(ra io.ReaderAt, desc ocispec.Descriptor, tocDigest digest.Digest) (
 // SetLocal tells the layer that dir holds its complete, verified tree:
 // files opened from now on are served from there (with FUSE passthrough
 // where enabled), and open files read from there too.
-func (l *Layer) SetLocal(dir string) { l.local.Store(&dir) }
+func (l *Layer) SetLocal(dir string) {
+	l.local.Store(&dir)
+	l.complete.Store(true)
+}
 
-// localDir returns the local tree, or "" while there is none.
+// SetPlaced tells the layer that population places each file, once
+// verified, at its path under dir (and nothing unverified ever appears
+// there): a file found there is served from there like a local layer's,
+// others lazily.
+func (l *Layer) SetPlaced(dir string) { l.local.Store(&dir) }
+
+// localDir returns where verified files are, or "" while there is no such
+// place.
 func (l *Layer) localDir() string {
 	if p := l.local.Load(); p != nil {
 		return *p
@@ -282,11 +301,19 @@ type Stats struct {
 	Requests     int64 // ranged requests made for chunks
 	FetchedBytes int64 // compressed bytes received for chunks
 	Reads        int64 // FUSE read requests served
+	FUSERequests int64 // FUSE requests of every kind answered
+	// Bound counts the regular files of a data mount (MountData) the
+	// kernel holds looked up: each was first opened before it was local,
+	// and reads through FUSE until the kernel forgets it.
+	Bound int64
 }
 
 // Stats returns the layer's counters.
 func (l *Layer) Stats() Stats {
-	return Stats{Requests: l.f.requests.Load(), FetchedBytes: l.f.fetched.Load(), Reads: l.reads.Load()}
+	return Stats{
+		Requests: l.f.requests.Load(), FetchedBytes: l.f.fetched.Load(), Reads: l.reads.Load(),
+		FUSERequests: l.fuseRequests.Load(), Bound: l.bound.Load(),
+	}
 }
 
 // entryTimeout is how long the kernel may cache names and attributes: a
@@ -296,14 +323,31 @@ const entryTimeout = time.Hour
 // Mount serves the layer read-only at mountpoint and starts fetching the
 // files eStargz prioritized.
 func (l *Layer) Mount(ctx context.Context, mountpoint string) error {
+	return l.mount(ctx, mountpoint, "")
+}
+
+// MountData is Mount for a data-only overlay layer: the mount's root holds
+// the layer's tree at prefix (e.g. ".lazylayer/<id>"), where the
+// redirects of its metadata tree look its files up, and nothing else.
+func (l *Layer) MountData(ctx context.Context, mountpoint, prefix string) error {
+	if prefix == "" || path.Clean(prefix) != prefix || path.IsAbs(prefix) || strings.HasPrefix(prefix, "..") {
+		return fmt.Errorf("mount layer %s: bad prefix %q", l.desc.Digest, prefix)
+	}
+	return l.mount(ctx, mountpoint, prefix)
+}
+
+func (l *Layer) mount(ctx context.Context, mountpoint, prefix string) error {
 	l.mu.Lock()
 	defer l.mu.Unlock()
 	if l.server != nil {
 		return fmt.Errorf("layer %s is already mounted at %s", l.desc.Digest, l.mountpoint)
 	}
 	timeout := entryTimeout
-	root := &node{l: l, num: 0}
-	server, err := fs.Mount(mountpoint, root, &fs.Options{
+	var root fs.InodeEmbedder = &node{l: l, num: 0}
+	if prefix != "" {
+		root = &prefixRoot{l: l, names: strings.Split(prefix, "/")}
+	}
+	opts := &fs.Options{
 		MountOptions: fuse.MountOptions{
 			AllowOther:    true,
 			FsName:        "lazylayer",
@@ -316,7 +360,14 @@ func (l *Layer) Mount(ctx context.Context, mountpoint string) error {
 		AttrTimeout:     &timeout,
 		NegativeTimeout: &timeout,
 		NullPermissions: true,
-	})
+	}
+	server, err := fuse.NewServer(&countingFS{RawFileSystem: fs.NewNodeFS(root, opts), l: l}, mountpoint, &opts.MountOptions)
+	if err == nil {
+		go server.Serve()
+		if err = server.WaitMount(); err != nil {
+			server.Unmount()
+		}
+	}
 	if err != nil {
 		return fmt.Errorf("mount layer %s at %s: %w", l.desc.Digest, mountpoint, err)
 	}

@@ -21,8 +21,9 @@ import (
 // opens a file with passthrough only while it has no page-cache opens.
 type node struct {
 	fs.Inode
-	l   *Layer
-	num uint32
+	l     *Layer
+	num   uint32
+	bound bool // counted in Layer.bound until OnForget
 
 	mu          sync.Mutex
 	cachedOpens int // open handles served through the page cache; guarded by mu
@@ -40,6 +41,7 @@ var (
 	_ fs.NodeOpendirHandler = (*node)(nil)
 	_ fs.NodeStatfser       = (*node)(nil)
 	_ fs.NodeFlusher        = (*node)(nil)
+	_ fs.NodeOnForgetter    = (*node)(nil)
 )
 
 // Flush answers ENOSYS: the tree is read-only, and the kernel then stops
@@ -86,7 +88,14 @@ func (n *node) Lookup(ctx context.Context, name string, out *fuse.EntryOut) (*fs
 	}
 	n.l.attr(num, &out.Attr)
 	child := &node{l: n.l, num: num}
-	return n.NewInode(ctx, child, fs.StableAttr{Mode: n.l.ix.entries[num].mode & syscall.S_IFMT, Ino: uint64(num) + 1}), 0
+	mode := n.l.ix.entries[num].mode & syscall.S_IFMT
+	ch := n.NewInode(ctx, child, fs.StableAttr{Mode: mode, Ino: uint64(num) + 1})
+	if n.l.top != nil && mode == syscall.S_IFREG && ch.Operations() == child {
+		// A new inode: the kernel did not hold this file.
+		child.bound = true
+		n.l.bound.Add(1)
+	}
+	return ch, 0
 }
 
 func (n *node) Readdir(ctx context.Context) (fs.DirStream, syscall.Errno) {
@@ -183,16 +192,18 @@ func (n *node) Open(ctx context.Context, flags uint32) (fs.FileHandle, uint32, s
 	if n.entry().mode&syscall.S_IFMT != syscall.S_IFREG {
 		return nil, 0, syscall.EINVAL
 	}
-	n.l.recordOpen(n.num, n.Path(nil))
+	n.l.recordOpen(n.num, n.relPath())
 	n.mu.Lock()
 	defer n.mu.Unlock()
 	if local := n.l.localDir(); local != "" && n.l.passthrough && n.cachedOpens == 0 {
-		f, err := openBeneath(local, n.Path(nil))
+		f, err := openBeneath(local, n.relPath())
 		if err == nil {
 			n.passOpens++
 			return &passHandle{n: n, f: f}, 0, 0
 		}
-		log.G(ctx).WithError(err).WithField("layer", n.l.desc.Digest).Warn("cannot open local file for passthrough")
+		if n.l.complete.Load() || !errors.Is(err, os.ErrNotExist) {
+			log.G(ctx).WithError(err).WithField("layer", n.l.desc.Digest).Warn("cannot open local file for passthrough")
+		}
 	}
 	if n.passOpens > 0 {
 		// Page-cache opens cannot join passthrough ones.
@@ -272,7 +283,7 @@ func (h *handle) localFile() *os.File {
 	h.mu.Lock()
 	defer h.mu.Unlock()
 	if h.local == nil {
-		f, err := openBeneath(dir, h.n.Path(nil))
+		f, err := openBeneath(dir, h.n.relPath())
 		if err != nil {
 			return nil // keep reading chunks
 		}
@@ -305,7 +316,7 @@ func (h *handle) Read(ctx context.Context, dest []byte, off int64) (fuse.ReadRes
 	n, err := l.f.readAt(ctx, l.ix.fileChunks(e), e.size, dest, off, ahead)
 	if err != nil && n == 0 && off < e.size {
 		entry := log.G(ctx).WithError(err).WithFields(log.Fields{
-			"layer": l.f.layer, "file": "/" + h.n.Path(nil), "offset": off,
+			"layer": l.f.layer, "file": "/" + h.n.relPath(), "offset": off,
 		})
 		if errors.Is(err, errRetrying) {
 			// The kernel retrying a read that failed a moment ago,

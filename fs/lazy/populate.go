@@ -1,6 +1,7 @@
 package lazy
 
 import (
+	"archive/tar"
 	"context"
 	"errors"
 	"fmt"
@@ -68,6 +69,11 @@ func (l *Layer) Progress() Progress {
 // that fails verification is forgotten, so the next attempt fetches it
 // again.
 func (l *Layer) Populate(ctx context.Context, dir string, o PopulateOptions) error {
+	return l.populate(ctx, dir, o, nil)
+}
+
+// populate is Populate, calling onEntry (see extract.Options.OnEntry).
+func (l *Layer) populate(ctx context.Context, dir string, o PopulateOptions, onEntry func(*tar.Header) error) error {
 	if l.f.partial == nil {
 		return errors.New("populate: the layer has no local blob copy")
 	}
@@ -96,7 +102,7 @@ func (l *Layer) Populate(ctx context.Context, dir string, o PopulateOptions) err
 		hide = append(hide, name)
 	}
 	_, err := extract.Layer(ctx, l.f.partial.follow(ctx), dir, extract.Options{
-		Digest: l.desc.Digest, Size: l.desc.Size, HideRoot: hide,
+		Digest: l.desc.Digest, Size: l.desc.Size, HideRoot: hide, OnEntry: onEntry,
 	})
 	if err != nil {
 		cancel(err)

@@ -159,6 +159,15 @@ func newEnvWith(t *testing.T, regAddr, lazyUpstream string, ctrConfig func(strin
 		if t.Failed() {
 			e.dumpLogs()
 		}
+		// LAZYLAYER_E2E_LOGS keeps each test's daemon logs there.
+		if keep := os.Getenv("LAZYLAYER_E2E_LOGS"); keep != "" {
+			for _, name := range []string{"lazylayer.log", "containerd.log"} {
+				if b, err := os.ReadFile(filepath.Join(dir, name)); err == nil {
+					os.MkdirAll(keep, 0o755)
+					os.WriteFile(filepath.Join(keep, strings.ReplaceAll(t.Name(), "/", "_")+"."+name), b, 0o644)
+				}
+			}
+		}
 		os.RemoveAll(dir)
 	})
 	writeHosts(t, e.ctrHosts, regAddr, regAddr)

@@ -1,0 +1,136 @@
+package layer
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"os"
+	"path/filepath"
+	"time"
+
+	"github.com/containerd/log"
+
+	"github.com/lazylayer/lazylayer/fs/lazy"
+	"github.com/lazylayer/lazylayer/fs/meta"
+)
+
+// Native metadata (see docs/native-metadata.md): a lazy layer in snapshot
+// directory dir is shown to overlay as its metadata tree dir/meta, whose
+// regular files redirect to /.lazylayer/<id>/<path>, followed by two
+// data-only layers: the shared data directory (Config.DataDir), where
+// population links each file once verified, and the layer's FUSE mount,
+// whose root holds .lazylayer/<id>/ and serves what is not local yet. Once
+// the whole blob is verified, DataDir/.lazylayer/<id> holds the layer's
+// complete tree, and dir/fs becomes a symbolic link to it.
+
+const metaDir = "meta" // the metadata tree, in the snapshot directory
+
+// Presentation is how a layer is shown to overlay.
+type Presentation struct {
+	Lower string   // the directory to use as a plain lower layer
+	Meta  string   // the metadata tree; "" when the layer has none
+	Data  []string // the data-only layers Meta's redirects need, in order
+}
+
+// layerID is the name a layer's redirects and data go under: its snapshot
+// id, the base name of its snapshot directory.
+func layerID(dir string) string { return filepath.Base(dir) }
+
+// redirectRoot is where the redirects of the layer of dir point.
+func redirectRoot(dir string) string { return "/" + meta.RedirectRoot + "/" + layerID(dir) }
+
+// placeDir is where population links the layer's verified files.
+func (m *Manager) placeDir(dir string) string {
+	return filepath.Join(m.cfg.DataDir, meta.RedirectRoot, layerID(dir))
+}
+
+// Present implements snapshot.NativeFileSystem.
+func (m *Manager) Present(dir string, lazyLayer bool) Presentation {
+	m.mu.Lock()
+	ll := m.lazy[dir]
+	m.mu.Unlock()
+	if lazyLayer {
+		p := Presentation{Lower: filepath.Join(dir, lazyMount)}
+		if ll != nil && ll.native {
+			p.Lower = filepath.Join(p.Lower, meta.RedirectRoot, layerID(dir))
+			p.Meta = filepath.Join(dir, metaDir)
+			p.Data = []string{m.cfg.DataDir, filepath.Join(dir, lazyMount)}
+		}
+		return p
+	}
+	p := Presentation{Lower: filepath.Join(dir, "fs")}
+	if m.cfg.DataDir != "" {
+		if st, err := os.Stat(filepath.Join(dir, metaDir)); err == nil && st.IsDir() {
+			p.Meta = filepath.Join(dir, metaDir)
+			p.Data = []string{m.cfg.DataDir}
+		}
+	}
+	return p
+}
+
+// buildMeta builds the metadata tree of l in dir.
+func (m *Manager) buildMeta(ctx context.Context, dir string, l *lazy.Layer) error {
+	start := time.Now()
+	md := filepath.Join(dir, metaDir)
+	if st, err := os.Stat(md); err == nil && st.IsDir() {
+		return nil // built before a restart
+	}
+	if err := meta.Build(ctx, md, l.MetaEntries(redirectRoot(dir))); err != nil {
+		return err
+	}
+	log.G(ctx).WithFields(log.Fields{
+		"layer": layerID(dir), "entries": l.Entries(), "elapsed": time.Since(start).Round(time.Millisecond),
+	}).Debug("metadata tree built")
+	return nil
+}
+
+// mountNative mounts l for native metadata: its metadata tree and its data
+// mount, built at once. On error neither is left.
+func (m *Manager) mountNative(ctx context.Context, dir string, l *lazy.Layer) error {
+	built := make(chan error, 1)
+	go func() { built <- m.buildMeta(ctx, dir, l) }()
+	mountErr := l.MountData(ctx, filepath.Join(dir, lazyMount), meta.RedirectRoot+"/"+layerID(dir))
+	buildErr := <-built
+	if mountErr == nil && buildErr != nil {
+		if done, err := l.Unmount(); err == nil {
+			<-done
+		}
+	}
+	if buildErr != nil {
+		os.RemoveAll(filepath.Join(dir, metaDir))
+		return fmt.Errorf("metadata tree: %w", buildErr)
+	}
+	if mountErr != nil {
+		os.RemoveAll(filepath.Join(dir, metaDir))
+		return mountErr
+	}
+	if err := os.MkdirAll(m.placeDir(dir), 0o755); err != nil {
+		return err
+	}
+	l.SetPlaced(m.placeDir(dir))
+	return nil
+}
+
+// linkTree makes dir/fs, an empty directory while the layer was lazy, a
+// symbolic link to the layer's complete tree under the data directory.
+func (m *Manager) linkTree(dir string) error {
+	tree, place := filepath.Join(dir, "fs"), m.placeDir(dir)
+	if target, err := os.Readlink(tree); err == nil && target == place {
+		return nil
+	}
+	if err := emptyDir(tree); err != nil && !errors.Is(err, os.ErrNotExist) {
+		return err
+	}
+	if err := os.Remove(tree); err != nil && !errors.Is(err, os.ErrNotExist) {
+		return err
+	}
+	return os.Symlink(place, tree)
+}
+
+// removeNative deletes what native metadata kept for the layer of dir.
+func (m *Manager) removeNative(dir string) error {
+	if m.cfg.DataDir == "" {
+		return nil
+	}
+	return errors.Join(os.RemoveAll(m.placeDir(dir)), os.RemoveAll(filepath.Join(dir, metaDir)))
+}
