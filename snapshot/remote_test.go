@@ -958,7 +958,7 @@ func TestRemoteRestore(t *testing.T) {
 				mounts, err := sn.Mounts(ctx, "container")
 				waiting <- result{mounts, err}
 			}()
-			waitInStack(t, "(*Snapshotter).lowerPaths", 1)
+			waitInStack(t, "(*Snapshotter).lowers", 1)
 			select {
 			case r := <-waiting:
 				t.Fatalf("Mounts returned while the layer is obtained again: %v, %v", r.mounts, r.err)

@@ -44,6 +44,7 @@ func (g *pathGuard) check(hdr *tar.Header) (bool, error) {
 	if g.hide[name] {
 		return false, nil
 	}
+	dropOverlayXattrs(hdr)
 	if hdr.Typeflag == tar.TypeLink {
 		if err := g.checkPath(path.Clean(hdr.Linkname)); err != nil {
 			return false, fmt.Errorf("tar entry %q: hard link target %q: %w", abbrev(name), abbrev(hdr.Linkname), err)
@@ -141,4 +142,22 @@ func abbrev(name string) string {
 		return name
 	}
 	return name[:limit] + "..."
+}
+
+// dropOverlayXattrs removes from hdr the extended attributes an image may
+// not set: trusted.* (overlay's own, trusted.overlay.*, would make overlay
+// follow a redirect or a metacopy origin into another layer, or hide lower
+// layers) and user.overlay.* (the same under userxattr).
+func dropOverlayXattrs(hdr *tar.Header) {
+	for k := range hdr.PAXRecords {
+		name, ok := strings.CutPrefix(k, "SCHILY.xattr.")
+		if ok && (strings.HasPrefix(name, "trusted.") || strings.HasPrefix(name, "user.overlay.")) {
+			delete(hdr.PAXRecords, k)
+		}
+	}
+	for k := range hdr.Xattrs { //nolint:staticcheck // archive/tar still fills Xattrs
+		if strings.HasPrefix(k, "trusted.") || strings.HasPrefix(k, "user.overlay.") {
+			delete(hdr.Xattrs, k) //nolint:staticcheck
+		}
+	}
 }

@@ -11,6 +11,8 @@ import (
 	"github.com/containerd/stargz-snapshotter/estargz"
 	"github.com/opencontainers/go-digest"
 	"golang.org/x/sys/unix"
+
+	"github.com/lazylayer/lazylayer/fs/meta"
 )
 
 // Names eStargz adds to a layer for its own use; they are not part of the
@@ -151,8 +153,8 @@ func buildIndex(r *estargz.Reader, links func() (map[string]*linkAttrs, error)) 
 			e := &b.ix.entries[n]
 			e.mode = e.mode&syscall.S_IFMT | uint32(a.mode&0o777) | modeBits(a.mode)
 			e.uid, e.gid, e.mtime = uint32(a.uid), uint32(a.gid), unixNano(a.mtime)
-			if len(a.xattrs) > 0 {
-				b.ix.xattrs[n] = a.xattrs
+			if xa := imageXattrs(a.xattrs); len(xa) > 0 {
+				b.ix.xattrs[n] = xa
 			} else {
 				delete(b.ix.xattrs, n)
 			}
@@ -199,8 +201,8 @@ func (b *builder) fill(n uint32, te *estargz.TOCEntry) error {
 	default:
 		return fmt.Errorf("TOC entry %q: unsupported type %q", te.Name, te.Type)
 	}
-	if len(te.Xattrs) > 0 {
-		b.ix.xattrs[n] = te.Xattrs
+	if xa := imageXattrs(te.Xattrs); len(xa) > 0 {
+		b.ix.xattrs[n] = xa
 	}
 	if te.Type == "reg" {
 		if err := b.fileChunks(&e, te); err != nil {
@@ -353,4 +355,22 @@ func unixNano(t time.Time) int64 {
 		return 0
 	}
 	return t.UnixNano()
+}
+
+// imageXattrs returns the attributes of xa an image may set (see
+// meta.KeepXattr): overlay's own, which would make overlay follow a
+// redirect or hide lower layers, are dropped.
+func imageXattrs(xa map[string][]byte) map[string][]byte {
+	for k := range xa {
+		if !meta.KeepXattr(k) {
+			out := map[string][]byte{}
+			for k, v := range xa {
+				if meta.KeepXattr(k) {
+					out[k] = v
+				}
+			}
+			return out
+		}
+	}
+	return xa
 }

@@ -62,8 +62,8 @@ func (p *placer) onEntry(hdr *tar.Header) error {
 func (p *placer) flush() error {
 	name, typ, link := p.name, p.typ, p.link
 	p.name = ""
-	if name == "" || name == "." {
-		return nil
+	if name == "" || name == "." || strings.HasPrefix(filepath.Base(name), ".wh.") {
+		return nil // whiteouts are converted, not extracted as files
 	}
 	var src string
 	switch typ {

@@ -310,6 +310,13 @@ func checkRedirect(r string) error {
 }
 
 // keepXattr reports whether an image xattr goes into the tree.
+// KeepXattr reports whether an image's extended attribute name may be
+// set on a layer's files: overlay's own attributes (trusted.overlay.*, and
+// user.overlay.* under userxattr) would steer overlay (redirects,
+// metacopy, opaque directories), so no trusted.* or user.overlay.* name
+// from an image is kept.
+func KeepXattr(name string) bool { return keepXattr(name) }
+
 func keepXattr(name string) bool {
 	return !strings.HasPrefix(name, "trusted.") && !strings.HasPrefix(name, "user.overlay.")
 }
