@@ -7,6 +7,10 @@ import (
 	"path/filepath"
 	"strings"
 
+	"github.com/containerd/containerd/v2/core/mount"
+	"github.com/moby/sys/mountinfo"
+	"golang.org/x/sys/unix"
+
 	"github.com/lazylayer/lazylayer/fs/meta"
 )
 
@@ -170,6 +174,158 @@ func (s *Snapshotter) removeShort(id string) error {
 	err := os.Remove(filepath.Join(s.root, "l", id))
 	if err != nil && !errors.Is(err, os.ErrNotExist) {
 		return fmt.Errorf("remove %s: %w", filepath.Join(s.root, "l", id), err)
+	}
+	return nil
+}
+
+// mergedDir is where the snapshotter mounts a snapshot's native overlay.
+const mergedDir = "merged"
+
+// maxOptions is what mount(2) takes of an option string: one page.
+const maxOptions = 4095
+
+// nativeMount mounts the overlay that options describe at the snapshot's
+// merged directory, once, and hands it out as a bind mount. containerd
+// 2.4 reads an overlay's directories itself where it can (its fsview, for
+// the image's users and groups, before a container starts), and that
+// reader knows neither data-only layers ("::") nor metacopy files, so an
+// overlay with native metadata must reach containerd already mounted.
+func (s *Snapshotter) nativeMount(id string, ro bool, options []string) ([]mount.Mount, error) {
+	s.mountMu.Lock()
+	defer s.mountMu.Unlock()
+	merged := filepath.Join(s.snapshotDir(id), mergedDir)
+	if err := os.MkdirAll(merged, 0o755); err != nil {
+		return nil, err
+	}
+	mounted, err := mountinfo.Mounted(merged)
+	if err != nil {
+		return nil, err
+	}
+	if !mounted {
+		if err := mountOverlay(merged, ro, options); err != nil {
+			return nil, fmt.Errorf("mount overlay for snapshot %s: %w", id, err)
+		}
+	}
+	return bindMerged(merged, ro), nil
+}
+
+func bindMerged(merged string, ro bool) []mount.Mount {
+	rw := "rw"
+	if ro {
+		rw = "ro"
+	}
+	return []mount.Mount{{Type: "bind", Source: merged, Options: []string{rw, "rbind"}}}
+}
+
+// mountedNative returns the mounts of snapshot id if its native overlay is
+// mounted.
+func (s *Snapshotter) mountedNative(id string, ro bool) ([]mount.Mount, bool, error) {
+	s.mountMu.Lock()
+	defer s.mountMu.Unlock()
+	merged := filepath.Join(s.snapshotDir(id), mergedDir)
+	if _, err := os.Lstat(merged); errors.Is(err, os.ErrNotExist) {
+		return nil, false, nil
+	}
+	mounted, err := mountinfo.Mounted(merged)
+	if err != nil || !mounted {
+		return nil, false, err
+	}
+	return bindMerged(merged, ro), true, nil
+}
+
+// unmountMerged detaches the snapshot's native overlay, if mounted; a
+// container still using it keeps it until it stops.
+func (s *Snapshotter) unmountMerged(id string) error {
+	s.mountMu.Lock()
+	defer s.mountMu.Unlock()
+	merged := filepath.Join(s.snapshotDir(id), mergedDir)
+	err := unix.Unmount(merged, unix.MNT_DETACH)
+	if err != nil && err != unix.EINVAL && err != unix.ENOENT {
+		return fmt.Errorf("unmount %s: %w", merged, err)
+	}
+	return nil
+}
+
+// mountOverlay mounts an overlay with options at target. It gives the
+// kernel one layer at a time (fsconfig lowerdir+ and datadir+, Linux 6.8
+// and later), so the number of layers is not bound by mount(2)'s one-page
+// option string; on older kernels it falls back to mount(2).
+func mountOverlay(target string, ro bool, options []string) error {
+	err := fsmountOverlay(target, ro, options)
+	if err == nil || !errors.Is(err, unix.EINVAL) && !errors.Is(err, unix.ENOSYS) {
+		return err
+	}
+	data := strings.Join(options, ",")
+	if len(data) > maxOptions {
+		return fmt.Errorf("the options take %d bytes, more than the %d mount(2) takes, and this kernel cannot take layers one by one (%w)", len(data), maxOptions, err)
+	}
+	var flags uintptr
+	if ro {
+		flags = unix.MS_RDONLY
+	}
+	if err := unix.Mount("overlay", target, "overlay", flags, data); err != nil {
+		return fmt.Errorf("mount(2) -o %s: %w", data, err)
+	}
+	return nil
+}
+
+func fsmountOverlay(target string, ro bool, options []string) error {
+	fd, err := unix.Fsopen("overlay", unix.FSOPEN_CLOEXEC)
+	if err != nil {
+		return fmt.Errorf("fsopen overlay: %w", err)
+	}
+	defer unix.Close(fd)
+	set := func(key, value string) error {
+		if err := unix.FsconfigSetString(fd, key, value); err != nil {
+			return fmt.Errorf("fsconfig %s=%s: %w", key, value, err)
+		}
+		return nil
+	}
+	if err := set("source", "overlay"); err != nil {
+		return err
+	}
+	for _, o := range options {
+		key, value, hasValue := strings.Cut(o, "=")
+		switch {
+		case key == "lowerdir":
+			lower, data, _ := strings.Cut(value, "::")
+			for _, d := range strings.Split(lower, ":") {
+				if err := set("lowerdir+", d); err != nil {
+					return err
+				}
+			}
+			for _, d := range strings.Split(data, "::") {
+				if d == "" {
+					continue
+				}
+				if err := set("datadir+", d); err != nil {
+					return err
+				}
+			}
+		case hasValue:
+			if err := set(key, value); err != nil {
+				return err
+			}
+		default:
+			if err := unix.FsconfigSetFlag(fd, key); err != nil {
+				return fmt.Errorf("fsconfig %s: %w", key, err)
+			}
+		}
+	}
+	if err := unix.FsconfigCreate(fd); err != nil {
+		return fmt.Errorf("create overlay: %w", err)
+	}
+	attrs := 0
+	if ro {
+		attrs = unix.MOUNT_ATTR_RDONLY
+	}
+	mfd, err := unix.Fsmount(fd, unix.FSMOUNT_CLOEXEC, attrs)
+	if err != nil {
+		return fmt.Errorf("fsmount overlay: %w", err)
+	}
+	defer unix.Close(mfd)
+	if err := unix.MoveMount(mfd, "", unix.AT_FDCWD, target, unix.MOVE_MOUNT_F_EMPTY_PATH); err != nil {
+		return fmt.Errorf("move overlay mount to %s: %w", target, err)
 	}
 	return nil
 }

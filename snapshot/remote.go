@@ -120,7 +120,7 @@ func (s *Snapshotter) Prepare(ctx context.Context, key, parent string, opts ...s
 	}
 	target, ok := remoteTarget(base.Labels)
 	if !ok || s.fs == nil {
-		mounts, _, err := s.createSnapshot(ctx, snapshots.KindActive, key, parent, opts)
+		mounts, _, err := s.createSnapshot(ctx, snapshots.KindActive, key, parent, opts, true)
 		return mounts, err
 	}
 	done, err := s.claimTarget(ctx, target)
@@ -131,7 +131,7 @@ func (s *Snapshotter) Prepare(ctx context.Context, key, parent string, opts ...s
 	if _, err := s.Stat(ctx, target); err == nil {
 		return nil, fmt.Errorf("target snapshot %q: %w", target, errdefs.ErrAlreadyExists)
 	}
-	mounts, snap, err := s.createSnapshot(ctx, snapshots.KindActive, key, parent, opts)
+	_, snap, err := s.createSnapshot(ctx, snapshots.KindActive, key, parent, opts, false)
 	if err != nil {
 		return nil, err
 	}
@@ -155,7 +155,7 @@ func (s *Snapshotter) Prepare(ctx context.Context, key, parent string, opts ...s
 		if err := resetDir(s.upperPath(snap.ID)); err != nil {
 			return nil, fmt.Errorf("reset snapshot %q for fallback: %w", key, err)
 		}
-		return mounts, nil
+		return s.mountsOf(ctx, key, snap)
 	}
 }
 
@@ -477,4 +477,17 @@ func (s *Snapshotter) recover(id string, h *heldLayer, labels map[string]string)
 			return
 		}
 	}
+}
+
+// mountsOf returns the mounts of the active snapshot key (snap), removing
+// it if they cannot be had.
+func (s *Snapshotter) mountsOf(ctx context.Context, key string, snap storage.Snapshot) ([]mount.Mount, error) {
+	mounts, err := s.mounts(ctx, snap, snapshots.Info{})
+	if err != nil {
+		if rerr := s.Remove(context.WithoutCancel(ctx), key); rerr != nil {
+			log.G(ctx).WithError(rerr).WithField("key", key).Warn("remove snapshot whose mounts failed")
+		}
+		return nil, err
+	}
+	return mounts, nil
 }

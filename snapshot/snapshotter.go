@@ -6,6 +6,7 @@ import (
 	"fmt"
 	"os"
 	"path/filepath"
+	"strings"
 	"sync"
 
 	"github.com/containerd/containerd/v2/core/mount"
@@ -23,6 +24,7 @@ type Snapshotter struct {
 	ms      *storage.MetaStore
 	fs      FileSystem // nil: a plain overlay snapshotter
 	options []string   // extra overlay mount options
+	mountMu sync.Mutex // serializes native overlay mounts (native.go)
 
 	mu        sync.Mutex
 	held      map[string]*heldLayer    // committed layers not (yet) local, by id; guarded by mu
@@ -115,7 +117,7 @@ func (s *Snapshotter) Usage(ctx context.Context, key string) (snapshots.Usage, e
 
 // View creates a read-only view of parent.
 func (s *Snapshotter) View(ctx context.Context, key, parent string, opts ...snapshots.Opt) ([]mount.Mount, error) {
-	mounts, _, err := s.createSnapshot(ctx, snapshots.KindView, key, parent, opts)
+	mounts, _, err := s.createSnapshot(ctx, snapshots.KindView, key, parent, opts, true)
 	return mounts, err
 }
 
@@ -154,13 +156,18 @@ func (s *Snapshotter) Commit(ctx context.Context, name, key string, opts ...snap
 	if err != nil {
 		return fmt.Errorf("measure snapshot %q: %w", key, err)
 	}
-	return s.ms.WithTransaction(ctx, true, func(ctx context.Context) error {
+	err = s.ms.WithTransaction(ctx, true, func(ctx context.Context) error {
 		_, err := storage.CommitActive(ctx, key, name, snapshots.Usage(du), opts...)
 		if err != nil {
 			return fmt.Errorf("commit snapshot %q: %w", key, err)
 		}
 		return nil
 	})
+	if err != nil {
+		return err
+	}
+	// Its upper directory is a lower layer from now on.
+	return s.unmountMerged(id)
 }
 
 // Remove deletes a snapshot. Its directory is deleted after the metastore
@@ -246,7 +253,10 @@ func (s *Snapshotter) Close() error {
 // createSnapshot builds the directories of a new snapshot in a temporary
 // place and renames them into snapshots/<id> inside the metastore transaction
 // that creates the snapshot.
-func (s *Snapshotter) createSnapshot(ctx context.Context, kind snapshots.Kind, key, parent string, opts []snapshots.Opt) (_ []mount.Mount, snap storage.Snapshot, err error) {
+//
+// Without withMounts it returns no mounts: the caller fills the snapshot
+// itself and asks for them (mounts) only if it hands them out.
+func (s *Snapshotter) createSnapshot(ctx context.Context, kind snapshots.Kind, key, parent string, opts []snapshots.Opt, withMounts bool) (_ []mount.Mount, snap storage.Snapshot, err error) {
 	snapshotsDir := filepath.Join(s.root, "snapshots")
 	td, err := os.MkdirTemp(snapshotsDir, "new-")
 	if err != nil {
@@ -298,6 +308,9 @@ func (s *Snapshotter) createSnapshot(ctx context.Context, kind snapshots.Kind, k
 	if err != nil {
 		return nil, snap, err
 	}
+	if !withMounts {
+		return nil, snap, nil
+	}
 	mounts, err := s.mounts(ctx, snap, info)
 	if err != nil {
 		// A parent being obtained again did not come back in time: the
@@ -322,11 +335,16 @@ func (s *Snapshotter) mounts(ctx context.Context, snap storage.Snapshot, _ snaps
 		}
 		return []mount.Mount{{Type: "bind", Source: s.upperPath(snap.ID), Options: []string{ro, "rbind"}}}, nil
 	}
+	active := snap.Kind == snapshots.KindActive
+	// A snapshot handed out as a native overlay stays one, also once its
+	// layers are local: its upper directory is in that overlay.
+	if m, ok, err := s.mountedNative(snap.ID, !active); ok || err != nil {
+		return m, err
+	}
 	lowers, err := s.lowers(ctx, snap.ParentIDs)
 	if err != nil {
 		return nil, err
 	}
-	active := snap.Kind == snapshots.KindActive
 	var options []string
 	if active {
 		options = append(options,
@@ -343,6 +361,9 @@ func (s *Snapshotter) mounts(ctx context.Context, snap storage.Snapshot, _ snaps
 	options = append(options, "lowerdir="+lowerdir)
 	options = append(options, extra...)
 	options = append(options, s.options...)
+	if strings.Contains(lowerdir, "::") {
+		return s.nativeMount(snap.ID, !active, options)
+	}
 	return []mount.Mount{{Type: "overlay", Source: "overlay", Options: options}}, nil
 }
 

@@ -5,6 +5,7 @@ import (
 	"crypto/sha256"
 	"errors"
 	"fmt"
+	"github.com/containerd/log"
 	"io"
 	"os"
 	"path"
@@ -141,65 +142,70 @@ type countingFS struct {
 	l *Layer
 }
 
-func (c *countingFS) count() { c.l.fuseRequests.Add(1) }
+func (c *countingFS) count(op ...any) {
+	c.l.fuseRequests.Add(1)
+	if log.GetLevel() >= log.TraceLevel {
+		log.L.WithField("layer", c.l.desc.Digest).Tracef("FUSE request %v", op)
+	}
+}
 
 func (c *countingFS) Lookup(cancel <-chan struct{}, h *fuse.InHeader, name string, out *fuse.EntryOut) fuse.Status {
-	c.count()
+	c.count("Lookup", h.NodeId, name)
 	return c.RawFileSystem.Lookup(cancel, h, name, out)
 }
 
 func (c *countingFS) GetAttr(cancel <-chan struct{}, in *fuse.GetAttrIn, out *fuse.AttrOut) fuse.Status {
-	c.count()
+	c.count("GetAttr", in.NodeId)
 	return c.RawFileSystem.GetAttr(cancel, in, out)
 }
 
 func (c *countingFS) Access(cancel <-chan struct{}, in *fuse.AccessIn) fuse.Status {
-	c.count()
+	c.count("Access")
 	return c.RawFileSystem.Access(cancel, in)
 }
 
 func (c *countingFS) Readlink(cancel <-chan struct{}, h *fuse.InHeader) ([]byte, fuse.Status) {
-	c.count()
+	c.count("Readlink")
 	return c.RawFileSystem.Readlink(cancel, h)
 }
 
 func (c *countingFS) GetXAttr(cancel <-chan struct{}, h *fuse.InHeader, attr string, dest []byte) (uint32, fuse.Status) {
-	c.count()
+	c.count("GetXAttr")
 	return c.RawFileSystem.GetXAttr(cancel, h, attr, dest)
 }
 
 func (c *countingFS) ListXAttr(cancel <-chan struct{}, h *fuse.InHeader, dest []byte) (uint32, fuse.Status) {
-	c.count()
+	c.count("ListXAttr")
 	return c.RawFileSystem.ListXAttr(cancel, h, dest)
 }
 
 func (c *countingFS) Open(cancel <-chan struct{}, in *fuse.OpenIn, out *fuse.OpenOut) fuse.Status {
-	c.count()
+	c.count("Open", in.NodeId)
 	return c.RawFileSystem.Open(cancel, in, out)
 }
 
 func (c *countingFS) Read(cancel <-chan struct{}, in *fuse.ReadIn, buf []byte) (fuse.ReadResult, fuse.Status) {
-	c.count()
+	c.count("Read")
 	return c.RawFileSystem.Read(cancel, in, buf)
 }
 
 func (c *countingFS) OpenDir(cancel <-chan struct{}, in *fuse.OpenIn, out *fuse.OpenOut) fuse.Status {
-	c.count()
+	c.count("OpenDir")
 	return c.RawFileSystem.OpenDir(cancel, in, out)
 }
 
 func (c *countingFS) ReadDir(cancel <-chan struct{}, in *fuse.ReadIn, out *fuse.DirEntryList) fuse.Status {
-	c.count()
+	c.count("ReadDir")
 	return c.RawFileSystem.ReadDir(cancel, in, out)
 }
 
 func (c *countingFS) ReadDirPlus(cancel <-chan struct{}, in *fuse.ReadIn, out *fuse.DirEntryList) fuse.Status {
-	c.count()
+	c.count("ReadDirPlus")
 	return c.RawFileSystem.ReadDirPlus(cancel, in, out)
 }
 
 func (c *countingFS) StatFs(cancel <-chan struct{}, h *fuse.InHeader, out *fuse.StatfsOut) fuse.Status {
-	c.count()
+	c.count("StatFs")
 	return c.RawFileSystem.StatFs(cancel, h, out)
 }
 

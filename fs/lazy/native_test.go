@@ -189,6 +189,11 @@ func TestNativeOverlay(t *testing.T) {
 	if st, err := os.Stat(filepath.Join(n.place, "data")); err != nil || st.Mode()&os.ModeSticky == 0 {
 		t.Errorf("data/ in the complete tree: %v %v (want sticky)", st, err)
 	}
+	for _, dir := range []string{"etc", "data"} {
+		if st, err := os.Stat(filepath.Join(n.place, dir)); err != nil || !st.ModTime().Equal(mtime) {
+			t.Errorf("%s/ in the complete tree: mtime %v (%v), want the image's %v", dir, st.ModTime(), err, mtime)
+		}
+	}
 	if v, err := unix.Getxattr(filepath.Join(n.place, "data"), "trusted.overlay.opaque", make([]byte, 4)); err != nil || v != 1 {
 		t.Errorf("data/ in the complete tree is not opaque: %v", err)
 	}

@@ -147,11 +147,17 @@ func (p *placer) merge(rel string) error {
 			return err
 		}
 		if e.IsDir() && st.IsDir() {
+			// Moving entries out of s changes its times: take its
+			// attributes first.
+			var attrs unix.Stat_t
+			if err := unix.Lstat(s, &attrs); err != nil {
+				return err
+			}
 			r := filepath.Join(rel, e.Name())
 			if err := p.merge(r); err != nil {
 				return err
 			}
-			if err := copyDirAttrs(s, d); err != nil {
+			if err := copyDirAttrs(s, d, &attrs); err != nil {
 				return fmt.Errorf("directory %s: %w", r, err)
 			}
 		}
@@ -160,13 +166,9 @@ func (p *placer) merge(rel string) error {
 	return nil
 }
 
-// copyDirAttrs gives directory dst the mode, owner, extended attributes
-// and times of src.
-func copyDirAttrs(src, dst string) error {
-	var st unix.Stat_t
-	if err := unix.Lstat(src, &st); err != nil {
-		return err
-	}
+// copyDirAttrs gives directory dst the mode, owner and times st of src,
+// and its extended attributes.
+func copyDirAttrs(src, dst string, st *unix.Stat_t) error {
 	if err := unix.Lchown(dst, int(st.Uid), int(st.Gid)); err != nil {
 		return err
 	}

@@ -75,10 +75,22 @@ func rootfsLowers(t *testing.T, id string) []string {
 		if len(fields) < 5 || !strings.HasSuffix(fields[4], "/"+id+"/rootfs") {
 			continue
 		}
+		// lazylayer mounts native overlays a layer at a time, shown as
+		// lowerdir+= and datadir+=; they come out as "a:b::d" would.
+		var layers, data []string
 		for _, opt := range strings.Split(line[strings.Index(line, " - ")+3:], ",") {
 			if lower, ok := strings.CutPrefix(opt, "lowerdir="); ok {
 				return strings.Split(lower, ":")
 			}
+			if lower, ok := strings.CutPrefix(opt, "lowerdir+="); ok {
+				layers = append(layers, lower)
+			}
+			if d, ok := strings.CutPrefix(opt, "datadir+="); ok {
+				data = append(data, "", d)
+			}
+		}
+		if len(layers) > 0 {
+			return append(layers, data...)
 		}
 	}
 	t.Fatalf("no overlay root filesystem for container %s", id)
