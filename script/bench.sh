@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # bench.sh: `make bench` and `make bench-quick`. Builds the benchmark program
 # (script/bench) and runs it as root from the repository root; any argument
-# goes to it (--quick, -images, -profiles, -modes, -runs, -report FILE; see
-# docs/benchmarks.md). The Makefile has already run setup.sh and built bin/.
+# goes to it (--quick, -images, -profiles, -modes, -runs, -report FILE,
+# -before FILE; see docs/benchmarks.md). The Makefile has already run
+# setup.sh and built bin/.
 set -euo pipefail
 TOP=$(cd "$(dirname "$0")/.." && pwd)
 TOOLS=${TOOLS:-$TOP/.tools}

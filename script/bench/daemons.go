@@ -119,8 +119,9 @@ type stack struct {
 
 // startStack starts lazylayer and then containerd with state under dir
 // (which must not exist) and logs named logPrefix-*.log. hostsDir is the
-// hosts.toml directory both use to reach the registry.
-func startStack(ctx context.Context, t tools, dir, logPrefix, hostsDir string) (_ *stack, err error) {
+// hosts.toml directory both use to reach the registry; lazyConfig is
+// lazylayer's configuration file (TOML), "" for the defaults.
+func startStack(ctx context.Context, t tools, dir, logPrefix, hostsDir, lazyConfig string) (_ *stack, err error) {
 	if err := os.MkdirAll(dir, 0o700); err != nil {
 		return nil, err
 	}
@@ -135,7 +136,7 @@ func startStack(ctx context.Context, t tools, dir, logPrefix, hostsDir string) (
 		}
 	}()
 	lazyCfg := filepath.Join(dir, "lazylayer.toml")
-	if err := os.WriteFile(lazyCfg, []byte("# defaults for everything but the paths\n"), 0o644); err != nil {
+	if err := os.WriteFile(lazyCfg, []byte("# defaults for everything but the paths\n"+lazyConfig), 0o644); err != nil {
 		return nil, err
 	}
 	s.lazylayer, err = startProc(t.snapshotter, logPrefix+"-lazylayer.log", t.env(),

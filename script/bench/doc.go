@@ -15,13 +15,20 @@
 // records the time from `ctr image pull` to the first output line of
 // `ctr run`, the bytes and requests the registry side served until then,
 // the time until the image is fully local, steady-state reads inside a
-// container, and the daemons' peak RSS and CPU time. Results are kept as
-// JSON (results.json in the work directory) and rendered into markdown
-// and PNG charts; -report renders a saved file again without measuring.
+// container, and the daemons' peak RSS and CPU time. The held mode runs
+// lazylayer with population held (lazy.populate = "manual"): it measures
+// the container started lazily while every layer is lazy, releases
+// population, and measures it again once they are local, counting the
+// FUSE requests the daemon answers meanwhile; every lazylayer run records
+// how long each layer's lazy mount took, from the daemon's log. Results
+// are kept as JSON (results.json in the work directory) and rendered into
+// markdown and PNG charts; -report renders a saved file again without
+// measuring, and -before adds an earlier file's figures on lazily started
+// containers and lazy mounts.
 //
 //	lazylayer-bench [-quick] [-images python,gcc,synthetic] [-profiles unshaped,100mbit-20ms]
-//	                [-modes overlayfs,lazylayer,lazylayer-estargz] [-runs 5]
-//	lazylayer-bench -report results.json
+//	                [-modes overlayfs,lazylayer,lazylayer-estargz,lazylayer-held] [-runs 5] [-before old.json]
+//	lazylayer-bench -report results.json [-before old.json]
 //
 // It is not a general benchmarking tool: it knows lazylayer's images,
 // profiles and daemons, and it expects a Debian 12 machine set up by

@@ -30,6 +30,11 @@ func runInner(ctx context.Context, o options, ns string) error {
 	if err != nil {
 		return err
 	}
+	// Read before measuring: a missing file should not cost a run.
+	before, err := o.loadBefore()
+	if err != nil {
+		return err
+	}
 	if err := bringUpLoopback(ctx); err != nil {
 		return err
 	}
@@ -99,7 +104,7 @@ func runInner(ctx context.Context, o options, ns string) error {
 	sh := shaper{port: lk.port()}
 	defer sh.clear(context.WithoutCancel(ctx))
 
-	b := &bench{o: o, tools: t, hosts: hosts, ref: linkAddr, link: lk, counter: counter,
+	b := &bench{o: o, tools: t, hosts: hosts, ref: linkAddr, link: lk, counter: counter, regc: regc,
 		status: newStatusProbe(ctx, t.cli), images: pushed}
 	res := newResults(ctx, o, t, b, conv)
 	resPath := filepath.Join(o.work, "results.json")
@@ -121,7 +126,7 @@ func runInner(ctx context.Context, o options, ns string) error {
 	if o.docs == "-" {
 		return nil
 	}
-	return writeDocs(o.docs, filepath.Join(o.top, "docs", "benchmarks.md"), res)
+	return writeDocs(o.docs, filepath.Join(o.top, "docs", "benchmarks.md"), res, before)
 }
 
 // loop measures every profile, image, run and mode, saving the results

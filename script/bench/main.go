@@ -38,6 +38,7 @@ type options struct {
 	work     string        // per-run state, logs and results.json
 	docs     string        // where benchmarks.md and bench/*.png go
 	report   string        // render this results file and measure nothing
+	before   string        // an earlier results file to compare lazily started containers and lazy mounts with
 	prepare  bool          // build and cache the images, measure nothing
 	copyConv bool          // never run `lazylayer convert`
 	quiet    time.Duration // how long to wait for a quiet machine before a run
@@ -58,6 +59,7 @@ func parseOptions(args []string) (options, error) {
 	fs.StringVar(&o.work, "work", "", "work directory, emptied first (default TOP/.run/bench)")
 	fs.StringVar(&o.docs, "docs", "", "directory to write benchmarks.md and bench/*.png into (default TOP/docs; -quick: WORK/docs; \"-\" for none)")
 	fs.StringVar(&o.report, "report", "", "render this results.json into -docs and measure nothing")
+	fs.StringVar(&o.before, "before", "", "an earlier results.json: the report shows its lazily started containers and lazy mounts as the \"before\"")
 	fs.BoolVar(&o.prepare, "prepare", false, "build and push the images, then stop")
 	fs.DurationVar(&o.quiet, "quiet-wait", -1, "before each run, wait up to this long for the CPUs to be less than 25% busy (default 2m; -quick: 20s)")
 	fs.BoolVar(&o.copyConv, "no-convert", false, "push the gzip images as the converted ones even if bin/lazylayer exists")
@@ -154,7 +156,11 @@ func run(ctx context.Context, args []string) error {
 		if err != nil {
 			return err
 		}
-		return writeDocs(o.docs, filepath.Join(o.top, "docs", "benchmarks.md"), res)
+		before, err := o.loadBefore()
+		if err != nil {
+			return err
+		}
+		return writeDocs(o.docs, filepath.Join(o.top, "docs", "benchmarks.md"), res, before)
 	}
 	if os.Geteuid() != 0 {
 		return errors.New("needs root: it runs containerd, mounts overlays and creates a network namespace")
@@ -163,4 +169,12 @@ func run(ctx context.Context, args []string) error {
 		return runInner(ctx, o, ns)
 	}
 	return runOuter(ctx, o)
+}
+
+// loadBefore loads the -before results, or returns nil without them.
+func (o options) loadBefore() (*results, error) {
+	if o.before == "" {
+		return nil, nil
+	}
+	return loadResults(o.before)
 }

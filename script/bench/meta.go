@@ -55,7 +55,7 @@ func newResults(ctx context.Context, o options, t tools, b *bench, conv converte
 	}
 	for _, name := range o.modes {
 		m := findMode(name)
-		r.Modes = append(r.Modes, modeInfo{Name: m.name, Snapshotter: m.snapshotter, Tag: m.tag, About: m.about})
+		r.Modes = append(r.Modes, modeInfo{Name: m.name, Snapshotter: m.snapshotter, Tag: m.tag, About: m.about, Held: m.held})
 	}
 	return r
 }

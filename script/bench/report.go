@@ -19,8 +19,10 @@ const baseline = "overlayfs"
 // writeDocs renders r into dir/benchmarks.md and its charts into
 // dir/bench/*.png (replacing the old ones). The hand-written header above
 // generatedMarker is kept; a new file gets the header of headerFrom (the
-// repository's docs/benchmarks.md).
-func writeDocs(dir, headerFrom string, r *results) error {
+// repository's docs/benchmarks.md). before, if not nil, is an earlier
+// run whose figures on lazily started containers and lazy mounts are
+// shown next to r's.
+func writeDocs(dir, headerFrom string, r, before *results) error {
 	mdPath := filepath.Join(dir, "benchmarks.md")
 	header := "# Benchmarks\n\n"
 	for _, p := range []string{headerFrom, mdPath} {
@@ -46,7 +48,7 @@ func writeDocs(dir, headerFrom string, r *results) error {
 	var md strings.Builder
 	md.WriteString(header)
 	md.WriteString(generatedMarker + "\n\n")
-	renderReport(&md, r, charts)
+	renderReport(&md, r, before, charts)
 	if err := os.WriteFile(mdPath, []byte(md.String()), 0o644); err != nil {
 		return fmt.Errorf("write %s: %w", mdPath, err)
 	}
@@ -183,7 +185,7 @@ func fewerRuns(r *results) string {
 }
 
 // renderReport writes the generated part of benchmarks.md.
-func renderReport(w *strings.Builder, r *results, charts chartRefs) {
+func renderReport(w *strings.Builder, r, before *results, charts chartRefs) {
 	m := r.Meta
 	fmt.Fprintf(w, "## Results of %s\n\n", m.Date.Format("2006-01-02 15:04 UTC"))
 	fmt.Fprintf(w, "`%s`, %d run(s) per image, profile and mode%s, each from cold; took %s.", m.Command, m.Runs, fewerRuns(r), m.Duration)
@@ -204,6 +206,8 @@ func renderReport(w *strings.Builder, r *results, charts chartRefs) {
 	w.WriteString("\n")
 	renderDaemons(w, r)
 	renderSteady(w, r, charts)
+	renderNative(w, r, before)
+	renderMounts(w, r, before)
 	if f := r.failures(); len(f) > 0 {
 		w.WriteString("### Failed runs\n\nThese runs are left out of every figure above.\n\n")
 		for _, s := range f {
@@ -291,7 +295,8 @@ func renderColdStart(w *strings.Builder, r *results, p profileInfo) {
 	w.WriteString("Seconds from `ctr image pull` to the container's first output line, and until the image is fully local: median (min–max), and the median's ratio to overlayfs'. " +
 		"Fetched: what the registry side sent (headers and bodies) before the first output line, and the requests it received; " +
 		"in all: what it sent until the image was fully local, as a share of the image's layer bytes (the gzip image's for overlayfs and lazylayer, " +
-		"the converted image's for the eStargz modes; the prioritized image holds the same files, converted again).\n\n")
+		"the converted image's for the eStargz modes; the prioritized image holds the same files, converted again). " +
+		"A held mode's image turns local only when the bench releases population, after measuring: its time to local is not shown.\n\n")
 	w.WriteString("| image | mode | cold start | × overlayfs | fetched before output | requests | fully local | × overlayfs | fetched in all |\n|---|---|---|---|---|---|---|---|---|\n")
 	for _, img := range r.Images {
 		base := r.selectSamples(img.Name, p.Name, baseline)
@@ -311,8 +316,12 @@ func renderColdStart(w *strings.Builder, r *results, p profileInfo) {
 			if m.Tag != tagGzip && img.ConvertedSize > 0 {
 				size = img.ConvertedSize
 			}
+			localText, localTimes := secs(local), times(local.Median, baseLocal.Median, m.Name)
+			if m.Held {
+				localText, localTimes = "held", ""
+			}
 			fmt.Fprintf(w, "| %s | %s | %s | %s | %.1f MB | %.0f | %s | %s | %.1f MB (%.1f%%) |\n", img.Name, m.Name, secs(cold),
-				times(cold.Median, baseCold.Median, m.Name), bytes.Median, reqs.Median, secs(local), times(local.Median, baseLocal.Median, m.Name),
+				times(cold.Median, baseCold.Median, m.Name), bytes.Median, reqs.Median, localText, localTimes,
 				mb(int64(all.Median)), 100*all.Median/float64(size))
 		}
 	}
@@ -352,9 +361,11 @@ func renderSteady(w *strings.Builder, r *results, charts chartRefs) {
 	w.WriteString("Inside a container once the image is fully local: `dd` of the image's largest file to /dev/null (file) and `tar cf - TREE | wc -c` (tree; " +
 		"GNU tar does not read file data when writing to /dev/null), with caches dropped first (cold) and right after (warm; a small file is read " +
 		"repeatedly, at least 256 MiB in all, and the time is per read). " +
-		"\"lazy\" is the container started right after the pull, \"local\" one started once the image was local. " +
-		"Median seconds over every profile's runs, and the ratio to overlayfs' median.\n\n")
-	w.WriteString("| image | mode | container | file, cold | file, warm | tree, cold | tree, warm |\n|---|---|---|---|---|---|---|\n")
+		"find: `" + findScript + "`. " +
+		"\"lazy\" is the container started right after the pull, \"local\" one started once the image was local; \"held\" is, in a held mode, " +
+		"the lazy container before population was released (find only). " +
+		"Median seconds over every profile's runs, and the ratio to overlayfs' median (its lazy container's for held).\n\n")
+	w.WriteString("| image | mode | container | file, cold | file, warm | tree, cold | tree, warm | find, cold | find, warm |\n|---|---|---|---|---|---|---|---|---|\n")
 	for _, img := range r.Images {
 		base := steadySamples(r, img.Name, baseline)
 		for _, m := range r.Modes {
@@ -362,13 +373,25 @@ func renderSteady(w *strings.Builder, r *results, charts chartRefs) {
 			if len(ss) == 0 {
 				continue
 			}
-			for _, ct := range []string{"lazy", "local"} {
+			containers := []string{"lazy", "local"}
+			if m.Held {
+				containers = []string{"held", "lazy", "local"}
+			}
+			for _, ct := range containers {
 				fmt.Fprintf(w, "| %s | %s | %s |", img.Name, m.Name, ct)
-				for _, what := range []string{"file", "tree"} {
+				for _, what := range steadyWhats() {
 					for _, cache := range []string{"cold", "warm"} {
 						k := steadyKey(ct, what, cache)
-						med := steadyStat(ss, k).Median
-						fmt.Fprintf(w, " %.3f s %s |", med, times(med, steadyStat(base, k).Median, m.Name))
+						st := steadyStat(ss, k)
+						if st.N == 0 || st.Median == 0 {
+							w.WriteString(" – |")
+							continue
+						}
+						baseKey := k
+						if ct == "held" {
+							baseKey = steadyKey("lazy", what, cache)
+						}
+						fmt.Fprintf(w, " %.3f s %s |", st.Median, times(st.Median, steadyStat(base, baseKey).Median, m.Name))
 					}
 				}
 				w.WriteString("\n")

@@ -68,6 +68,7 @@ type modeInfo struct {
 	Snapshotter string
 	Tag         string
 	About       string
+	Held        bool `json:",omitempty"`
 }
 
 // sample is one cold run of one image with one mode under one profile.
@@ -82,7 +83,7 @@ type sample struct {
 	Pull      float64 // pull done
 	ColdStart float64 // first output line of the container
 	Local     float64 // image fully local
-	LocalFrom string  // "status" (lazylayer status) or "pull" (the pull's end)
+	LocalFrom string  // "status" (lazylayer status), "pull" (the pull's end) or "released" (a held mode: after the release)
 
 	FirstBytes    int64 // bytes the link delivered to clients before the first output
 	FirstRequests int64 // requests the registry side received by then
@@ -91,6 +92,22 @@ type sample struct {
 
 	// Steady holds seconds per steadyKey.
 	Steady map[string]float64 `json:",omitempty"`
+	// Out holds the number each tree or find command printed (tar's
+	// bytes, find's entries), per steadyKey.
+	Out map[string]int64 `json:",omitempty"`
+	// FUSE holds, for lazylayer, the FUSE requests the daemon's layers
+	// answered while each steady-state command ran, per steadyKey; nil
+	// when the daemon does not count them (before native metadata).
+	FUSE map[string]int64 `json:",omitempty"`
+	// NativeLayers is, in a held mode, how many layers the daemon called
+	// native while population was held.
+	NativeLayers int `json:",omitempty"`
+	// FUSEBound is, in a held mode, how many files the running containers
+	// held bound to FUSE once every layer was local.
+	FUSEBound int64 `json:",omitempty"`
+	// Mounts are the lazy mounts of the image's layers (lazylayer modes),
+	// in the order the daemon logged them.
+	Mounts []lazyMount `json:",omitempty"`
 	// Daemons holds each daemon's usage, by name (containerd, lazylayer).
 	Daemons map[string]daemonUsage
 }
@@ -102,9 +119,11 @@ type daemonUsage struct {
 }
 
 // steadyKey names a steady-state measurement: container is "lazy" (the
-// one started right after the pull) or "local" (started once the image
-// was local); what is "file" (the largest file) or "tree" (tar of the
-// image's tree); cache is "cold" (caches dropped first) or "warm".
+// one started right after the pull), "held" (the same container in a held
+// mode before population was released) or "local" (started once the image
+// was local); what is "file" (the largest file), "tree" (tar of the
+// image's tree) or "find" (find over the root file system); cache is
+// "cold" (caches dropped first) or "warm" (run again right after).
 func steadyKey(container, what, cache string) string {
 	return container + "/" + what + "/" + cache
 }

@@ -55,7 +55,14 @@ type mode struct {
 	snapshotter string
 	tag         string
 	about       string
+	// held runs lazylayer with population held (lazy.populate =
+	// "manual"): the container started lazily is measured while every
+	// layer is lazy, then population is released.
+	held bool
 }
+
+// heldConfig is lazylayer's configuration in a held mode.
+const heldConfig = "[lazy]\n  populate = \"manual\"\n"
 
 func allModes() []mode {
 	return []mode{
@@ -67,6 +74,9 @@ func allModes() []mode {
 			about: "lazylayer, the image converted by `lazylayer convert` (eStargz): layers mounted lazily"},
 		{name: "lazylayer-prioritized", snapshotter: "lazylayer", tag: tagPrioritized,
 			about: "lazylayer, converted again with `--prioritize` the files a first run opened (`lazylayer status --accessed`): they arrive right after the mount"},
+		{name: "lazylayer-held", snapshotter: "lazylayer", tag: tagConverted, held: true,
+			about: "lazylayer, the converted image with population held (`lazy.populate = \"manual\"`): the container started lazily is measured while every layer is lazy, " +
+				"then population is released as `lazylayer populate --all --wait` does and it is measured again once every layer is local"},
 	}
 }
 
@@ -103,8 +113,13 @@ type bench struct {
 	link    *link
 	counter *registry.Proxy // between the link and the registry: counts requests
 	status  statusProbe
+	regc    registryClient // the registry, directly
 	images  map[string]pushedImage
 	seq     int // runs so far, for log and state names
+	execs   int // ctr task execs so far, for their IDs
+	// layers caches the layer digests of each image reference's
+	// manifest, by repository:tag, bottom first.
+	layers map[string][]string
 }
 
 // measure runs img with mode under the current profile once, cold.
@@ -115,7 +130,12 @@ func (b *bench) measure(ctx context.Context, img benchImage, prof profile, m mod
 	}
 	b.seq++
 	name := fmt.Sprintf("%03d-%s-%s-%s-%d", b.seq, img.name, prof.name, m.name, run)
-	st, err := startStack(ctx, b.tools, filepath.Join(b.o.work, "state"), filepath.Join(b.o.work, "logs", name), b.hosts)
+	logPrefix := filepath.Join(b.o.work, "logs", name)
+	lazyCfg := ""
+	if m.held {
+		lazyCfg = heldConfig
+	}
+	st, err := startStack(ctx, b.tools, filepath.Join(b.o.work, "state"), logPrefix, b.hosts, lazyCfg)
 	if err != nil {
 		return s, err
 	}
@@ -141,12 +161,17 @@ func (b *bench) measure(ctx context.Context, img benchImage, prof profile, m mod
 	if err != nil {
 		return s, err
 	}
+	if m.snapshotter == "lazylayer" {
+		if s.Mounts, err = b.lazyMounts(ctx, logPrefix+"-lazylayer.log", img, m); err != nil {
+			return s, err
+		}
+	}
 	useLocal, err := st.usage()
 	if err != nil {
 		return s, err
 	}
 	if b.o.steady {
-		if s.Steady, err = b.steady(ctx, st, m, img, ref, id, cold.id); err != nil {
+		if err := b.steady(ctx, st, m, img, ref, id, cold.id, &s); err != nil {
 			return s, err
 		}
 	}
@@ -198,6 +223,14 @@ func (b *bench) coldStart(ctx context.Context, st *stack, img benchImage, m mode
 		return cold, fmt.Errorf("cold start: first output line %q, want %q", first.text, "hi")
 	}
 
+	if m.held {
+		if err := b.measureHeld(ctx, st, m, cold.id, s); err != nil {
+			return cold, err
+		}
+		if err := release(ctx, st); err != nil {
+			return cold, err
+		}
+	}
 	tLocal, from, err := b.waitLocal(ctx, st, m, img, tPull)
 	if err != nil {
 		return cold, err
@@ -222,6 +255,9 @@ func (b *bench) waitLocal(ctx context.Context, st *stack, m mode, img benchImage
 		if err != nil {
 			return time.Time{}, "", err
 		}
+		if local && m.held {
+			return time.Now(), "released", nil
+		}
 		if local {
 			return time.Now(), "status", nil
 		}
@@ -235,15 +271,15 @@ func (b *bench) waitLocal(ctx context.Context, st *stack, m mode, img benchImage
 
 // steady measures reads in the container started lazily (lazyID) and in
 // one started now that the image is local, each with cold and warm
-// caches.
-func (b *bench) steady(ctx context.Context, st *stack, m mode, img benchImage, ref, id, lazyID string) (map[string]float64, error) {
+// caches, into s.
+func (b *bench) steady(ctx context.Context, st *stack, m mode, img benchImage, ref, id, lazyID string, s *sample) error {
 	local, err := st.ctr.run(ctx, m.snapshotter, ref, id+"-local", "echo ready; exec sleep 1000000")
 	if err != nil {
-		return nil, err
+		return err
 	}
 	defer st.ctr.kill(local)
 	if l, err := local.next(ctx, startTimeout); err != nil || l.text != "ready" {
-		return nil, fmt.Errorf("start a container on the local image: %q, %w", l.text, err)
+		return fmt.Errorf("start a container on the local image: %q, %w", l.text, err)
 	}
 	big := b.images[img.name].BigFile
 	// A warm read of a small file takes about as long as the timing's
@@ -256,37 +292,99 @@ func (b *bench) steady(ctx context.Context, st *stack, m mode, img benchImage, r
 		// GNU tar skips reading file data when writing to /dev/null.
 		"tree/cold": "tar cf - " + img.tree + " 2>/dev/null | wc -c",
 		"tree/warm": "tar cf - " + img.tree + " 2>/dev/null | wc -c",
+		"find/cold": findScript,
+		"find/warm": findScript,
 	}
 	perRun := map[string]int{"file/warm": repeat}
-	out := map[string]float64{}
-	n := 0
+	if m.snapshotter == "lazylayer" {
+		// The files the container opened while its layers were lazy.
+		if s.FUSEBound, err = fuseBound(ctx, st); err != nil {
+			return err
+		}
+	}
 	for _, container := range []string{"lazy", "local"} {
 		cid := lazyID
 		if container == "local" {
 			cid = local.id
 		}
-		for _, what := range []string{"file", "tree"} {
+		for _, what := range steadyWhats() {
 			for _, cache := range []string{"cold", "warm"} {
-				if cache == "cold" {
-					if err := dropCaches(); err != nil {
-						return nil, err
-					}
+				if err := b.timed(ctx, st, m, cid, steadyKey(container, what, cache), scripts[what+"/"+cache], perRun[what+"/"+cache], s); err != nil {
+					return err
 				}
-				n++
-				ectx, cancel := context.WithTimeout(ctx, stepTimeout)
-				d, lines, err := st.ctr.exec(ectx, cid, "steady"+strconv.Itoa(n), scripts[what+"/"+cache])
-				cancel()
-				if err != nil {
-					return nil, err
-				}
-				if what == "tree" && (len(lines) != 1 || strings.TrimSpace(lines[0]) == "0") {
-					return nil, fmt.Errorf("tar of %s in %s read nothing: %q", img.tree, container, lines)
-				}
-				out[steadyKey(container, what, cache)] = d.Seconds() / float64(max(1, perRun[what+"/"+cache]))
 			}
 		}
 	}
-	return out, nil
+	return nil
+}
+
+// findScript lists the container's root file system: every lookup,
+// getattr and readdir, no file data.
+const findScript = "find / -xdev 2>/dev/null | wc -l"
+
+// steadyWhats are the steady-state commands: the largest file, a tar of
+// the image's tree, and a find over the root file system.
+func steadyWhats() []string { return []string{"file", "tree", "find"} }
+
+// timed runs script in container cid, dropping the caches first for a
+// cold key, and records in s the seconds it took (per run of repeat), the
+// number a tree command printed, and for lazylayer the FUSE requests the
+// daemon answered meanwhile.
+func (b *bench) timed(ctx context.Context, st *stack, m mode, cid, key, script string, repeat int, s *sample) error {
+	if strings.HasSuffix(key, "/cold") {
+		if err := dropCaches(); err != nil {
+			return err
+		}
+	}
+	var fuse0 fuseCount
+	if m.snapshotter == "lazylayer" {
+		var err error
+		if fuse0, err = fuseRequests(ctx, st); err != nil {
+			return err
+		}
+	}
+	b.execs++
+	ectx, cancel := context.WithTimeout(ctx, stepTimeout)
+	d, lines, err := st.ctr.exec(ectx, cid, "steady"+strconv.Itoa(b.execs), script)
+	cancel()
+	if err != nil {
+		return err
+	}
+	if m.snapshotter == "lazylayer" {
+		fuse1, err := fuseRequests(ctx, st)
+		if err != nil {
+			return err
+		}
+		if fuse1.counted {
+			if s.FUSE == nil {
+				s.FUSE = map[string]int64{}
+			}
+			s.FUSE[key] = fuse1.since(fuse0)
+		}
+	}
+	if s.Steady == nil {
+		s.Steady = map[string]float64{}
+	}
+	s.Steady[key] = d.Seconds() / float64(max(1, repeat))
+	if strings.Contains(key, "/tree/") || strings.Contains(key, "/find/") {
+		n, err := printedCount(lines)
+		if err != nil || n == 0 {
+			return fmt.Errorf("%s in %s printed %q, want a count: %v", script, cid, lines, err)
+		}
+		if s.Out == nil {
+			s.Out = map[string]int64{}
+		}
+		s.Out[key] = n
+	}
+	return nil
+}
+
+// printedCount parses the one number wc printed.
+func printedCount(lines []string) (int64, error) {
+	if len(lines) != 1 {
+		return 0, fmt.Errorf("%d lines", len(lines))
+	}
+	return strconv.ParseInt(strings.TrimSpace(lines[0]), 10, 64)
 }
 
 // dropCaches writes back dirty pages and drops the page, dentry and inode
