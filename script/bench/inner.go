@@ -137,7 +137,9 @@ func (b *bench) loop(ctx context.Context, res *results, sh shaper, regc registry
 	total := 0
 	for _, name := range b.o.images {
 		img := catalogue(name)
-		total += len(b.o.profiles) * img.runs(b.o) * len(img.modes(b.o))
+		for _, pn := range b.o.profiles {
+			total += img.runs(b.o) * len(profileModes(b.o, img.modes(b.o), pn))
+		}
 	}
 	for _, pn := range b.o.profiles {
 		prof := findProfile(pn)
@@ -155,7 +157,10 @@ func (b *bench) loop(ctx context.Context, res *results, sh shaper, regc registry
 		for _, name := range b.o.images {
 			img := catalogue(name)
 			for run := 1; run <= img.runs(b.o); run++ {
-				modes := img.modes(b.o)
+				modes := profileModes(b.o, img.modes(b.o), prof.name)
+				if len(modes) == 0 {
+					break
+				}
 				k := (run - 1) % len(modes)
 				modes = append(modes[k:], modes[:k]...)
 				for _, mn := range modes {
