@@ -35,6 +35,18 @@ type NativeFileSystem interface {
 	// Present says how the committed layer in dir is shown: lazy tells
 	// whether the snapshotter holds it lazy.
 	Present(dir string, lazy bool) Presentation
+	// Remove deletes what the layer of dir keeps outside dir, once its
+	// snapshot is removed (after Release).
+	Remove(dir string) error
+}
+
+// removeNative deletes what the FileSystem keeps outside the directory of
+// snapshot id.
+func (s *Snapshotter) removeNative(id string) error {
+	if nfs, ok := s.fs.(NativeFileSystem); ok {
+		return nfs.Remove(s.snapshotDir(id))
+	}
+	return nil
 }
 
 // metacopyMarker, in a snapshot directory, records that the snapshot was

@@ -192,6 +192,10 @@ func (s *Snapshotter) Remove(ctx context.Context, key string) error {
 	if err := s.removeShort(id); err != nil {
 		log.G(ctx).WithError(err).WithField("id", id).Warn("remove snapshot link")
 	}
+	if err := s.removeNative(id); err != nil {
+		log.G(ctx).WithError(err).WithField("id", id).Warn("remove the layer's native metadata; Cleanup will retry")
+		return nil
+	}
 	if err := os.RemoveAll(s.snapshotDir(id)); err != nil {
 		log.G(ctx).WithError(err).WithField("id", id).Warn("remove snapshot directory; Cleanup will retry")
 	}
@@ -231,6 +235,9 @@ func (s *Snapshotter) Cleanup(ctx context.Context) error {
 			return fmt.Errorf("cleanup %s: %w", dir, err)
 		}
 		if err := s.removeShort(e.Name()); err != nil {
+			return fmt.Errorf("cleanup %s: %w", dir, err)
+		}
+		if err := s.removeNative(e.Name()); err != nil {
 			return fmt.Errorf("cleanup %s: %w", dir, err)
 		}
 		if err := os.RemoveAll(dir); err != nil {

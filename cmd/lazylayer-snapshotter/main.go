@@ -173,6 +173,8 @@ func (f fileSystem) Present(dir string, lazy bool) snapshot.Presentation {
 	return snapshot.Presentation(f.Manager.Present(dir, lazy))
 }
 
+var _ snapshot.NativeFileSystem = fileSystem{}
+
 // lazyLayer keeps a nil *layer.Lazy a nil interface.
 func lazyLayer(l *layer.Lazy, err error) (snapshot.LazyLayer, error) {
 	if l == nil {

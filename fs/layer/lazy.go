@@ -270,10 +270,7 @@ func (m *Manager) Release(ctx context.Context, dir string) error {
 	delete(m.lazy, dir)
 	m.mu.Unlock()
 	if !ok {
-		if err := m.detachStale(ctx, dir); err != nil {
-			return err
-		}
-		return m.removeNative(dir)
+		return m.detachStale(ctx, dir)
 	}
 	if err := ll.stop(ctx); err != nil {
 		return err
@@ -281,7 +278,7 @@ func (m *Manager) Release(ctx context.Context, dir string) error {
 	for _, f := range []string{lazyTOCFile, lazyDescFile, lazyBlobFile} {
 		os.Remove(filepath.Join(dir, f))
 	}
-	return m.removeNative(dir)
+	return nil
 }
 
 // stop ends ll's population, waits for it, and detaches its mount. What

@@ -108,8 +108,17 @@ func (m *Manager) mountNative(ctx context.Context, dir string, l *lazy.Layer) er
 		return err
 	}
 	l.SetPlaced(m.placeDir(dir))
+	// containerd reads these from the container's root before it starts
+	// (users and groups of the process): local first, they are never
+	// bound to FUSE.
+	if err := l.PlaceNow(ctx, m.cfg.Staging, earlyFiles...); err != nil {
+		log.G(ctx).WithError(err).WithField("layer", layerID(dir)).Warn("cannot place the files containerd reads first; containers read them through FUSE")
+	}
 	return nil
 }
+
+// earlyFiles are what containerd reads of an image's root itself.
+var earlyFiles = []string{"etc/passwd", "etc/group"}
 
 // linkTree makes dir/fs, an empty directory while the layer was lazy, a
 // symbolic link to the layer's complete tree under the data directory.
@@ -127,8 +136,10 @@ func (m *Manager) linkTree(dir string) error {
 	return os.Symlink(place, tree)
 }
 
-// removeNative deletes what native metadata kept for the layer of dir.
-func (m *Manager) removeNative(dir string) error {
+// Remove implements snapshot.NativeFileSystem: it deletes the layer's
+// tree in the data directory and its metadata tree. The snapshot is gone
+// and no overlay uses them.
+func (m *Manager) Remove(dir string) error {
 	if m.cfg.DataDir == "" {
 		return nil
 	}

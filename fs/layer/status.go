@@ -80,7 +80,12 @@ func overlayUsers(mp string) int {
 	n := 0
 	for _, o := range overlays {
 		for _, opt := range strings.Split(o.VFSOptions, ",") {
-			lower, ok := strings.CutPrefix(opt, "lowerdir=")
+			// lazylayer's own native overlays list their layers
+			// one by one (lowerdir+=, datadir+=).
+			_, lower, ok := strings.Cut(opt, "=")
+			if key, _, _ := strings.Cut(opt, "="); key != "lowerdir" && key != "lowerdir+" && key != "datadir+" {
+				ok = false
+			}
 			if !ok {
 				continue
 			}

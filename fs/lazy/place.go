@@ -93,8 +93,22 @@ func (p *placer) flush() error {
 		return fmt.Errorf("place %s: %w", name, err)
 	}
 	// link(2) makes the name appear with the complete file, or fails.
-	err := os.Link(src, filepath.Join(p.place, name))
-	if err != nil && !errors.Is(err, os.ErrExist) {
+	dst := filepath.Join(p.place, name)
+	err := os.Link(src, dst)
+	switch {
+	case errors.Is(err, os.ErrExist) && typ != tar.TypeLink:
+		// Placed before (PlaceNow, or an attempt before a restart) with
+		// the same verified bytes; the tar's attributes are the exact
+		// ones (a TOC's times are rounded), and containers see the
+		// metadata tree's, so they can be set.
+		var st unix.Stat_t
+		if err := unix.Lstat(src, &st); err != nil {
+			return err
+		}
+		if err := copyAttrs(src, dst, &st); err != nil {
+			return fmt.Errorf("place %s: %w", name, err)
+		}
+	case err != nil && !errors.Is(err, os.ErrExist):
 		return fmt.Errorf("place %s: %w", name, err)
 	}
 	p.placed++
@@ -157,7 +171,7 @@ func (p *placer) merge(rel string) error {
 			if err := p.merge(r); err != nil {
 				return err
 			}
-			if err := copyDirAttrs(s, d, &attrs); err != nil {
+			if err := copyAttrs(s, d, &attrs); err != nil {
 				return fmt.Errorf("directory %s: %w", r, err)
 			}
 		}
@@ -166,9 +180,9 @@ func (p *placer) merge(rel string) error {
 	return nil
 }
 
-// copyDirAttrs gives directory dst the mode, owner and times st of src,
-// and its extended attributes.
-func copyDirAttrs(src, dst string, st *unix.Stat_t) error {
+// copyAttrs gives dst, a directory or regular file, the mode, owner and
+// times st of src, and its extended attributes.
+func copyAttrs(src, dst string, st *unix.Stat_t) error {
 	if err := unix.Lchown(dst, int(st.Uid), int(st.Gid)); err != nil {
 		return err
 	}
@@ -206,6 +220,71 @@ func copyXattrs(src, dst string) error {
 		if err := unix.Lsetxattr(dst, name, v[:n], 0); err != nil {
 			return fmt.Errorf("xattr %s: %w", name, err)
 		}
+	}
+	return nil
+}
+
+// maxPlaceNow bounds the size of a file PlaceNow places.
+const maxPlaceNow = 1 << 20
+
+// PlaceNow places the regular files names (paths relative to the layer
+// root, at most 1 MiB each) where SetPlaced said, from verified chunks,
+// fetching what the cache lacks. containerd reads the image's users and
+// groups out of a container's root before the container starts: placed
+// first, those files are native for the container's whole life instead of
+// bound to FUSE. tmp is a directory on the file system of that place.
+// Names the layer lacks are skipped.
+func (l *Layer) PlaceNow(ctx context.Context, tmp string, names ...string) error {
+	place := l.localDir()
+	if place == "" {
+		return errors.New("place files: the layer has no place for them")
+	}
+	var errs []error
+	for _, name := range names {
+		num, ok := l.ix.lookupPath(name)
+		if !ok {
+			continue
+		}
+		e := &l.ix.entries[num]
+		if e.mode&unix.S_IFMT != unix.S_IFREG || e.size == 0 || e.size > maxPlaceNow {
+			continue
+		}
+		if _, err := os.Lstat(filepath.Join(place, name)); err == nil {
+			continue
+		}
+		buf := make([]byte, e.size)
+		n, err := l.f.readAt(ctx, l.ix.fileChunks(e), e.size, buf, 0, 0)
+		if err != nil && n < len(buf) {
+			errs = append(errs, fmt.Errorf("place %s: %w", name, err))
+			continue
+		}
+		if err := placeBytes(tmp, place, name, buf); err != nil {
+			errs = append(errs, fmt.Errorf("place %s: %w", name, err))
+		}
+	}
+	return errors.Join(errs...)
+}
+
+// placeBytes writes b to a new file in tmp and links it at name under
+// place, where it appears complete or not at all.
+func placeBytes(tmp, place, name string, b []byte) error {
+	f, err := os.CreateTemp(tmp, "place-")
+	if err != nil {
+		return err
+	}
+	defer os.Remove(f.Name())
+	_, err = f.Write(b)
+	if cerr := f.Close(); err == nil {
+		err = cerr
+	}
+	if err != nil {
+		return err
+	}
+	if err := mkdirBeneath(place, filepath.Dir(name)); err != nil {
+		return err
+	}
+	if err := os.Link(f.Name(), filepath.Join(place, name)); err != nil && !errors.Is(err, os.ErrExist) {
+		return err
 	}
 	return nil
 }

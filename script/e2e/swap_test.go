@@ -197,13 +197,15 @@ done >/tmp/log 2>&1`)
 	}
 	compareTrees(t, e.mountView("lazylayer", "swap-lazy", img.chainID(t)), e.mountView("overlayfs", "swap-overlay", src.chainID(t)))
 
-	// When the early container stops, the FUSE mounts retire and no chunk
-	// of the layers stays cached.
+	// When the early container is gone, the FUSE mounts retire and no
+	// chunk of the layers stays cached. (Its root filesystem, a native
+	// overlay the snapshotter mounted, lives as long as its snapshot.)
 	e.ctr("task", "kill", "-s", "KILL", "early")
 	waitFor(t, "the early container to stop", func() bool {
 		_, err := e.ctrErr("task", "delete", "early")
 		return err == nil
 	})
+	e.ctr("container", "delete", "early")
 	waitFor(t, "the FUSE mounts to retire", func() bool {
 		for _, s := range e.status() {
 			if s.Mountpoint != "" {
