@@ -245,9 +245,12 @@ func (r *prefixRoot) OnAdd(ctx context.Context) {
 	r.l.top = top
 }
 
-// relPath is n's path relative to the layer root.
+// relPath is n's path relative to the layer root. It is kept from the
+// lookup, not asked of go-fuse: an inode whose parent the kernel forgot
+// has no path there any more (".go-fuse.N/deleted/..."), and its opens
+// then missed the local file.
 func (n *node) relPath() string {
-	return n.Path(n.l.top)
+	return n.path
 }
 
 // OnForget counts a regular file the kernel forgot (see Stats.Bound).

@@ -23,7 +23,8 @@ type node struct {
 	fs.Inode
 	l     *Layer
 	num   uint32
-	bound bool // counted in Layer.bound until OnForget
+	bound bool   // counted in Layer.bound until OnForget
+	path  string // relative to the layer root, as first looked up ("" for the root)
 
 	mu          sync.Mutex
 	cachedOpens int // open handles served through the page cache; guarded by mu
@@ -87,7 +88,10 @@ func (n *node) Lookup(ctx context.Context, name string, out *fuse.EntryOut) (*fs
 		return nil, syscall.ENOENT
 	}
 	n.l.attr(num, &out.Attr)
-	child := &node{l: n.l, num: num}
+	child := &node{l: n.l, num: num, path: name}
+	if n.path != "" {
+		child.path = n.path + "/" + name
+	}
 	mode := n.l.ix.entries[num].mode & syscall.S_IFMT
 	ch := n.NewInode(ctx, child, fs.StableAttr{Mode: mode, Ino: uint64(num) + 1})
 	if n.l.top != nil && mode == syscall.S_IFREG && ch.Operations() == child {
