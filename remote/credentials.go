@@ -20,12 +20,14 @@ import (
 // helperTimeout bounds one run of a docker credential helper.
 const helperTimeout = 30 * time.Second
 
-// credentialStore finds registry credentials the way docker does: in
-// config.json's credHelpers, auths and credsStore. Lookups run in load, where a
-// context is at hand; the authorizer's callback, cached, only returns what the
-// last load found.
+// credentialStore finds registry credentials: first in the Keyring (what
+// the kubelet sent with its image pulls), then the way docker does, in
+// config.json's credHelpers, auths and credsStore. Lookups run in load, where
+// a context is at hand; the authorizer's callback, cached, only returns what
+// the last load found.
 type credentialStore struct {
-	dir string // directory holding config.json; "" for none
+	dir     string   // directory holding config.json; "" for none
+	keyring *Keyring // may be nil
 
 	mu    sync.Mutex            // guards found
 	found map[string]credential // registry host → credentials from the last load
@@ -36,7 +38,7 @@ type credentialStore struct {
 type credential struct{ username, secret string }
 
 // newCredentialStore reads config.json from dir, $DOCKER_CONFIG or ~/.docker.
-func newCredentialStore(dir string) *credentialStore {
+func newCredentialStore(dir string, keyring *Keyring) *credentialStore {
 	if dir == "" {
 		dir = os.Getenv("DOCKER_CONFIG")
 	}
@@ -45,14 +47,24 @@ func newCredentialStore(dir string) *credentialStore {
 			dir = filepath.Join(home, ".docker")
 		}
 	}
-	return &credentialStore{dir: dir, found: make(map[string]credential)}
+	return &credentialStore{dir: dir, keyring: keyring, found: make(map[string]credential)}
 }
 
 // load looks up the credentials for host and keeps them for cached.
-func (s *credentialStore) load(ctx context.Context, host string) error {
-	c, err := s.lookup(ctx, host)
-	if err != nil {
-		return err
+// registry is the registry name of the image the request is for (host
+// differs when hosts.toml sends it to a mirror): the keyring's credentials
+// for it serve its mirrors too, as containerd's CRI does with the
+// credentials of a pull.
+func (s *credentialStore) load(ctx context.Context, host, registry string) error {
+	c, ok := s.keyring.get(host)
+	if !ok && registry != "" {
+		c, ok = s.keyring.get(registry)
+	}
+	if !ok {
+		var err error
+		if c, err = s.lookup(ctx, host); err != nil {
+			return err
+		}
 	}
 	s.mu.Lock()
 	defer s.mu.Unlock()
@@ -205,4 +217,82 @@ func runHelper(ctx context.Context, name, server string) (credential, error) {
 		return credential{secret: reply.Secret}, nil
 	}
 	return credential{username: reply.Username, secret: reply.Secret}, nil
+}
+
+// Keyring holds registry credentials handed to the daemon while it runs (by
+// the kubelet, through the CRI image-service proxy), per registry host, in
+// memory only: nothing of it is written to disk or logged. Each entry
+// expires ttl after it was last put, so credentials a pull secret no longer
+// grants do not outlive it for long; the kubelet puts them again with every
+// pull. A Keyring is safe for concurrent use.
+type Keyring struct {
+	ttl time.Duration
+	now func() time.Time
+
+	mu      sync.Mutex              // guards entries
+	entries map[string]keyringEntry // configKey(host) → credentials
+}
+
+type keyringEntry struct {
+	cred    credential
+	expires time.Time
+}
+
+// NewKeyring returns an empty Keyring whose entries last ttl.
+func NewKeyring(ttl time.Duration) *Keyring {
+	return &Keyring{ttl: ttl, now: time.Now, entries: make(map[string]keyringEntry)}
+}
+
+// Put keeps the credentials for registry host (e.g. "registry.example.com:5000";
+// Docker Hub's names are one). An empty username with a secret is an
+// identity (refresh) token. Empty credentials remove the entry: the pull
+// was anonymous.
+func (k *Keyring) Put(host, username, secret string) {
+	key := configKey(host)
+	k.mu.Lock()
+	defer k.mu.Unlock()
+	now := k.now()
+	for h, e := range k.entries {
+		if !now.Before(e.expires) {
+			delete(k.entries, h)
+		}
+	}
+	if username == "" && secret == "" {
+		delete(k.entries, key)
+		return
+	}
+	k.entries[key] = keyringEntry{cred: credential{username: username, secret: secret}, expires: now.Add(k.ttl)}
+}
+
+// Len returns the number of registries the Keyring holds unexpired
+// credentials for.
+func (k *Keyring) Len() int {
+	k.mu.Lock()
+	defer k.mu.Unlock()
+	n := 0
+	for _, e := range k.entries {
+		if k.now().Before(e.expires) {
+			n++
+		}
+	}
+	return n
+}
+
+// get returns the unexpired credentials for host. A nil Keyring holds none.
+func (k *Keyring) get(host string) (credential, bool) {
+	if k == nil {
+		return credential{}, false
+	}
+	key := configKey(host)
+	k.mu.Lock()
+	defer k.mu.Unlock()
+	e, ok := k.entries[key]
+	if !ok {
+		return credential{}, false
+	}
+	if !k.now().Before(e.expires) {
+		delete(k.entries, key)
+		return credential{}, false
+	}
+	return e.cred, true
 }

@@ -54,8 +54,8 @@ esac`)
 					t.Fatal(err)
 				}
 			}
-			s := newCredentialStore(dir)
-			err := s.load(t.Context(), tc.host)
+			s := newCredentialStore(dir, nil)
+			err := s.load(t.Context(), tc.host, "")
 			if tc.wantErr {
 				if err == nil {
 					t.Fatal("no error")

@@ -60,6 +60,7 @@ func (r *Resolver) once(ctx context.Context, t *target, h docker.RegistryHost, s
 		u.RawQuery = url.Values{"ns": {t.name}}.Encode()
 	}
 	ctx = docker.WithScope(ctx, "repository:"+t.repo+":pull")
+	ctx = context.WithValue(ctx, registryKey{}, t.name)
 	return r.call(ctx, h, request{method: http.MethodGet, url: u, header: hdr, auth: true}, http.StatusOK, http.StatusPartialContent)
 }
 
@@ -67,7 +68,8 @@ func (r *Resolver) once(ctx context.Context, t *target, h docker.RegistryHost, s
 // credentials for the host that sent it.
 func (r *Resolver) authorize(ctx context.Context, h docker.RegistryHost, resp *http.Response) error {
 	host := resp.Request.URL.Host
-	if err := r.creds.load(ctx, host); err != nil {
+	registry, _ := ctx.Value(registryKey{}).(string)
+	if err := r.creds.load(ctx, host, registry); err != nil {
 		return &permanentError{fmt.Errorf("HTTP 401, credentials for %s: %w", host, err)}
 	}
 	if err := h.Authorizer.AddResponses(ctx, []*http.Response{resp}); err != nil {
@@ -75,6 +77,9 @@ func (r *Resolver) authorize(ctx context.Context, h docker.RegistryHost, resp *h
 	}
 	return nil
 }
+
+// registryKey is the context key of the registry name a request is for.
+type registryKey struct{}
 
 // isMirror reports whether h serves the registry name on its behalf.
 func isMirror(h docker.RegistryHost, name string) bool {

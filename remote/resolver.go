@@ -38,6 +38,9 @@ type Options struct {
 	// DockerConfig is the directory holding docker's config.json. Empty means
 	// $DOCKER_CONFIG, or ~/.docker when that is unset.
 	DockerConfig string
+	// Keyring, if not nil, holds credentials handed over at run time (the
+	// kubelet's, through the CRI proxy); they go before config.json's.
+	Keyring *Keyring
 	// RangeSize is the size of one ranged GET in Blob.Stream.
 	RangeSize int64
 	// Concurrency is the number of parallel ranged GETs of one Blob.Stream.
@@ -117,7 +120,7 @@ func (hc hostConfig) closeIdle() {
 func NewResolver(opts Options) *Resolver {
 	return &Resolver{
 		opts:  opts.withDefaults(),
-		creds: newCredentialStore(opts.DockerConfig),
+		creds: newCredentialStore(opts.DockerConfig, opts.Keyring),
 		hosts: make(map[string]hostConfig),
 	}
 }

@@ -4,12 +4,13 @@
 #
 #   apt:     runc, docker-registry, fuse3, busybox-static, debootstrap, ...
 #   go:      containerd, ctr and containerd-shim-runc-v2 (CONTAINERD_VERSION)
-#            built into $TOOLS/bin
+#            and crictl (CRICTL_VERSION) built into $TOOLS/bin
 set -euo pipefail
 
 TOOLS=${TOOLS:-$(cd "$(dirname "$0")/.." && pwd)/.tools}
 CONTAINERD_VERSION=${CONTAINERD_VERSION:-v2.4.2}
-APT_PACKAGES=(runc docker-registry fuse3 busybox-static debootstrap attr iproute2 curl ca-certificates)
+CRICTL_VERSION=${CRICTL_VERSION:-v1.37.0}
+APT_PACKAGES=(runc docker-registry fuse3 busybox-static debootstrap attr iproute2 curl ca-certificates systemd)
 
 log() { printf '[setup] %s\n' "$*" >&2; }
 
@@ -37,6 +38,14 @@ if [ ! -f "$stamp" ] || [ ! -x "$TOOLS/bin/containerd" ]; then
 		"github.com/containerd/containerd/v2/cmd/containerd@$CONTAINERD_VERSION" \
 		"github.com/containerd/containerd/v2/cmd/ctr@$CONTAINERD_VERSION" \
 		"github.com/containerd/containerd/v2/cmd/containerd-shim-runc-v2@$CONTAINERD_VERSION"
+	touch "$stamp"
+fi
+# crictl drives containerd's CRI as a Kubernetes operator would (script/e2e/cri*_test.go).
+stamp="$TOOLS/bin/.crictl-$CRICTL_VERSION"
+if [ ! -f "$stamp" ] || [ ! -x "$TOOLS/bin/crictl" ]; then
+	log "go install crictl $CRICTL_VERSION into $TOOLS/bin"
+	GOBIN="$TOOLS/bin" GOFLAGS=-mod=mod CGO_ENABLED=0 go install \
+		"sigs.k8s.io/cri-tools/cmd/crictl@$CRICTL_VERSION"
 	touch "$stamp"
 fi
 log "tools ready in $TOOLS/bin"
