@@ -27,6 +27,11 @@ var ErrUnavailable = errors.New("remote: registry unavailable")
 // or repository, or content deleted since). Such a request is not retried.
 var ErrNotFound = errors.New("remote: not found")
 
+// ErrUnauthorized is matched (with errors.Is), along with ErrUnavailable,
+// by the error of a request a registry host refused with 401 or 403: no
+// credentials, or not the right ones.
+var ErrUnauthorized = errors.New("remote: unauthorized")
+
 // ErrBadData means the registry replied with something wrong: a body longer or
 // shorter than the descriptor says, a Content-Range other than the one asked
 // for, a manifest whose bytes do not match its digest or do not decode.
@@ -125,6 +130,11 @@ type statusError struct {
 	detail string // the registry's error code and message, if it sent any
 }
 
+// Is makes a 401 or 403 reply match ErrUnauthorized.
+func (e *statusError) Is(target error) bool {
+	return target == ErrUnauthorized && (e.code == http.StatusUnauthorized || e.code == http.StatusForbidden)
+}
+
 func (e *statusError) Error() string {
 	if e.detail == "" {
 		return fmt.Sprintf("HTTP %d", e.code)
@@ -170,6 +180,17 @@ type permanentError struct{ err error }
 
 func (e *permanentError) Error() string { return e.err.Error() }
 func (e *permanentError) Unwrap() error { return e.err }
+
+// authFailure makes err, an authorizer's, match ErrUnauthorized when the
+// registry or its token server refused the credentials (401, 403).
+func authFailure(err error) error {
+	us, ok := errors.AsType[remoteerrors.ErrUnexpectedStatus](err)
+	if ok && (us.StatusCode == http.StatusUnauthorized || us.StatusCode == http.StatusForbidden) ||
+		errors.Is(err, docker.ErrInvalidAuthorization) {
+		return fmt.Errorf("%w (%w)", err, ErrUnauthorized)
+	}
+	return err
+}
 
 // isTransient reports whether retrying the request may succeed: connection
 // errors, stalls, 429 and 5xx are transient; 4xx, certificate and

@@ -3,6 +3,7 @@ package remote
 import (
 	"bytes"
 	"encoding/base64"
+	"errors"
 	"fmt"
 	"io"
 	"net/http"
@@ -112,8 +113,8 @@ func TestKeyringCredentials(t *testing.T) {
 	}
 	t.Run("none", func(t *testing.T) {
 		err := read(t, testOptions(t), reg.host+"/foo:latest")
-		if err == nil || !strings.Contains(err.Error(), "401") {
-			t.Fatalf("read without credentials: %v, want HTTP 401", err)
+		if !errors.Is(err, ErrUnauthorized) || !strings.Contains(err.Error(), "401") {
+			t.Fatalf("read without credentials: %v, want HTTP 401 (ErrUnauthorized)", err)
 		}
 	})
 	t.Run("wrong", func(t *testing.T) {

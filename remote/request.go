@@ -73,7 +73,7 @@ func (r *Resolver) authorize(ctx context.Context, h docker.RegistryHost, resp *h
 		return &permanentError{fmt.Errorf("HTTP 401, credentials for %s: %w", host, err)}
 	}
 	if err := h.Authorizer.AddResponses(ctx, []*http.Response{resp}); err != nil {
-		return &permanentError{fmt.Errorf("HTTP 401, authorize: %w", err)}
+		return &permanentError{fmt.Errorf("HTTP 401, authorize: %w", authFailure(err))}
 	}
 	return nil
 }
@@ -237,7 +237,7 @@ func (r *Resolver) sendRequest(ctx context.Context, h docker.RegistryHost, rq re
 		err := h.Authorizer.Authorize(rctx, req)
 		r.authMu.Unlock()
 		if err != nil {
-			return fail(fmt.Errorf("authorize: %w", err))
+			return fail(fmt.Errorf("authorize: %w", authFailure(err)))
 		}
 	}
 	r.requests.Add(1)

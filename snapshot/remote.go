@@ -152,6 +152,9 @@ func (s *Snapshotter) Prepare(ctx context.Context, key, parent string, opts ...s
 	default:
 		log.G(ctx).WithError(err).WithField("layer", base.Labels[labelTargetLayer]).
 			Warn("cannot fetch layer; containerd will pull and unpack it instead")
+		if s.fellBack != nil {
+			s.fellBack(err)
+		}
 		if err := resetDir(s.upperPath(snap.ID)); err != nil {
 			return nil, fmt.Errorf("reset snapshot %q for fallback: %w", key, err)
 		}

@@ -20,11 +20,14 @@ import (
 // Snapshotter is a containerd snapshots.Snapshotter over overlayfs that can
 // obtain image layers itself through a FileSystem. See the package doc.
 type Snapshotter struct {
-	root    string
-	ms      *storage.MetaStore
-	fs      FileSystem // nil: a plain overlay snapshotter
-	options []string   // extra overlay mount options
-	mountMu sync.Mutex // serializes native overlay mounts (native.go)
+	root string
+	ms   *storage.MetaStore
+	fs   FileSystem // nil: a plain overlay snapshotter
+	// fellBack, if set, is told why each remote layer fell back to
+	// containerd's pull.
+	fellBack func(err error)
+	options  []string   // extra overlay mount options
+	mountMu  sync.Mutex // serializes native overlay mounts (native.go)
 
 	mu        sync.Mutex
 	held      map[string]*heldLayer    // committed layers not (yet) local, by id; guarded by mu
@@ -36,6 +39,13 @@ type Snapshotter struct {
 
 // Opt configures a Snapshotter.
 type Opt func(*Snapshotter)
+
+// WithFallbackObserver makes f learn of every remote layer that falls back
+// to containerd's own pull, with the error that made it fall back. f must
+// not block.
+func WithFallbackObserver(f func(err error)) Opt {
+	return func(s *Snapshotter) { s.fellBack = f }
+}
 
 // WithFileSystem makes Prepare obtain remote layers from f.
 func WithFileSystem(f FileSystem) Opt {

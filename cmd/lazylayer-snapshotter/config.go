@@ -17,12 +17,40 @@ import (
 // config is the daemon's configuration: the TOML file given with --config,
 // then flags on top. docs/configuration.md documents every field.
 type config struct {
-	Root     string      `toml:"root"`
-	Address  string      `toml:"address"`
-	HostsDir string      `toml:"hosts_dir"`
-	LogLevel string      `toml:"log_level"`
-	Fetch    fetchConfig `toml:"fetch"`
-	Lazy     lazyConfig  `toml:"lazy"`
+	Root     string `toml:"root"`
+	Address  string `toml:"address"`
+	HostsDir string `toml:"hosts_dir"`
+	LogLevel string `toml:"log_level"`
+	// MetricsAddress is the TCP address ("127.0.0.1:9101") of the
+	// Prometheus endpoint (GET /metrics); empty turns it off.
+	MetricsAddress string      `toml:"metrics_address"`
+	Fetch          fetchConfig `toml:"fetch"`
+	Lazy           lazyConfig  `toml:"lazy"`
+	CRI            criConfig   `toml:"cri"`
+}
+
+// criConfig sets up the CRI image-service proxy (docs/kubernetes.md).
+type criConfig struct {
+	// Address is the unix socket the proxy serves CRI's image service on,
+	// for the kubelet's --image-service-endpoint; empty turns it off.
+	Address string `toml:"address"`
+	// ContainerdAddress is containerd's socket, where every call goes on.
+	ContainerdAddress string `toml:"containerd_address"`
+	// CredentialTTL is how long the credentials of a pull are kept after
+	// the kubelet last sent them, e.g. "12h".
+	CredentialTTL string `toml:"credential_ttl"`
+}
+
+// parse checks the CRI settings and returns the credential lifetime.
+func (c criConfig) parse() (time.Duration, error) {
+	ttl, err := time.ParseDuration(c.CredentialTTL)
+	if err != nil || ttl <= 0 {
+		return 0, fmt.Errorf("cri.credential_ttl %q: want a duration such as 12h", c.CredentialTTL)
+	}
+	if c.Address != "" && c.ContainerdAddress == "" {
+		return 0, errors.New("cri.containerd_address must name containerd's socket when cri.address is set")
+	}
+	return ttl, nil
 }
 
 type lazyConfig struct {
@@ -112,6 +140,10 @@ func defaultConfig() config {
 			PopulateBandwidth:   "0",
 			SwapGrace:           "30s",
 			NativeMetadata:      "auto",
+		},
+		CRI: criConfig{
+			ContainerdAddress: "/run/containerd/containerd.sock",
+			CredentialTTL:     "12h",
 		},
 	}
 }

@@ -92,9 +92,15 @@ func run(ctx context.Context, args []string) error {
 	if err := checkOverlayUpper(cfg.Root); err != nil {
 		return err
 	}
+	credTTL, err := cfg.CRI.parse()
+	if err != nil {
+		return err
+	}
+	keyring, m := remote.NewKeyring(credTTL), newMetrics()
 
 	resolver := remote.NewResolver(remote.Options{
 		HostsDir:    cfg.HostsDir,
+		Keyring:     keyring,
 		RangeSize:   fetch.rangeSize,
 		Concurrency: fetch.concurrency,
 		Retries:     fetch.retries,
@@ -105,9 +111,11 @@ func run(ctx context.Context, args []string) error {
 		ConcurrentLayers: fetch.concurrentLayers,
 		StagingLimit:     fetch.stagingLimit,
 		StagedTTL:        fetch.stagedTTL,
+		Metrics:          m,
 	}
+	var chunks *cache.Store
 	if lazyOpts.enabled {
-		chunks, err := cache.Open(ctx, filepath.Join(cfg.Root, "cache"), lazyOpts.cacheSize)
+		chunks, err = cache.Open(ctx, filepath.Join(cfg.Root, "cache"), lazyOpts.cacheSize)
 		if err != nil {
 			return fmt.Errorf("open chunk cache: %w", err)
 		}
@@ -117,7 +125,7 @@ func run(ctx context.Context, args []string) error {
 			log.G(ctx).WithField("reason", why).Warn("FUSE passthrough unavailable: local layers of running lazy containers are read through the daemon")
 		}
 		layerCfg.Lazy = lazy.Options{Cache: chunks, ReadTimeout: lazyOpts.readTimeout, MinRequest: lazyOpts.minRequest,
-			Passthrough: passthrough, Activity: new(lazy.Activity)}
+			Passthrough: passthrough, Activity: new(lazy.Activity), Metrics: m}
 		layerCfg.Populate = lazy.PopulateOptions{Concurrency: lazyOpts.populateConcurrency, RangeSize: lazyOpts.populateRangeSize}
 		if lazyOpts.populateBandwidth > 0 {
 			layerCfg.Populate.Limit = rate.NewLimiter(rate.Limit(lazyOpts.populateBandwidth), int(min(lazyOpts.populateBandwidth, lazyOpts.populateRangeSize)))
@@ -144,7 +152,7 @@ func run(ctx context.Context, args []string) error {
 	if err != nil {
 		return err
 	}
-	sn, err := snapshot.New(ctx, cfg.Root, snapshot.WithFileSystem(fileSystem{layers}))
+	sn, err := snapshot.New(ctx, cfg.Root, snapshot.WithFileSystem(fileSystem{layers}), snapshot.WithFallbackObserver(m.fellBack))
 	if err != nil {
 		layers.Close()
 		return err
@@ -154,7 +162,13 @@ func run(ctx context.Context, args []string) error {
 		layers.Close()
 		sn.Close()
 	}()
-	return serve(ctx, cfg.Address, sn, &status{sn: sn, layers: layers})
+	st := &status{sn: sn, layers: layers}
+	stopSide, err := startSide(ctx, cfg, m, st, chunks, keyring)
+	if err != nil {
+		return err
+	}
+	defer stopSide()
+	return serve(ctx, cfg.Address, sn, st)
 }
 
 // fileSystem adapts the layer Manager to the snapshot package's

@@ -115,6 +115,9 @@ func TestConfigErrors(t *testing.T) {
 		{"[lazy]\n  populate_bandwidth = \"fast\"\n", "lazy.populate_bandwidth"},
 		{"[lazy]\n  cache_size = \"-1\"\n", "lazy.cache_size"},
 		{"root = [\n", "config"},
+		{"[cri]\n  credential_ttl = \"forever\"\n", "cri.credential_ttl"},
+		{"[cri]\n  address = \"/run/x.sock\"\n  containerd_address = \"\"\n", "cri.containerd_address"},
+		{"metric_address = \"127.0.0.1:1\"\n", "unknown setting metric_address"},
 	} {
 		path := filepath.Join(t.TempDir(), "config.toml")
 		os.WriteFile(path, []byte(tc.file), 0o644)
@@ -125,6 +128,9 @@ func TestConfigErrors(t *testing.T) {
 		}
 		if err == nil {
 			_, err = cfg.Lazy.parse()
+		}
+		if err == nil {
+			_, err = cfg.CRI.parse()
 		}
 		if err == nil || !strings.Contains(err.Error(), tc.want) {
 			t.Errorf("config %q: error %v, want one mentioning %q", tc.file, err, tc.want)

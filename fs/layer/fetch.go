@@ -176,6 +176,9 @@ func (m *Manager) run(j *job, ref string) {
 		}
 	}
 	j.dir = dir
+	if m.cfg.Metrics != nil {
+		m.cfg.Metrics.FullFetch(j.desc.Size, j.elapsed, false)
+	}
 	log.G(ctx).WithField("bytes", j.desc.Size).WithField("elapsed", j.elapsed.Round(time.Millisecond)).
 		Info("layer fetched and unpacked")
 

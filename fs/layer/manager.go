@@ -88,6 +88,17 @@ type Config struct {
 	// layer turned local, for containers handed it just before (default
 	// 30 s).
 	SwapGrace time.Duration
+	// Metrics, if set, is told of every layer fetched in full.
+	Metrics Metrics
+}
+
+// Metrics receives the full fetches of layers, for the daemon's metrics
+// endpoint. It must be safe for concurrent use.
+type Metrics interface {
+	// FullFetch observes one layer fetched whole: bytes of its blob in
+	// elapsed. background is true for the population of a lazy layer,
+	// false for a plain layer fetched and unpacked for containerd.
+	FullFetch(bytes int64, elapsed time.Duration, background bool)
 }
 
 // Policy says when lazy layers download in the background.

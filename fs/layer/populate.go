@@ -159,6 +159,9 @@ func (m *Manager) populate(ll *Lazy, local func(context.Context) error) {
 	ll.state.Store(stateLocal)
 	close(ll.local)
 	p := ll.layer.Progress()
+	if m.cfg.Metrics != nil {
+		m.cfg.Metrics.FullFetch(p.Size, p.Elapsed, true)
+	}
 	log.G(ctx).WithFields(log.Fields{
 		"fetched": p.Fetched, "size": p.Size, "elapsed": p.Elapsed.Round(time.Millisecond),
 	}).Info("layer is local")

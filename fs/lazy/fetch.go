@@ -40,7 +40,8 @@ type fetcher struct {
 	ix      *index        // for the chunks next to a read's in the blob
 	minSpan int64         // an on-demand request covers at least this much of the blob
 
-	act      *Activity    // on-demand requests of every layer; population yields to them
+	act      *Activity // on-demand requests of every layer; population yields to them
+	metrics  Metrics
 	requests atomic.Int64 // ranged requests made
 	fetched  atomic.Int64 // compressed bytes received
 	lastByte atomic.Int64 // when an on-demand request last received a byte, unix ns
@@ -325,6 +326,7 @@ func (f *fetcher) read(ctx context.Context, s span) ([]byte, error) {
 	rc.Close()
 	f.requests.Add(1)
 	f.fetched.Add(int64(n))
+	f.metrics.Fetched(int64(n), false)
 	if err != nil {
 		return nil, fmt.Errorf("read bytes %d-%d: %w", s.start, s.end-1, err)
 	}

@@ -62,6 +62,8 @@ type Options struct {
 	// Activity, shared by all layers, lets every layer's population yield
 	// to on-demand reads of any layer; nil gives the layer its own.
 	Activity *Activity
+	// Metrics, if set, receives what the layer does.
+	Metrics Metrics
 }
 
 // Capable reports whether desc is a layer lazylayer can serve lazily: an
@@ -158,6 +160,9 @@ func Open(ctx context.Context, ra io.ReaderAt, blob Blob, desc ocispec.Descripto
 	if o.Activity == nil {
 		o.Activity = new(Activity)
 	}
+	if o.Metrics == nil {
+		o.Metrics = noMetrics{}
+	}
 	rec, ix, dec, err := openTOC(ra, desc, tocDigest)
 	if err != nil {
 		return nil, err
@@ -184,6 +189,7 @@ func Open(ctx context.Context, ra io.ReaderAt, blob Blob, desc ocispec.Descripto
 			partial: partial,
 			ix:      ix,
 			act:     o.Activity,
+			metrics: o.Metrics,
 		},
 	}
 	// The footer and TOC are part of the blob: population need not fetch

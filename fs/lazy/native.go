@@ -142,10 +142,11 @@ type countingFS struct {
 	l *Layer
 }
 
-func (c *countingFS) count(op ...any) {
+func (c *countingFS) count(op string, args ...any) {
 	c.l.fuseRequests.Add(1)
+	c.l.f.metrics.FUSERequest(op)
 	if log.GetLevel() >= log.TraceLevel {
-		log.L.WithField("layer", c.l.desc.Digest).Tracef("FUSE request %v", op)
+		log.L.WithField("layer", c.l.desc.Digest).Tracef("FUSE request %s %v", op, args)
 	}
 }
 

@@ -7,6 +7,7 @@ import (
 	"os"
 	"sync"
 	"syscall"
+	"time"
 
 	"github.com/containerd/log"
 	"github.com/hanwen/go-fuse/v2/fs"
@@ -317,7 +318,9 @@ func (h *handle) Read(ctx context.Context, dest []byte, off int64) (fuse.ReadRes
 		}
 		return fuse.ReadResultData(dest[:n]), 0
 	}
+	start := time.Now()
 	n, err := l.f.readAt(ctx, l.ix.fileChunks(e), e.size, dest, off, ahead)
+	l.f.metrics.OnDemandRead(time.Since(start))
 	if err != nil && n == 0 && off < e.size {
 		entry := log.G(ctx).WithError(err).WithFields(log.Fields{
 			"layer": l.f.layer, "file": "/" + h.n.relPath(), "offset": off,

@@ -200,6 +200,7 @@ func (l *Layer) fetchGap(ctx context.Context, g span, limit *rate.Limiter) error
 	buf := make([]byte, g.len())
 	n, err := io.ReadFull(rc, buf)
 	l.popFetched.Add(int64(n))
+	l.f.metrics.Fetched(int64(n), true)
 	if err != nil {
 		return fmt.Errorf("populate bytes %d-%d: %w", g.start, g.end-1, err)
 	}
