@@ -144,3 +144,24 @@ func TestConfigErrors(t *testing.T) {
 		t.Error("a missing config file the user named was accepted")
 	}
 }
+
+// TestShippedConfig: the node configuration shipped in script/deploy (and
+// copied into the DaemonSet's ConfigMap) is one this daemon accepts.
+func TestShippedConfig(t *testing.T) {
+	cfg := defaultConfig()
+	if err := cfg.load("../../script/deploy/config.toml", true); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := cfg.Fetch.parse(); err != nil {
+		t.Error(err)
+	}
+	if _, err := cfg.Lazy.parse(); err != nil {
+		t.Error(err)
+	}
+	if _, err := cfg.CRI.parse(); err != nil {
+		t.Error(err)
+	}
+	if cfg.MetricsAddress == "" || cfg.CRI.Address == "" {
+		t.Errorf("the shipped configuration turns off the metrics endpoint (%q) or the CRI proxy (%q)", cfg.MetricsAddress, cfg.CRI.Address)
+	}
+}
