@@ -223,6 +223,11 @@ func TestCrictlPullSecret(t *testing.T) {
 		_, err := os.Stat(criSock)
 		return err == nil
 	})
+	if fi, err := os.Stat(criSock); err != nil {
+		t.Fatal(err)
+	} else if fi.Mode().Perm() != 0o600 {
+		t.Fatalf("the CRI proxy's socket has mode %v, want 0600 (pull requests carry secrets)", fi.Mode().Perm())
+	}
 	src := push(t, reg.Addr(), "e2e/crictl:gzip", sampleImage("crictl"))
 	img := e.convert(src, "private/crictl:estargz")
 	c := newCrictl(t, dir, e.ctrSock, criSock)
