@@ -40,8 +40,8 @@ type fetcher struct {
 	ix      *index        // for the chunks next to a read's in the blob
 	minSpan int64         // an on-demand request covers at least this much of the blob
 
-	act      *Activity // on-demand requests of every layer; population yields to them
-	metrics  Metrics
+	act      *Activity    // on-demand requests of every layer; population yields to them
+	metrics  Metrics      // told of bytes fetched, for the daemon's metrics endpoint
 	requests atomic.Int64 // ranged requests made
 	fetched  atomic.Int64 // compressed bytes received
 	lastByte atomic.Int64 // when an on-demand request last received a byte, unix ns
