@@ -13,5 +13,7 @@ if [ "$(id -u)" != 0 ]; then
 	exit 1
 fi
 mkdir -p "$TOOLS/bin"
-go build -o "$TOOLS/bin/lazylayer-bench" ./script/bench
+# script/bench is a Go module of its own (its own go.mod), so the peers it
+# builds and its plotting library stay out of lazylayer's dependencies.
+(cd script/bench && go build -o "$TOOLS/bin/lazylayer-bench" .)
 exec "$TOOLS/bin/lazylayer-bench" -top "$TOP" "$@"
