@@ -41,8 +41,8 @@ type Options struct {
 	// RangeSize is the size of one ranged GET in Blob.Stream.
 	RangeSize int64
 	// Concurrency is the number of parallel ranged GETs of one Blob.Stream.
-	// All of a Resolver's streams together hold at most twice as many
-	// ranges (of RangeSize bytes each) in memory.
+	// All of a Resolver's streams together hold at most as many ranges
+	// (of RangeSize bytes each) in memory.
 	Concurrency int
 	// Retries is the number of attempts a request gets on transient errors
 	// (connection errors, stalls, 429, 5xx), so 1 means no retry.
@@ -103,9 +103,10 @@ type Resolver struct {
 }
 
 // streamBuffers is the number of range buffers all of a Resolver's streams
-// share: twice one stream's Concurrency, so a second layer fetched ahead
-// keeps the link busy while the first one's ranges are being unpacked.
-func (o Options) streamBuffers() int { return 2 * o.Concurrency }
+// share: one stream's Concurrency. More bought no speed on loopback or at
+// 100 Mbit/s for a 5-layer image fetched 4 layers at a time, and cost
+// memory (docs/benchmarks.md, the full-fetch path).
+func (o Options) streamBuffers() int { return o.Concurrency }
 
 // hostConfig is the hosts configured for a registry, in order, and the
 // state of the hosts.toml files they came from.

@@ -10,8 +10,8 @@ import (
 
 // Stream returns the whole blob, in order. It fetches up to
 // Options.Concurrency ranges of Options.RangeSize bytes in parallel, into
-// buffers shared by all the Resolver's streams (2*Concurrency of them), so
-// all streams together hold at most about 2*Concurrency*RangeSize bytes;
+// buffers shared by all the Resolver's streams (Concurrency of them), so
+// all streams together hold at most about Concurrency*RangeSize bytes;
 // each range is retried and resumed on its own. If the registry ignores Range (answers 200 with the
 // whole blob), Stream falls back to reading that single reply.
 //

@@ -347,7 +347,7 @@ func TestStreamCloseEarly(t *testing.T) {
 func TestStreamsShareBuffers(t *testing.T) {
 	reg := newRegistry(t)
 	r := NewResolver(testOptions(t))
-	const streams = 6 // × Concurrency 3 ranges wanted, 6 buffers shared
+	const streams = 6 // × Concurrency 3 ranges wanted, 3 buffers shared
 	type blob struct {
 		want []byte
 		b    *Blob
