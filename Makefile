@@ -29,9 +29,13 @@ test: setup lint unit e2e
 lint:
 	@out=$$(gofmt -l $$(git ls-files '*.go')); if [ -n "$$out" ]; then echo "gofmt needed:"; echo "$$out"; exit 1; fi
 	$(GO) vet ./...
+	cd script/bench && $(GO) vet ./...
 
+# script/bench is a module of its own (the peers and the plotting library stay
+# out of the product's dependencies): its unit tests run here too.
 unit:
 	$(GO) test -race -count=1 $$($(GO) list ./... | grep -v /script/e2e)
+	cd script/bench && $(GO) test -race -count=1 ./...
 
 e2e: build
 	$(GO) test -count=1 -timeout 40m -v ./script/e2e/ 2>&1 | tee .tools/e2e.log | grep -E '^(=== RUN|--- |PASS|FAIL|ok|panic)|_test.go:'; exit $${PIPESTATUS[0]}

@@ -44,6 +44,8 @@ type Options struct {
 	// RangeSize is the size of one ranged GET in Blob.Stream.
 	RangeSize int64
 	// Concurrency is the number of parallel ranged GETs of one Blob.Stream.
+	// All of a Resolver's streams together hold at most as many ranges
+	// (of RangeSize bytes each) in memory.
 	Concurrency int
 	// Retries is the number of attempts a request gets on transient errors
 	// (connection errors, stalls, 429, 5xx), so 1 means no retry.
@@ -94,7 +96,20 @@ type Resolver struct {
 
 	mu    sync.Mutex            // guards hosts
 	hosts map[string]hostConfig // registry name → configured hosts
+
+	// bufs holds the buffers every Blob.Stream of this Resolver fetches
+	// ranges into: streamBuffers of them, allocated on first use (nil
+	// until then) and reused, so the memory of all streams together is
+	// bounded, whatever the number of layers fetched at once.
+	bufs    chan []byte
+	streams atomic.Int64 // streams open, to drop the buffers when none is
 }
+
+// streamBuffers is the number of range buffers all of a Resolver's streams
+// share: one stream's Concurrency. More bought no speed on loopback or at
+// 100 Mbit/s for a 5-layer image fetched 4 layers at a time, and cost
+// memory (docs/benchmarks.md, the full-fetch path).
+func (o Options) streamBuffers() int { return o.Concurrency }
 
 // hostConfig is the hosts configured for a registry, in order, and the
 // state of the hosts.toml files they came from.
@@ -118,11 +133,17 @@ func (hc hostConfig) closeIdle() {
 
 // NewResolver returns a Resolver with opts (zero fields take defaults).
 func NewResolver(opts Options) *Resolver {
-	return &Resolver{
-		opts:  opts.withDefaults(),
+	opts = opts.withDefaults()
+	r := &Resolver{
+		opts:  opts,
 		creds: newCredentialStore(opts.DockerConfig, opts.Keyring),
 		hosts: make(map[string]hostConfig),
+		bufs:  make(chan []byte, opts.streamBuffers()),
 	}
+	for range opts.streamBuffers() {
+		r.bufs <- nil
+	}
+	return r
 }
 
 // Stats returns the number of HTTP requests sent to registries and the number

@@ -9,9 +9,10 @@ import (
 )
 
 // Stream returns the whole blob, in order. It fetches up to
-// Options.Concurrency ranges of Options.RangeSize bytes in parallel, so it
-// holds at most about Concurrency*RangeSize bytes; each range is retried and
-// resumed on its own. If the registry ignores Range (answers 200 with the
+// Options.Concurrency ranges of Options.RangeSize bytes in parallel, into
+// buffers shared by all the Resolver's streams (Concurrency of them), so
+// all streams together hold at most about Concurrency*RangeSize bytes;
+// each range is retried and resumed on its own. If the registry ignores Range (answers 200 with the
 // whole blob), Stream falls back to reading that single reply.
 //
 // The reader returns exactly Size bytes then io.EOF. It does not verify the
@@ -32,11 +33,12 @@ func (b *Blob) Stream(ctx context.Context) io.ReadCloser {
 		cancel:   cancel,
 		stopWork: stopWork,
 		parts:    make(chan *part, c),
-		buffers:  make(chan []byte, c),
+		slots:    make(chan struct{}, c),
 	}
 	for range c {
-		s.buffers <- nil // allocated on first use
+		s.slots <- struct{}{}
 	}
+	b.r.streams.Add(1)
 	s.wg.Add(1)
 	go s.produce(work)
 	return s
@@ -51,20 +53,25 @@ type part struct {
 }
 
 // stream is the reader Stream returns. The producer starts a fetcher per part
-// once a buffer is free and queues the part; Read takes parts off the queue in
-// order and gives their buffers back when it has delivered them.
+// once it has a slot (one of Concurrency) and a buffer from the Resolver's
+// shared ones, in blob order, and queues the part; Read takes parts off the
+// queue in order and gives their slots and buffers back when it has delivered
+// them. A stream's oldest part always holds a buffer, so every stream makes
+// progress however many share the buffers; Close gives back the buffers of
+// the parts it did not deliver.
 type stream struct {
 	b        *Blob
 	ctx      context.Context    // canceled by Close
 	cancel   context.CancelFunc // cancels ctx
 	stopWork context.CancelFunc // cancels the producer's and fetchers' context
 	parts    chan *part         // parts started, in blob order; closed by the producer
-	buffers  chan []byte        // free buffers: Concurrency of them in all
+	slots    chan struct{}      // free slots: Concurrency of them in all
 	failed   atomic.Bool        // a fetch failed: start no more parts
 	wg       sync.WaitGroup     // the producer and fetchers
 
 	// Used by Read and Close only.
 	cur   *part        // part being delivered
+	taken *part        // part off the queue, not yet current (its fetch may still run)
 	pos   int          // next byte of cur.buf to deliver
 	off   int64        // bytes delivered
 	whole *rangeReader // the single reply read after the registry ignored Range
@@ -77,20 +84,25 @@ func (s *stream) produce(ctx context.Context) {
 	defer close(s.parts)
 	size, step := s.b.desc.Size, s.b.r.opts.RangeSize
 	for off := int64(0); off < size && !s.failed.Load(); off += step {
+		select {
+		case <-s.slots:
+		case <-ctx.Done():
+			return
+		}
 		var buf []byte
 		select {
-		case buf = <-s.buffers:
+		case buf = <-s.b.r.bufs:
 		case <-ctx.Done():
 			return
 		}
 		end := min(off+step, size)
-		if buf == nil {
+		if int64(cap(buf)) < end-off {
 			buf = make([]byte, min(step, size))
 		}
 		p := &part{off: off, end: end, buf: buf[:end-off], done: make(chan struct{})}
 		s.wg.Add(1)
 		go s.fetch(ctx, p)
-		s.parts <- p // never blocks: at most Concurrency parts hold buffers
+		s.parts <- p // never blocks: at most Concurrency parts hold slots
 	}
 }
 
@@ -121,7 +133,7 @@ func (s *stream) Read(p []byte) (int, error) {
 			return n, nil
 		}
 		if s.cur != nil {
-			s.buffers <- s.cur.buf[:cap(s.cur.buf)]
+			s.release(s.cur)
 			s.cur = nil
 		}
 		if s.off == s.b.desc.Size {
@@ -147,31 +159,80 @@ func (s *stream) next() error {
 		// before the end of the queue.
 		return errors.New("remote: stream ended early")
 	}
+	s.taken = p // its fetch may still write its buffer: Close gives it back
 	select {
 	case <-p.done:
 	case <-s.ctx.Done():
 		return s.ctx.Err()
 	}
+	s.taken = nil
 	switch {
 	case errors.Is(p.err, errRangeIgnored):
+		s.release(p)
 		s.stopWork()
 		s.wg.Wait()
+		s.releaseQueued()
 		s.whole = &rangeReader{b: s.b, ctx: s.ctx, off: s.off, end: s.b.desc.Size}
 		return nil
 	case p.err != nil:
+		s.release(p)
 		return p.err
 	}
 	s.cur, s.pos = p, 0
 	return nil
 }
 
+// release gives p's slot and buffer back. p's fetch has ended.
+func (s *stream) release(p *part) {
+	s.b.r.bufs <- p.buf[:cap(p.buf)]
+	s.slots <- struct{}{}
+}
+
+// releaseQueued releases the parts left in the queue. The producer and
+// the fetchers have returned.
+func (s *stream) releaseQueued() {
+	for p := range s.parts {
+		s.release(p)
+	}
+}
+
 // Close stops every fetch and waits for the stream's goroutines to return.
 func (s *stream) Close() error {
+	if s.err == errClosed {
+		return nil
+	}
 	s.cancel()
 	s.wg.Wait()
 	if s.whole != nil {
 		_ = s.whole.Close()
 	}
+	for _, p := range []*part{s.cur, s.taken} {
+		if p != nil {
+			s.release(p)
+		}
+	}
+	s.cur, s.taken = nil, nil
+	s.releaseQueued()
 	s.err = errClosed
+	if s.b.r.streams.Add(-1) == 0 {
+		s.b.r.dropBuffers()
+	}
 	return nil
+}
+
+// dropBuffers replaces the free buffers with nil, for the garbage collector
+// to take once no stream is open; the next streams allocate them again. A
+// stream opened meanwhile may take a buffer first: then fewer are dropped.
+func (r *Resolver) dropBuffers() {
+	n := 0
+	for range cap(r.bufs) {
+		select {
+		case <-r.bufs:
+			n++
+		default:
+		}
+	}
+	for range n {
+		r.bufs <- nil
+	}
 }

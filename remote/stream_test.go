@@ -339,3 +339,84 @@ func TestStreamCloseEarly(t *testing.T) {
 	r.CloseIdleConnections()
 	noGoroutinesBut(t, ignore)
 }
+
+// TestStreamsShareBuffers reads more streams at once than the Resolver has
+// buffers for all their ranges in flight: each must still deliver its whole
+// blob, and every buffer must be back once they are closed, also after
+// early closes and failures.
+func TestStreamsShareBuffers(t *testing.T) {
+	reg := newRegistry(t)
+	r := NewResolver(testOptions(t))
+	const streams = 6 // × Concurrency 3 ranges wanted, 3 buffers shared
+	type blob struct {
+		want []byte
+		b    *Blob
+	}
+	var blobs []blob
+	for i := range streams {
+		want, desc := reg.addBlob(20*1024 + i*777)
+		b, err := r.Blob(t.Context(), reg.host+"/foo:latest", desc)
+		if err != nil {
+			t.Fatal(err)
+		}
+		blobs = append(blobs, blob{want, b})
+	}
+	errs := make(chan error, streams)
+	for _, bl := range blobs {
+		go func() {
+			s := bl.b.Stream(t.Context())
+			defer s.Close()
+			got, err := io.ReadAll(s)
+			if err == nil && !bytes.Equal(got, bl.want) {
+				err = fmt.Errorf("got %d bytes, want %d (equal prefix %d)", len(got), len(bl.want), commonPrefix(got, bl.want))
+			}
+			errs <- err
+		}()
+	}
+	for range streams {
+		select {
+		case err := <-errs:
+			if err != nil {
+				t.Fatal(err)
+			}
+		case <-time.After(30 * time.Second):
+			t.Fatal("streams sharing the buffers did not finish: stuck waiting for a buffer")
+		}
+	}
+	if n := len(r.bufs); n != cap(r.bufs) {
+		t.Fatalf("%d of %d buffers back after the streams closed", n, cap(r.bufs))
+	}
+
+	// Streams closed early, with ranges in flight or queued.
+	for _, n := range []int64{0, 1, 5000} {
+		s := blobs[0].b.Stream(t.Context())
+		if _, err := io.CopyN(io.Discard, s, n); err != nil {
+			t.Fatal(err)
+		}
+		s.Close()
+		s.Close()
+	}
+	if n := len(r.bufs); n != cap(r.bufs) {
+		t.Fatalf("%d of %d buffers back after early closes", n, cap(r.bufs))
+	}
+
+	// A stream that fails.
+	reg.setMisbehave(func(w http.ResponseWriter, r *http.Request, seen int) bool {
+		http.Error(w, "gone", http.StatusNotFound)
+		return true
+	})
+	s := blobs[1].b.Stream(t.Context())
+	if _, err := io.ReadAll(s); err == nil {
+		t.Fatal("read of a blob the registry lost succeeded")
+	}
+	s.Close()
+	if n := len(r.bufs); n != cap(r.bufs) {
+		t.Fatalf("%d of %d buffers back after a failed stream", n, cap(r.bufs))
+	}
+	// With no stream open, no buffer is kept.
+	for range cap(r.bufs) {
+		if b := <-r.bufs; b != nil {
+			t.Fatalf("a %d-byte buffer kept with no stream open", cap(b))
+		}
+	}
+}

@@ -13,5 +13,11 @@ if [ "$(id -u)" != 0 ]; then
 	exit 1
 fi
 mkdir -p "$TOOLS/bin"
-go build -o "$TOOLS/bin/lazylayer-bench" ./script/bench
+# script/bench is a Go module of its own (its own go.mod), so the peers it
+# builds and its plotting library stay out of lazylayer's dependencies.
+# The peers' daemons (stargz-snapshotter, soci-snapshotter) are wired from
+# their library packages in script/bench/peers/.
+(cd script/bench && go build -o "$TOOLS/bin/lazylayer-bench" . &&
+	go build -o "$TOOLS/bin/lazylayer-bench-stargz" ./peers/stargz &&
+	go build -o "$TOOLS/bin/lazylayer-bench-soci" ./peers/soci)
 exec "$TOOLS/bin/lazylayer-bench" -top "$TOP" "$@"

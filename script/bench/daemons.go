@@ -8,6 +8,7 @@ import (
 	"os"
 	"os/exec"
 	"path/filepath"
+	"slices"
 	"strings"
 	"time"
 )
@@ -20,6 +21,28 @@ type tools struct {
 	snapshotter string // lazylayer-snapshotter
 	cli         string // the lazylayer CLI; "" until it is built
 	ctrConfig   string // script/containerd.toml, the template of containerd's configuration
+	// peers are the other remote snapshotters' daemons by snapshotter
+	// name (stargz, soci), built by script/bench.sh from this module's
+	// peers/ packages beside the bench's binary; a peer's mode needs its
+	// daemon.
+	peers map[string]string
+}
+
+// peerNames are the peer snapshotters, each a containerd proxy plugin of
+// that name served by lazylayer-bench-NAME beside the bench's binary.
+var peerNames = []string{"stargz", "soci"}
+
+// isPeer reports whether snapshotter is a peer's.
+func isPeer(snapshotter string) bool { return slices.Contains(peerNames, snapshotter) }
+
+// snapshotterDaemon names the remote snapshotter daemon of a mode's
+// snapshotter in the samples' Daemons: the peer's, else lazylayer's (idle
+// for overlayfs).
+func snapshotterDaemon(snapshotter string) string {
+	if isPeer(snapshotter) {
+		return snapshotter
+	}
+	return "lazylayer"
 }
 
 func findTools(o options) (tools, error) {
@@ -48,6 +71,23 @@ func findTools(o options) (tools, error) {
 	if cli := filepath.Join(o.top, "bin", "lazylayer"); fileExists(cli) {
 		t.cli = cli
 	}
+	// The peers' daemons are built beside the bench's own binary.
+	self, err := os.Executable()
+	if err != nil {
+		return t, err
+	}
+	t.peers = map[string]string{}
+	for _, m := range o.modes {
+		sn := findMode(m).snapshotter
+		if !isPeer(sn) {
+			continue
+		}
+		p := filepath.Join(filepath.Dir(self), "lazylayer-bench-"+sn)
+		if !fileExists(p) {
+			return t, fmt.Errorf("%s is missing for mode %s: script/bench.sh builds it (cd script/bench && go build -o %s ./peers/%s)", p, m, p, sn)
+		}
+		t.peers[sn] = p
+	}
 	return t, nil
 }
 
@@ -68,6 +108,15 @@ func (t tools) pin(dir string) (tools, error) {
 		}
 		*p = dst
 	}
+	peers := map[string]string{}
+	for name, p := range t.peers {
+		dst := filepath.Join(dir, filepath.Base(p))
+		if err := copyFile(p, dst); err != nil {
+			return t, err
+		}
+		peers[name] = dst
+	}
+	t.peers = peers
 	return t, nil
 }
 
@@ -114,14 +163,17 @@ type stack struct {
 	ctr        ctrClient
 	lazySock   string
 	lazylayer  *proc
+	peer       *proc // a peer snapshotter's daemon, or nil
 	containerd *proc
 }
 
 // startStack starts lazylayer and then containerd with state under dir
 // (which must not exist) and logs named logPrefix-*.log. hostsDir is the
 // hosts.toml directory both use to reach the registry; lazyConfig is
-// lazylayer's configuration file (TOML), "" for the defaults.
-func startStack(ctx context.Context, t tools, dir, logPrefix, hostsDir, lazyConfig string) (_ *stack, err error) {
+// lazylayer's configuration file (TOML), "" for the defaults. peer, if not
+// "", is a peer snapshotter (stargz, soci) started too, with its defaults,
+// and added to containerd's configuration as a proxy plugin of that name.
+func startStack(ctx context.Context, t tools, dir, logPrefix, hostsDir, lazyConfig, peer string) (_ *stack, err error) {
 	if err := os.MkdirAll(dir, 0o700); err != nil {
 		return nil, err
 	}
@@ -155,6 +207,13 @@ func startStack(ctx context.Context, t tools, dir, logPrefix, hostsDir, lazyConf
 	}
 	config := strings.NewReplacer("@ROOT@", filepath.Join(dir, "containerd-root"), "@STATE@", filepath.Join(dir, "containerd-state"),
 		"@ADDRESS@", s.ctr.sock, "@LAZYLAYER@", s.lazySock).Replace(string(tmpl))
+	if peer != "" {
+		sock, err := s.startPeer(ctx, t, peer, logPrefix)
+		if err != nil {
+			return nil, err
+		}
+		config += peerContainerdConfig(peer, sock)
+	}
 	if err := os.WriteFile(cfg, []byte(config), 0o644); err != nil {
 		return nil, err
 	}
@@ -169,6 +228,54 @@ func startStack(ctx context.Context, t tools, dir, logPrefix, hostsDir, lazyConf
 		return nil, err
 	}
 	return s, nil
+}
+
+// peerContainerdConfig is what containerd's configuration adds for a peer:
+// the proxy plugin, with the remote-snapshot labels both peers read, and
+// the transfer service unpacking for it.
+func peerContainerdConfig(peer, sock string) string {
+	return fmt.Sprintf(`
+[proxy_plugins.%[1]s]
+  type = "snapshot"
+  address = %[2]q
+  [proxy_plugins.%[1]s.exports]
+    enable_remote_snapshot_annotations = "true"
+
+[[plugins."io.containerd.transfer.v1.local".unpack_config]]
+  platform = "linux/amd64"
+  snapshotter = %[1]q
+  differ = "walking"
+`, peer, sock)
+}
+
+// startPeer starts the peer snapshotter's daemon with state under s.dir
+// and returns its socket. Its configuration is the default but for what
+// this stack's paths need: soci reads its index from containerd's content
+// store (its default) and must be told where containerd listens.
+func (s *stack) startPeer(ctx context.Context, t tools, peer, logPrefix string) (string, error) {
+	bin, ok := t.peers[peer]
+	if !ok {
+		return "", fmt.Errorf("no daemon for snapshotter %s", peer)
+	}
+	sock := filepath.Join(s.dir, peer+".sock")
+	cfg := filepath.Join(s.dir, peer+".toml")
+	text := "# the defaults\n"
+	if peer == "soci" {
+		text += fmt.Sprintf("[content_store]\n  type = \"containerd\"\n  containerd_address = %q\n", s.ctr.sock)
+	}
+	if err := os.WriteFile(cfg, []byte(text), 0o644); err != nil {
+		return "", err
+	}
+	var err error
+	s.peer, err = startProc(bin, logPrefix+"-"+peer+".log", t.env(),
+		"--root", filepath.Join(s.dir, peer), "--address", sock, "--config", cfg)
+	if err != nil {
+		return "", err
+	}
+	if err := waitUntil(ctx, peer+"'s socket", s.peer, func() bool { return fileExists(sock) }); err != nil {
+		return "", err
+	}
+	return sock, nil
 }
 
 // waitUntil polls ok for up to 30 s while p runs.
@@ -191,7 +298,10 @@ func waitUntil(ctx context.Context, what string, p *proc, ok func() bool) error 
 // usage returns what each daemon consumed so far, by name.
 func (s *stack) usage() (map[string]usage, error) {
 	out := map[string]usage{}
-	for _, p := range []*proc{s.containerd, s.lazylayer} {
+	for _, p := range []*proc{s.containerd, s.lazylayer, s.peer} {
+		if p == nil {
+			continue
+		}
 		u, err := procUsage(p.pid())
 		if err != nil {
 			return nil, err
@@ -205,7 +315,7 @@ func daemonName(p *proc) string {
 	if p.name == "lazylayer-snapshotter" {
 		return "lazylayer"
 	}
-	return p.name
+	return strings.TrimPrefix(p.name, "lazylayer-bench-")
 }
 
 // close stops the containers, containerd, its shims and lazylayer, by PID,
@@ -226,6 +336,9 @@ func (s *stack) close() error {
 	errs = append(errs, killShims(s.ctr.sock))
 	if s.lazylayer != nil {
 		errs = append(errs, s.lazylayer.stop(15*time.Second))
+	}
+	if s.peer != nil {
+		errs = append(errs, s.peer.stop(15*time.Second))
 	}
 	errs = append(errs, unmountUnder(s.dir))
 	if err := os.RemoveAll(s.dir); err != nil {

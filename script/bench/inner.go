@@ -84,6 +84,14 @@ func runInner(ctx context.Context, o options, ns string) error {
 				return err
 			}
 		}
+		if slices.Contains(catalogue(name).modes(o), "soci") {
+			if err := ensureSOCI(ctx, o, regc, catalogue(name), &rec); err != nil {
+				return err
+			}
+			if err := writeJSON(filepath.Join(o.cache, "images", name+".json"), rec); err != nil {
+				return err
+			}
+		}
 		pushed[name] = rec
 	}
 	if o.prepare {
@@ -195,8 +203,11 @@ func (b *bench) loop(ctx context.Context, res *results, sh shaper, regc registry
 func (s sample) line() string {
 	l := fmt.Sprintf("pull %.2fs, first output %.2fs, local %.2fs; %.1f MB in %d requests before the output; others busy %.0f%%",
 		s.Pull, s.ColdStart, s.Local, mb(s.FirstBytes), s.FirstRequests, s.Busy*100)
-	for _, d := range []string{"containerd", "lazylayer"} {
-		u := s.Daemons[d]
+	for _, d := range append([]string{"containerd", "lazylayer"}, peerNames...) {
+		u, ok := s.Daemons[d]
+		if !ok {
+			continue
+		}
 		l += fmt.Sprintf("; %s %.0f MB peak, %.2f CPU s", d, mb(u.PeakRSS), u.CPULocal)
 	}
 	return l

@@ -40,7 +40,7 @@ func newResults(ctx context.Context, o options, t tools, b *bench, conv converte
 			"lazylayer-snapshotter binary": "sha256 " + fileDigest(t.snapshotter),
 		},
 		Fetch:       "lazylayer-snapshotter defaults (docs/configuration.md): 4 MiB ranges, 4 in flight per layer, 3 layers ahead",
-		LocalSignal: b.status.describe(),
+		LocalSignal: b.status.describe() + peerLocalSignal(o.modes),
 	}}
 	r.Meta.Host, _ = os.Hostname()
 	if conv.cli == "" {
@@ -157,7 +157,7 @@ func osPrettyName() string {
 // printSummary writes the medians of every image, profile and mode.
 func printSummary(w io.Writer, r *results) {
 	fmt.Fprintf(w, "\n%-10s %-14s %-18s %4s %22s %22s %14s %14s\n", "image", "profile", "mode", "runs",
-		"cold start s (min-max)", "fully local s (min-max)", "lazylayer MB", "containerd MB")
+		"cold start s (min-max)", "fully local s (min-max)", "snapshotter MB", "containerd MB")
 	for _, p := range r.Profiles {
 		for _, img := range r.Images {
 			for _, m := range r.Modes {
@@ -167,7 +167,7 @@ func printSummary(w io.Writer, r *results) {
 				}
 				cold := field(ss, func(s sample) float64 { return s.ColdStart })
 				local := field(ss, func(s sample) float64 { return s.Local })
-				lz := field(ss, func(s sample) float64 { return mb(s.Daemons["lazylayer"].PeakRSS) })
+				lz := field(ss, func(s sample) float64 { return mb(s.Daemons[snapshotterDaemon(m.Snapshotter)].PeakRSS) })
 				cd := field(ss, func(s sample) float64 { return mb(s.Daemons["containerd"].PeakRSS) })
 				fmt.Fprintf(w, "%-10s %-14s %-18s %4d %22s %22s %14.0f %14.0f\n", img.Name, p.Name, m.Name, len(ss),
 					fmt.Sprintf("%.2f (%.2f-%.2f)", cold.Median, cold.Min, cold.Max),

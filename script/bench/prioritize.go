@@ -57,7 +57,7 @@ func ensurePrioritized(ctx context.Context, o options, t tools, reg registryClie
 // the files lazylayer saw opened, one per line.
 func traceAccessed(ctx context.Context, o options, t tools, reg registryClient, hostsDir string, img benchImage) (_ string, err error) {
 	dir := filepath.Join(o.work, "trace-"+img.name)
-	st, err := startStack(ctx, t, dir, filepath.Join(o.work, "logs", "trace-"+img.name), hostsDir, "")
+	st, err := startStack(ctx, t, dir, filepath.Join(o.work, "logs", "trace-"+img.name), hostsDir, "", "")
 	if err != nil {
 		return "", err
 	}

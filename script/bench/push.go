@@ -42,6 +42,10 @@ type pushedImage struct {
 
 	Prioritized     string // manifest under tagPrioritized
 	PrioritizedFrom string // the Converted it was traced from
+
+	SOCI          string // OCI index under tagSOCI
+	SOCIFrom      string // the Digest it was built from
+	SOCIArtifacts int64  // bytes of its SOCI index manifest and zTOCs
 }
 
 // converter makes the lazily loadable variant of an image with

@@ -313,12 +313,15 @@ func renderColdStart(w *strings.Builder, r *results, p profileInfo) {
 			reqs := field(ss, func(s sample) float64 { return float64(s.FirstRequests) })
 			all := field(ss, func(s sample) float64 { return float64(s.LocalBytes) })
 			size := img.Size
-			if m.Tag != tagGzip && img.ConvertedSize > 0 {
+			if (m.Tag == tagConverted || m.Tag == tagPrioritized) && img.ConvertedSize > 0 {
 				size = img.ConvertedSize
 			}
 			localText, localTimes := secs(local), times(local.Median, baseLocal.Median, m.Name)
 			if m.Held {
 				localText, localTimes = "held", ""
+			}
+			if n := countLocalFrom(ss, "never"); n > 0 {
+				localText += fmt.Sprintf(", %d of %d never", n, len(ss))
 			}
 			fmt.Fprintf(w, "| %s | %s | %s | %s | %.1f MB | %.0f | %s | %s | %.1f MB (%.1f%%) |\n", img.Name, m.Name, secs(cold),
 				times(cold.Median, baseCold.Median, m.Name), bytes.Median, reqs.Median, localText, localTimes,
@@ -330,7 +333,9 @@ func renderColdStart(w *strings.Builder, r *results, p profileInfo) {
 
 func renderDaemons(w *strings.Builder, r *results) {
 	w.WriteString("### Daemons\n\nPeak RSS (VmHWM, each daemon started afresh for every run) and CPU seconds from the pull's start until the image was fully local: median (min–max).\n\n")
-	w.WriteString("| image | profile | mode | containerd RSS | lazylayer RSS | containerd CPU | lazylayer CPU |\n|---|---|---|---|---|---|---|\n")
+	w.WriteString("The snapshotter is the mode's remote snapshotter daemon: stargz-snapshotter's or soci-snapshotter's in their modes, " +
+		"lazylayer's in the others (idle in overlayfs').\n\n")
+	w.WriteString("| image | profile | mode | containerd RSS | snapshotter RSS | containerd CPU | snapshotter CPU |\n|---|---|---|---|---|---|---|\n")
 	for _, img := range r.Images {
 		for _, p := range orderedProfiles(r) {
 			for _, m := range r.Modes {
@@ -340,9 +345,10 @@ func renderDaemons(w *strings.Builder, r *results) {
 				}
 				rss := func(d string) stat { return field(ss, func(s sample) float64 { return mb(s.Daemons[d].PeakRSS) }) }
 				cpu := func(d string) stat { return field(ss, func(s sample) float64 { return s.Daemons[d].CPULocal }) }
+				sn := snapshotterDaemon(m.Snapshotter)
 				fmt.Fprintf(w, "| %s | %s | %s | %s | %s | %s | %s |\n", img.Name, p.Name, m.Name,
-					rangeOf(rss("containerd"), "%.0f MB"), rangeOf(rss("lazylayer"), "%.0f MB"),
-					rangeOf(cpu("containerd"), "%.2f s"), rangeOf(cpu("lazylayer"), "%.2f s"))
+					rangeOf(rss("containerd"), "%.0f MB"), rangeOf(rss(sn), "%.0f MB"),
+					rangeOf(cpu("containerd"), "%.2f s"), rangeOf(cpu(sn), "%.2f s"))
 			}
 		}
 	}
@@ -444,4 +450,15 @@ func oneLine(s string) string {
 		s = s[:300] + "…"
 	}
 	return strings.ReplaceAll(s, "`", "'")
+}
+
+// countLocalFrom counts the samples whose LocalFrom is from.
+func countLocalFrom(ss []sample, from string) int {
+	n := 0
+	for _, s := range ss {
+		if s.LocalFrom == from {
+			n++
+		}
+	}
+	return n
 }

@@ -75,6 +75,10 @@ func allModes() []mode {
 			about: "lazylayer, the image converted by `lazylayer convert` (eStargz): layers mounted lazily"},
 		{name: "lazylayer-prioritized", snapshotter: "lazylayer", tag: tagPrioritized,
 			about: "lazylayer, converted again with `--prioritize` the files a first run opened (`lazylayer status --accessed`): they arrive right after the mount"},
+		{name: "stargz", snapshotter: "stargz", tag: tagConverted,
+			about: "stargz-snapshotter " + stargzVersion + " (its daemon wired from its library, default configuration), the same eStargz image as lazylayer-estargz: layers mounted lazily"},
+		{name: "soci", snapshotter: "soci", tag: tagSOCI,
+			about: "soci-snapshotter " + sociVersion + " (its daemon wired from its library, default configuration), the gzip image with a SOCI index (manifest v2) built by its library: layers mounted lazily"},
 		{name: "lazylayer-held", snapshotter: "lazylayer", tag: tagConverted, held: true,
 			about: "lazylayer, the converted image with population held (`lazy.populate = \"manual\"`): the container started lazily is measured while every layer is lazy, " +
 				"then population is released as `lazylayer populate --all --wait` does and it is measured again once every layer is local; " +
@@ -159,7 +163,11 @@ func (b *bench) measure(ctx context.Context, img benchImage, prof profile, m mod
 	if m.held {
 		lazyCfg = heldConfig
 	}
-	st, err := startStack(ctx, b.tools, filepath.Join(b.o.work, "state"), logPrefix, b.hosts, lazyCfg)
+	peer := ""
+	if isPeer(m.snapshotter) {
+		peer = m.snapshotter
+	}
+	st, err := startStack(ctx, b.tools, filepath.Join(b.o.work, "state"), logPrefix, b.hosts, lazyCfg, peer)
 	if err != nil {
 		return s, err
 	}
@@ -255,7 +263,7 @@ func (b *bench) coldStart(ctx context.Context, st *stack, img benchImage, m mode
 			return cold, err
 		}
 	}
-	tLocal, from, err := b.waitLocal(ctx, st, m, img, tPull)
+	tLocal, from, err := b.waitLocal(ctx, st, m, img, tPull, served)
 	if err != nil {
 		return cold, err
 	}
@@ -265,9 +273,14 @@ func (b *bench) coldStart(ctx context.Context, st *stack, img benchImage, m mode
 }
 
 // waitLocal returns when the image became fully local and how that was
-// known: for lazylayer from `lazylayer status` when the CLI has it, else
-// (and for overlayfs) when the pull ended.
-func (b *bench) waitLocal(ctx context.Context, st *stack, m mode, img benchImage, pulled time.Time) (time.Time, string, error) {
+// known: for lazylayer from `lazylayer status` when the CLI has it, for a
+// peer when the registry side had sent (served) as many bytes as the
+// image's layers and the peer's artifacts hold, else (and for overlayfs)
+// when the pull ended.
+func (b *bench) waitLocal(ctx context.Context, st *stack, m mode, img benchImage, pulled time.Time, served func() (int64, int64)) (time.Time, string, error) {
+	if isPeer(m.snapshotter) {
+		return b.waitPeerLocal(ctx, m, img, served)
+	}
 	if m.snapshotter != "lazylayer" || !b.status.available() {
 		return pulled, "pull", nil
 	}
@@ -288,6 +301,45 @@ func (b *bench) waitLocal(ctx context.Context, st *stack, m mode, img benchImage
 		select {
 		case <-ctx.Done():
 			return time.Time{}, "", fmt.Errorf("waiting for the image to be local: %w", ctx.Err())
+		case <-time.After(100 * time.Millisecond):
+		}
+	}
+}
+
+// peerIdle is how long a peer may send nothing before the bench stops
+// waiting for its image to turn local: soci's background fetch starts after
+// 30 s of silence (background_fetch.silence_period_msec, its default).
+const peerIdle = 60 * time.Second
+
+// waitPeerLocal waits until the registry side has sent at least the bytes
+// of the image's layers (plus, for soci, its SOCI index and zTOCs) since
+// the pull began: the peers report no per-layer state, and each fetches
+// every layer in the background by default. A byte fetched twice counts
+// twice, so this can be early by what was fetched twice, never late. If
+// nothing more arrives for peerIdle, the peer never turns the image local
+// by itself; the result says so ("never").
+func (b *bench) waitPeerLocal(ctx context.Context, m mode, img benchImage, served func() (int64, int64)) (time.Time, string, error) {
+	rec := b.images[img.name]
+	want := rec.ConvertedSize
+	if m.tag == tagSOCI {
+		want = rec.Size + rec.SOCIArtifacts
+	}
+	ctx, cancel := context.WithTimeout(ctx, pullTimeout)
+	defer cancel()
+	last, lastAt := int64(-1), time.Now()
+	for {
+		got, _ := served()
+		if got >= want {
+			return time.Now(), "bytes", nil
+		}
+		if got != last {
+			last, lastAt = got, time.Now()
+		} else if time.Since(lastAt) > peerIdle {
+			return lastAt, "never", nil
+		}
+		select {
+		case <-ctx.Done():
+			return time.Time{}, "", fmt.Errorf("waiting for %s to fetch the image (%d of %d bytes): %w", m.name, got, want, ctx.Err())
 		case <-time.After(100 * time.Millisecond):
 		}
 	}
