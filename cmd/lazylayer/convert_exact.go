@@ -18,9 +18,7 @@ import (
 // exactTar decompresses the source layer in (size bytes) into a file in
 // dir and returns the tar that Build is to convert: the source's entries,
 // byte for byte, then the exact record (lazy.ExactName) of what a TOC
-// cannot say of them, last so that it lands right before the TOC. The
-// record is nil when the TOC says everything exactly; the tar is then the
-// source's.
+// cannot say of them, last so that it lands right before the TOC.
 func exactTar(in *os.File, size int64, dir string) (*io.SectionReader, []byte, error) {
 	ds, err := compression.DecompressStream(io.NewSectionReader(in, 0, size))
 	if err != nil {
@@ -38,11 +36,8 @@ func exactTar(in *os.File, size int64, dir string) (*io.SectionReader, []byte, e
 		return nil, nil, fmt.Errorf("decompress: %w", err)
 	}
 	end, record, err := recordTar(io.NewSectionReader(f, 0, n))
-	if err != nil || record == nil {
-		if err != nil {
-			err = fmt.Errorf("exact record: %w", err)
-		}
-		return io.NewSectionReader(f, 0, n), nil, err
+	if err != nil {
+		return nil, nil, fmt.Errorf("exact record: %w", err)
 	}
 	var tail bytes.Buffer
 	tw := tar.NewWriter(&tail)

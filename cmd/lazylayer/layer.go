@@ -149,8 +149,8 @@ func (c *converter) fetchLayer(ctx context.Context, src ocispec.Descriptor, dir 
 }
 
 // build rebuilds the layer blob in (size bytes, any compression) in the
-// target format, into a file in dir returned at offset 0. The layer gets
-// an exact record (see exactTar) when its TOC cannot say everything.
+// target format, into a file in dir returned at offset 0, with its exact
+// record (see exactTar).
 func (c *converter) build(ctx context.Context, in *os.File, size int64, dir string) (*os.File, convertedLayer, error) {
 	var missed []string
 	opts := []estargz.Option{
@@ -214,14 +214,12 @@ func (c *converter) build(ctx context.Context, in *os.File, size int64, dir stri
 			estargz.StoreUncompressedSizeAnnotation: strconv.FormatInt(usize, 10),
 		},
 	}
-	if record != nil {
-		off, err := c.exactOffset(out, n)
-		if err != nil {
-			out.Close()
-			return nil, convertedLayer{}, fmt.Errorf("build %s: %w", c.formatName(), err)
-		}
-		maps.Copy(l.annotations, lazy.ExactAnnotations(record, off))
+	off, err := c.exactOffset(out, n)
+	if err != nil {
+		out.Close()
+		return nil, convertedLayer{}, fmt.Errorf("build %s: %w", c.formatName(), err)
 	}
+	maps.Copy(l.annotations, lazy.ExactAnnotations(record, off))
 	if c.zstdChunked {
 		l.mediaType = ocispec.MediaTypeImageLayerZstd
 		for _, k := range []string{zstdchunked.ManifestChecksumAnnotation, zstdchunked.ManifestPositionAnnotation} {

@@ -110,16 +110,16 @@ func (x *ExactRecorder) Add(hdr *tar.Header) {
 	}
 }
 
-// Record returns the record (JSON) of the entries added, or nil when the
-// TOC says everything exactly.
+// Record returns the record (JSON) of the entries added. A layer whose TOC
+// says everything exactly gets a record without entries: it says so.
 func (x *ExactRecorder) Record() ([]byte, error) {
 	if x.err != nil {
 		return nil, x.err
 	}
-	if len(x.rec.Entries) == 0 {
-		return nil, nil
-	}
 	x.rec.Version = exactVersion
+	if x.rec.Entries == nil {
+		x.rec.Entries = []exactEntry{}
+	}
 	return json.Marshal(x.rec)
 }
 
