@@ -1,9 +1,12 @@
 package e2e
 
 import (
+	"encoding/base64"
+	"os"
 	"os/exec"
 	"strings"
 	"testing"
+	"time"
 
 	"github.com/opencontainers/go-digest"
 	ocispec "github.com/opencontainers/image-spec/specs-go/v1"
@@ -99,4 +102,83 @@ func TestExactRecordRefused(t *testing.T) {
 	lazyView := e.mountView("lazylayer", "exactbad-lazy", bad.chainID(t))
 	overlayView := e.mountView("overlayfs", "exactbad-ref", src.chainID(t))
 	compareTrees(t, lazyView, overlayView, asTOCRecords)
+}
+
+// TestExactPyc: a Python module whose source has a sub-second mtime, with
+// the .pyc compiled for it, imported in a container started lazily (every
+// layer lazy, population held): Python finds the .pyc fresh and uses it,
+// and writes nothing to the container's upper directory. With the TOC's
+// rounded mtime it would find it stale (the .pyc holds the whole second).
+func TestExactPyc(t *testing.T) {
+	reg, _ := startRegistry(t)
+	e := newEnv(t, reg.Addr(), reg.Addr(), manualPopulation)
+	base := pythonTestImage(t)
+	basePushed := push(t, reg.Addr(), "e2e/pycbase:gzip", base)
+	if out, err := e.pull("overlayfs", basePushed.ref); err != nil {
+		t.Fatalf("pull %s: %v\n%s", basePushed.ref, err, out)
+	}
+	// The .pyc, compiled by the image's own python for a source whose
+	// mtime is 1700000000.7 (0.7 s rounds up: a TOC says ...001).
+	out := e.ctr("run", "--rm", "--snapshotter", "overlayfs", basePushed.ref, "pyc-compile", "sh", "-c",
+		`set -e; mkdir -p /t; printf 'VALUE = 42\n' > /t/mod.py; touch -d @1700000000.7 /t/mod.py
+python3 -c 'import sys, py_compile; print(sys.implementation.cache_tag); py_compile.compile("/t/mod.py", cfile="/t/mod.pyc", dfile="/app/mod.py")'
+base64 -w0 /t/mod.pyc`)
+	tag, b64, ok := strings.Cut(out, "\n")
+	pyc, err := base64.StdEncoding.DecodeString(strings.TrimSpace(b64))
+	if !ok || err != nil || len(pyc) < 16 {
+		t.Fatalf("compiling the module printed %q: %v", out, err)
+	}
+	mtime := time.Unix(1700000000, 700000000)
+	base.Layers = append(base.Layers, testimage.Layer{Compression: testimage.Gzip, Entries: []testimage.Entry{
+		{Name: "app/", Type: testimage.TypeDir, Mode: 0o755, ModTime: mtime},
+		{Name: "app/mod.py", Type: testimage.TypeReg, Mode: 0o644, ModTime: mtime, Content: []byte("VALUE = 42\n")},
+		{Name: "app/__pycache__/", Type: testimage.TypeDir, Mode: 0o755, ModTime: mtime},
+		{Name: "app/__pycache__/mod." + tag + ".pyc", Type: testimage.TypeReg, Mode: 0o644, ModTime: mtime, Content: pyc},
+	}})
+	src := push(t, reg.Addr(), "e2e/pyc:gzip", base)
+	img := e.convert(src, "e2e/pyc:estargz")
+	if out, err := e.pull("lazylayer", img.ref); err != nil {
+		t.Fatalf("pull: %v\n%s", err, out)
+	}
+	for _, l := range e.imageLayers(img) {
+		if l.State != "lazy" || l.View != lazy.ViewExact {
+			t.Errorf("layer %s is %s with view %q, want lazy and exact", l.Digest, l.State, l.View)
+		}
+	}
+	out = e.ctr("run", "--snapshotter", "lazylayer", img.ref, "pyc-lazy", "sh", "-c",
+		`python3 -v -c 'import sys; sys.path.insert(0, "/app"); import mod; print("value", mod.VALUE)' 2>&1`)
+	t.Cleanup(func() { e.ctrOut("containers", "rm", "pyc-lazy") })
+	if !strings.Contains(out, "value 42") {
+		t.Fatalf("python printed:\n%s", out)
+	}
+	if want := "code object from '/app/__pycache__/mod." + tag + ".pyc'"; !strings.Contains(out, want) || strings.Contains(out, "bytecode is stale for 'mod'") {
+		t.Errorf("python did not use the .pyc (want %q, no \"stale\"):\n%s", want, grepLines(out, "mod"))
+	}
+	// Nothing written to the container's upper directory.
+	mounts := e.ctr("snapshots", "--snapshotter", "lazylayer", "mounts", "/x", "pyc-lazy")
+	i := strings.Index(mounts, "upperdir=")
+	if i < 0 {
+		t.Fatalf("no upperdir in the container's mounts: %s", mounts)
+	}
+	upper, _, _ := strings.Cut(mounts[i+len("upperdir="):], ",")
+	if ents, err := os.ReadDir(upper); err != nil {
+		t.Fatalf("read upper directory %s: %v", upper, err)
+	} else if len(ents) > 0 {
+		var names []string
+		for _, e := range ents {
+			names = append(names, e.Name())
+		}
+		t.Errorf("the container wrote to its upper directory: %v", names)
+	}
+}
+
+// grepLines returns the lines of s that contain sub.
+func grepLines(s, sub string) string {
+	var out []string
+	for _, l := range strings.Split(s, "\n") {
+		if strings.Contains(l, sub) {
+			out = append(out, l)
+		}
+	}
+	return strings.Join(out, "\n")
 }
