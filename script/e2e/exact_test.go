@@ -4,6 +4,7 @@ import (
 	"encoding/base64"
 	"os"
 	"os/exec"
+	"regexp"
 	"strings"
 	"testing"
 	"time"
@@ -156,11 +157,16 @@ base64 -w0 /t/mod.pyc`)
 	}
 	// Nothing written to the container's upper directory.
 	mounts := e.ctr("snapshots", "--snapshotter", "lazylayer", "mounts", "/x", "pyc-lazy")
-	i := strings.Index(mounts, "upperdir=")
-	if i < 0 {
-		t.Fatalf("no upperdir in the container's mounts: %s", mounts)
+	var upper string
+	if i := strings.Index(mounts, "upperdir="); i >= 0 {
+		upper, _, _ = strings.Cut(mounts[i+len("upperdir="):], ",")
+	} else if m := regexp.MustCompile(`(/\S+/snapshots/[0-9]+/merged) `).FindStringSubmatch(mounts); m != nil {
+		// The snapshot's overlay, mounted by lazylayer: its options are
+		// in mountinfo.
+		upper = overlayUpper(t, m[1])
+	} else {
+		t.Fatalf("no upper directory in the container's mounts: %s", mounts)
 	}
-	upper, _, _ := strings.Cut(mounts[i+len("upperdir="):], ",")
 	if ents, err := os.ReadDir(upper); err != nil {
 		t.Fatalf("read upper directory %s: %v", upper, err)
 	} else if len(ents) > 0 {
@@ -181,4 +187,23 @@ func grepLines(s, sub string) string {
 		}
 	}
 	return strings.Join(out, "\n")
+}
+
+// overlayUpper returns the upper directory of the overlay mounted at mp.
+func overlayUpper(t *testing.T, mp string) string {
+	t.Helper()
+	b, err := os.ReadFile("/proc/self/mountinfo")
+	if err != nil {
+		t.Fatal(err)
+	}
+	for _, line := range strings.Split(string(b), "\n") {
+		if f := strings.Fields(line); len(f) > 4 && f[4] == mp {
+			if i := strings.Index(line, "upperdir="); i >= 0 {
+				upper, _, _ := strings.Cut(line[i+len("upperdir="):], ",")
+				return strings.Fields(upper)[0]
+			}
+		}
+	}
+	t.Fatalf("no overlay with an upper directory mounted at %s", mp)
+	return ""
 }
