@@ -38,7 +38,10 @@ const convertDescription = `Convert reads the image SRC (a manifest or an index,
 registry.example.com/app:1.0) from its registry, rebuilds each layer as eStargz
 (or zstd:chunked) so that lazylayer can pull it lazily, and pushes the result as
 DST (e.g. registry.example.com/app:1.0-esgz). Everything else about the image is
-kept. Progress goes to stderr; the last line on stdout is DST@<digest>.
+kept. Each layer carries an exact record (.lazylayer.exact.json, right
+before its TOC) of the names and sub-second mtimes a TOC cannot say, so that
+a lazy view equals the extracted tree. Progress goes to stderr; the last
+line on stdout is DST@<digest>.
 
 Registry hosts, mirrors and TLS come from the hosts.toml directory, credentials
 from docker's config.json ($DOCKER_CONFIG or ~/.docker). Layers are staged in

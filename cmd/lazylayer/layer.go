@@ -15,6 +15,8 @@ import (
 	"github.com/klauspost/compress/zstd"
 	"github.com/opencontainers/go-digest"
 	ocispec "github.com/opencontainers/image-spec/specs-go/v1"
+
+	"github.com/lazylayer/lazylayer/fs/lazy"
 )
 
 // formatAnnotations returns the layer annotations a conversion sets; a
@@ -25,6 +27,8 @@ func formatAnnotations() []string {
 		estargz.StoreUncompressedSizeAnnotation,
 		zstdchunked.ManifestChecksumAnnotation,
 		zstdchunked.ManifestPositionAnnotation,
+		lazy.ExactDigestAnnotation,
+		lazy.ExactOffsetAnnotation,
 	}
 }
 
@@ -145,7 +149,8 @@ func (c *converter) fetchLayer(ctx context.Context, src ocispec.Descriptor, dir 
 }
 
 // build rebuilds the layer blob in (size bytes, any compression) in the
-// target format, into a file in dir returned at offset 0.
+// target format, into a file in dir returned at offset 0, with its exact
+// record (see exactTar).
 func (c *converter) build(ctx context.Context, in *os.File, size int64, dir string) (*os.File, convertedLayer, error) {
 	var missed []string
 	opts := []estargz.Option{
@@ -167,7 +172,11 @@ func (c *converter) build(ctx context.Context, in *os.File, size int64, dir stri
 			Compressor:   &zstdchunked.Compressor{CompressionLevel: zstd.SpeedDefault, Metadata: zstdMetadata},
 		}))
 	}
-	blob, err := estargz.Build(io.NewSectionReader(in, 0, size), opts...)
+	src, record, err := exactTar(in, size, dir)
+	if err != nil {
+		return nil, convertedLayer{}, err
+	}
+	blob, err := estargz.Build(src, opts...)
 	if err != nil {
 		return nil, convertedLayer{}, fmt.Errorf("build %s: %w", c.formatName(), err)
 	}
@@ -205,6 +214,12 @@ func (c *converter) build(ctx context.Context, in *os.File, size int64, dir stri
 			estargz.StoreUncompressedSizeAnnotation: strconv.FormatInt(usize, 10),
 		},
 	}
+	off, err := c.exactOffset(out, n)
+	if err != nil {
+		out.Close()
+		return nil, convertedLayer{}, fmt.Errorf("build %s: %w", c.formatName(), err)
+	}
+	maps.Copy(l.annotations, lazy.ExactAnnotations(record, off))
 	if c.zstdChunked {
 		l.mediaType = ocispec.MediaTypeImageLayerZstd
 		for _, k := range []string{zstdchunked.ManifestChecksumAnnotation, zstdchunked.ManifestPositionAnnotation} {

@@ -10,6 +10,7 @@ import (
 	"github.com/opencontainers/go-digest"
 
 	"github.com/lazylayer/lazylayer/fs/layer/layerstatus"
+	"github.com/lazylayer/lazylayer/fs/lazy"
 )
 
 // defaultAddress is the daemon's default snapshot API socket.
@@ -81,6 +82,9 @@ func (c *cli) status(ctx context.Context, args []string) error {
 	for _, l := range layers {
 		if l.Error != "" {
 			fmt.Fprintf(c.stdout, "%s: %s\n", shortDigest(digest.Digest(l.Digest)), l.Error)
+		}
+		if l.View != "" && l.View != lazy.ViewExact && l.State != layerstatus.StateLocal {
+			fmt.Fprintf(c.stdout, "%s: lazy view is %s\n", shortDigest(digest.Digest(l.Digest)), l.View)
 		}
 	}
 	if sg := report.Staging; sg.Layers > 0 {

@@ -14,6 +14,7 @@ import (
 	ocispec "github.com/opencontainers/image-spec/specs-go/v1"
 
 	"github.com/lazylayer/lazylayer/fs/extract"
+	"github.com/lazylayer/lazylayer/fs/lazy"
 )
 
 // This file schedules full fetches: a layer containerd asks for is fetched
@@ -201,7 +202,13 @@ func (m *Manager) extract(ctx context.Context, ref string, desc ocispec.Descript
 		return extract.Result{}, classify(err)
 	}
 	defer rc.Close()
-	res, err := extract.Layer(ctx, rc, dir, extract.Options{Digest: desc.Digest, Size: desc.Size, Parents: parents})
+	opts := extract.Options{Digest: desc.Digest, Size: desc.Size, Parents: parents}
+	if _, ok := lazy.Capable(desc); ok {
+		// An eStargz or zstd:chunked layer fetched in full: its format
+		// entries are no more part of the image than when it is lazy.
+		opts.HideRoot = lazy.FormatNames()
+	}
+	res, err := extract.Layer(ctx, rc, dir, opts)
 	return res, classify(err)
 }
 

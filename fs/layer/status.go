@@ -35,6 +35,7 @@ func (m *Manager) Stat(dir string, st *layerstatus.Layer, accessed bool) {
 	st.FUSERequests = s.FUSERequests
 	st.FUSEBound = s.Bound
 	st.Entries = ll.layer.Entries()
+	st.View = ll.layer.View()
 	ll.mu.Lock()
 	st.HeldBack = !ll.released && m.cfg.Policy == PolicyManual
 	if ll.err != nil {

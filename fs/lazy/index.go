@@ -3,6 +3,7 @@ package lazy
 import (
 	"encoding/hex"
 	"fmt"
+	"path"
 	"sort"
 	"strings"
 	"syscall"
@@ -15,12 +16,15 @@ import (
 	"github.com/lazylayer/lazylayer/fs/meta"
 )
 
-// Names eStargz adds to a layer for its own use; they are not part of the
-// image's file system and are hidden.
-var metadataNames = map[string]bool{
-	estargz.PrefetchLandmark:   true,
-	estargz.NoPrefetchLandmark: true,
-	estargz.TOCTarName:         true,
+// isFormatName reports whether base, at a layer's root, is one of
+// FormatNames: not part of the image's file system, so hidden.
+func isFormatName(base string) bool {
+	for _, n := range FormatNames() {
+		if base == n {
+			return true
+		}
+	}
+	return false
 }
 
 const (
@@ -46,6 +50,9 @@ type index struct {
 	// byOffset lists chunks in blob order (indices into chunks), to find
 	// a chunk's neighbours in the blob.
 	byOffset []uint32
+
+	// view says whether the view is exact (see Layer.View).
+	view string
 
 	// prefetchEnd is the blob offset where the files eStargz prioritized
 	// end (the prefetch landmark); 0 when the layer has no landmark.
@@ -115,15 +122,19 @@ func (ix *index) lookup(e *entry, name string) (uint32, bool) {
 //
 // Hard-linked files take the attributes links reports; it is called only
 // when the layer has hard links, since it parses the TOC again.
-func buildIndex(r *estargz.Reader, links func() (map[string]*linkAttrs, error)) (*index, error) {
+//
+// exact, when not nil, is the layer's verified exact record: names, link
+// targets and mtimes are taken from it where the TOC cannot say them.
+func buildIndex(r *estargz.Reader, exact map[string]*exactInfo, links func() (map[string]*linkAttrs, error)) (*index, error) {
 	root, ok := r.Lookup("")
 	if !ok {
 		return nil, fmt.Errorf("TOC has no root directory")
 	}
 	b := &builder{
-		r:    r,
-		ix:   &index{links: map[uint32]string{}, rdevs: map[uint32]uint32{}, xattrs: map[uint32]map[string][]byte{}, opaque: map[uint32]bool{}},
-		seen: map[*estargz.TOCEntry]uint32{},
+		r:     r,
+		exact: exact,
+		ix:    &index{links: map[uint32]string{}, rdevs: map[uint32]uint32{}, xattrs: map[uint32]map[string][]byte{}, opaque: map[uint32]bool{}},
+		seen:  map[*estargz.TOCEntry]uint32{},
 	}
 	if lm, ok := r.Lookup(estargz.PrefetchLandmark); ok {
 		b.ix.prefetchEnd = lm.Offset
@@ -153,7 +164,10 @@ func buildIndex(r *estargz.Reader, links func() (map[string]*linkAttrs, error)) 
 			e := &b.ix.entries[n]
 			e.mode = e.mode&syscall.S_IFMT | uint32(a.mode&0o777) | modeBits(a.mode)
 			e.uid, e.gid, e.mtime = uint32(a.uid), uint32(a.gid), unixNano(a.mtime)
-			if xa := imageXattrs(a.xattrs); len(xa) > 0 {
+			if x := b.exact[name]; x != nil && x.mtime != 0 {
+				e.mtime = x.mtime
+			}
+			if xa := imageXattrs(a.xattrs, true); len(xa) > 0 {
 				b.ix.xattrs[n] = xa
 			} else {
 				delete(b.ix.xattrs, n)
@@ -165,6 +179,7 @@ func buildIndex(r *estargz.Reader, links func() (map[string]*linkAttrs, error)) 
 
 type builder struct {
 	r      *estargz.Reader
+	exact  map[string]*exactInfo // the verified exact record, by TOC name; nil without
 	ix     *index
 	seen   map[*estargz.TOCEntry]uint32 // hard links: TOC entry → entry number
 	linked map[uint32]string            // hard-linked entries → their first name
@@ -177,7 +192,7 @@ func (b *builder) fill(n uint32, te *estargz.TOCEntry) error {
 		gid:   uint32(te.GID),
 		nlink: b.ix.entries[n].nlink, // counted by dir for hard links
 		size:  te.Size,
-		mtime: unixNano(te.ModTime()),
+		mtime: b.mtime(te),
 	}
 	perm := uint32(te.Mode&0o777) | modeBits(te.Mode)
 	switch te.Type {
@@ -188,8 +203,12 @@ func (b *builder) fill(n uint32, te *estargz.TOCEntry) error {
 		e.mode = syscall.S_IFREG | perm
 	case "symlink":
 		e.mode = syscall.S_IFLNK | 0o777
-		e.size = int64(len(te.LinkName))
-		b.ix.links[n] = te.LinkName
+		target := te.LinkName
+		if x := b.exact[te.Name]; x != nil && x.link != "" {
+			target = x.link
+		}
+		e.size = int64(len(target))
+		b.ix.links[n] = target
 	case "char", "block":
 		e.mode = syscall.S_IFCHR | perm
 		if te.Type == "block" {
@@ -201,7 +220,7 @@ func (b *builder) fill(n uint32, te *estargz.TOCEntry) error {
 	default:
 		return fmt.Errorf("TOC entry %q: unsupported type %q", te.Name, te.Type)
 	}
-	if xa := imageXattrs(te.Xattrs); len(xa) > 0 {
+	if xa := imageXattrs(te.Xattrs, te.Type == "reg" || te.Type == "dir"); len(xa) > 0 {
 		b.ix.xattrs[n] = xa
 	}
 	if te.Type == "reg" {
@@ -226,8 +245,13 @@ func (b *builder) dir(n uint32, te *estargz.TOCEntry) error {
 	var kids []kid
 	var err error
 	te.ForeachChild(func(base string, c *estargz.TOCEntry) bool {
+		if n == 0 && isFormatName(base) {
+			return true
+		}
+		if x := b.exact[path.Join(te.Name, base)]; x != nil && x.name != "" {
+			base = x.name
+		}
 		switch {
-		case n == 0 && metadataNames[base]:
 		case base == opaqueMarker:
 			xa := map[string][]byte{}
 			for k, v := range b.ix.xattrs[n] {
@@ -249,12 +273,25 @@ func (b *builder) dir(n uint32, te *estargz.TOCEntry) error {
 	if err != nil {
 		return err
 	}
-	sort.Slice(kids, func(i, j int) bool { return kids[i].name < kids[j].name })
-	for i := 1; i < len(kids); i++ {
-		if kids[i].name == kids[i-1].name {
-			return fmt.Errorf("TOC directory %q: %q appears twice", te.Name, kids[i].name)
+	// A name that is both whited out and created in this layer is the
+	// created entry: extraction (containerd's too) fails on a whiteout of
+	// a name the layer made before, so the whiteout came first and the
+	// last entry wins.
+	sort.Slice(kids, func(i, j int) bool {
+		if kids[i].name != kids[j].name {
+			return kids[i].name < kids[j].name
 		}
+		return kids[i].wh && !kids[j].wh
+	})
+	w := 0
+	for i := range kids {
+		if i+1 < len(kids) && kids[i+1].name == kids[i].name {
+			continue
+		}
+		kids[w] = kids[i]
+		w++
 	}
+	kids = kids[:w]
 
 	first := uint32(len(b.ix.children))
 	numbers := make([]uint32, len(kids))
@@ -262,7 +299,7 @@ func (b *builder) dir(n uint32, te *estargz.TOCEntry) error {
 	for i, k := range kids {
 		if k.wh {
 			numbers[i] = b.add(entry{mode: syscall.S_IFCHR, uid: uint32(k.te.UID),
-				gid: uint32(k.te.GID), nlink: 1, mtime: unixNano(k.te.ModTime())})
+				gid: uint32(k.te.GID), nlink: 1, mtime: b.mtime(k.te)})
 			continue
 		}
 		if m, ok := b.seen[k.te]; ok {
@@ -357,15 +394,28 @@ func unixNano(t time.Time) int64 {
 	return t.UnixNano()
 }
 
-// imageXattrs returns the attributes of xa an image may set (see
-// meta.KeepXattr): overlay's own, which would make overlay follow a
-// redirect or hide lower layers, are dropped.
-func imageXattrs(xa map[string][]byte) map[string][]byte {
+// mtime is te's mtime in ns, from the exact record when it has one.
+func (b *builder) mtime(te *estargz.TOCEntry) int64 {
+	if x := b.exact[te.Name]; x != nil && x.mtime != 0 {
+		return x.mtime
+	}
+	return unixNano(te.ModTime())
+}
+
+// imageXattrs returns the attributes of xa an extraction sets (see
+// meta.KeepXattr): overlay's own and trusted.*, which would make overlay
+// follow a redirect or hide lower layers, are dropped, and so are user.*
+// ones unless userOK (Linux allows them on regular files and directories
+// only; containerd's applier skips them elsewhere).
+func imageXattrs(xa map[string][]byte, userOK bool) map[string][]byte {
+	keep := func(k string) bool {
+		return meta.KeepXattr(k) && (userOK || !strings.HasPrefix(k, "user."))
+	}
 	for k := range xa {
-		if !meta.KeepXattr(k) {
+		if !keep(k) {
 			out := map[string][]byte{}
 			for k, v := range xa {
-				if meta.KeepXattr(k) {
+				if keep(k) {
 					out[k] = v
 				}
 			}

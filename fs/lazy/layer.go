@@ -192,6 +192,9 @@ func Open(ctx context.Context, ra io.ReaderAt, blob Blob, desc ocispec.Descripto
 			metrics: o.Metrics,
 		},
 	}
+	if ix.view != ViewExact {
+		log.G(ctx).WithField("layer", desc.Digest).Info("lazy view is " + ix.view)
+	}
 	// The footer and TOC are part of the blob: population need not fetch
 	// them again.
 	for _, rg := range rec.ranges {
@@ -221,6 +224,12 @@ func openTOC(ra io.ReaderAt, desc ocispec.Descriptor, tocDigest digest.Digest) (
 		opts = append(opts, estargz.WithDecompressors(dec))
 	}
 	rec := &Recorded{src: ra}
+	exactOff, exactDigest, hasExact := exactOffset(desc)
+	var exactErr error
+	if hasExact {
+		// Record, TOC and footer in one request.
+		exactErr = readTail(rec, exactOff, desc.Size)
+	}
 	r, err := estargz.Open(io.NewSectionReader(rec, 0, desc.Size), opts...)
 	if err != nil {
 		return nil, nil, nil, fmt.Errorf("layer %s: read TOC: %w", desc.Digest, err)
@@ -228,12 +237,35 @@ func openTOC(ra io.ReaderAt, desc ocispec.Descriptor, tocDigest digest.Digest) (
 	if got := r.TOCDigest(); got != tocDigest {
 		return nil, nil, nil, fmt.Errorf("layer %s: TOC has digest %s, the manifest says %s: %w", desc.Digest, got, tocDigest, ErrTOCMismatch)
 	}
+	links := func() (map[string]*linkAttrs, error) { return hardlinkAttrs(dec, rec, desc.Size) }
+	var (
+		exact map[string]*exactInfo
+		view  string
+	)
+	switch {
+	case !hasExact:
+		view = "approximate: the layer has no exact record (names that are not UTF-8 and sub-second mtimes are as the TOC says)"
+	case exactErr != nil:
+		view = fmt.Sprintf("approximate: exact record not read: %v", exactErr)
+	default:
+		if exact, err = readExact(r, exactDigest, exactOff); err != nil {
+			view = fmt.Sprintf("approximate: exact record not used: %v", err)
+		}
+	}
 	// buildIndex refuses a TOC with a chunk that has no valid digest, so
 	// every byte served can be checked.
-	ix, err := buildIndex(r, func() (map[string]*linkAttrs, error) { return hardlinkAttrs(dec, rec, desc.Size) })
+	ix, err := buildIndex(r, exact, links)
+	if err != nil && exact != nil {
+		view = fmt.Sprintf("approximate: exact record not used: %v", err)
+		ix, err = buildIndex(r, nil, links)
+	}
 	if err != nil {
 		return nil, nil, nil, fmt.Errorf("layer %s: %w", desc.Digest, err)
 	}
+	if exact != nil && view == "" {
+		view = ViewExact
+	}
+	ix.view = view
 	rec.src = nil
 	return rec, ix, dec, nil
 }
@@ -295,6 +327,13 @@ func (l *Layer) Close() error {
 	}
 	return l.f.partial.close()
 }
+
+// ViewExact is what View says of a layer whose exact record was used.
+const ViewExact = "exact"
+
+// View says whether the layer's lazy view is exact (ViewExact: its exact
+// record was verified and used) or approximate, and why.
+func (l *Layer) View() string { return l.ix.view }
 
 // TOC returns the footer and TOC bytes Open read, for Open after a restart.
 func (l *Layer) TOC() *Recorded { return l.toc }

@@ -97,12 +97,8 @@ func (l *Layer) populate(ctx context.Context, dir string, o PopulateOptions, onE
 		}
 		downloaded <- err
 	}()
-	hide := make([]string, 0, len(metadataNames))
-	for name := range metadataNames {
-		hide = append(hide, name)
-	}
 	_, err := extract.Layer(ctx, l.f.partial.follow(ctx), dir, extract.Options{
-		Digest: l.desc.Digest, Size: l.desc.Size, HideRoot: hide, OnEntry: onEntry,
+		Digest: l.desc.Digest, Size: l.desc.Size, HideRoot: FormatNames(), OnEntry: onEntry,
 	})
 	if err != nil {
 		cancel(err)

@@ -47,7 +47,7 @@ func TestPopulateAndSwap(t *testing.T) {
 			t.Errorf("local tree %s: %v", name, err)
 		}
 	}
-	for name := range metadataNames {
+	for _, name := range FormatNames() {
 		if _, err := os.Lstat(filepath.Join(tree, name)); err == nil {
 			t.Errorf("the local tree has eStargz's %s", name)
 		}

@@ -28,6 +28,7 @@ import (
 	ocispec "github.com/opencontainers/image-spec/specs-go/v1"
 	"golang.org/x/sys/unix"
 
+	"github.com/lazylayer/lazylayer/fs/lazy"
 	"github.com/lazylayer/lazylayer/remote"
 	"github.com/lazylayer/lazylayer/script/internal/registry"
 	"github.com/lazylayer/lazylayer/script/internal/testimage"
@@ -459,12 +460,16 @@ func (c *countingWriter) Write(p []byte) (int, error) {
 }
 
 // layerTree snapshots a layer applied on dir, leaving out what the layer
-// cannot fix: the entries estargz adds at the root (TOC and landmarks), and
+// cannot fix: the entries estargz and lazylayer add at the root (TOC,
+// landmarks, exact record), and
 // the mtimes of the root and of overlay whiteouts, which the applier makes
 // when it applies.
 func layerTree(t *testing.T, dir string) map[string]treecmp.Info {
 	t.Helper()
-	added := []string{"/" + estargz.TOCTarName, "/" + estargz.PrefetchLandmark, "/" + estargz.NoPrefetchLandmark}
+	var added []string
+	for _, n := range lazy.FormatNames() {
+		added = append(added, "/"+n)
+	}
 	opts := treecmp.Options{Skip: func(p string) bool { return slices.Contains(added, p) }}
 	tree, err := opts.Snapshot(t.Context(), dir)
 	if err != nil {

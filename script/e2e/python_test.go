@@ -18,6 +18,13 @@ import (
 // two-layer gzip image.
 func pythonImage(t *testing.T, regAddr string) pushed {
 	t.Helper()
+	return push(t, regAddr, "e2e/python:gzip", pythonTestImage(t))
+}
+
+// pythonTestImage builds (once, cached under the tools folder) the
+// Debian+python3 image of pythonImage.
+func pythonTestImage(t *testing.T) testimage.Image {
+	t.Helper()
 	ctx, cancel := context.WithTimeout(context.Background(), 20*time.Minute)
 	defer cancel()
 	mirror, err := rootfs.Mirror()
@@ -38,7 +45,7 @@ func pythonImage(t *testing.T, regAddr string) pushed {
 	}
 	img := testimage.Image{Layers: []testimage.Layer{base, python}}
 	img.Config.Env = []string{"PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"}
-	return push(t, regAddr, "e2e/python:gzip", img)
+	return img
 }
 
 // TestPython: a Debian+python3 image converted with lazylayer convert runs

@@ -47,6 +47,11 @@ type Layer struct {
 	Requests int64   `json:"requests"`          // on-demand ranged requests
 	Reads    int64   `json:"reads"`             // FUSE reads served
 	Entries  int     `json:"entries,omitempty"` // inodes of a lazy layer
+	// View is, for a layer with a FUSE mount, "exact" when its lazy view
+	// comes from a verified exact record, or "approximate: <why>" when it
+	// is the TOC's (names that are not UTF-8 and sub-second mtimes not as
+	// an extraction gives them).
+	View string `json:"view,omitempty"`
 	// HeldBack is true while the layer waits for `lazylayer populate`
 	// (the manual population policy).
 	HeldBack   bool   `json:"held_back,omitempty"`

@@ -52,8 +52,11 @@ func trickyTime(layer int, ns int) time.Time {
 //     opaque /data/opaque with one new file, a file replaced by a directory
 //     and a directory replaced by a file, a rewritten /data/hello.txt and a
 //     mode-only change of /data/chmod-me.
-//   - layer 4 (zstd): a whiteout of /etc/motd from layer 0 and a few late
-//     files.
+//   - layer 4 (zstd): a whiteout of /etc/motd from layer 0, a few late
+//     files, and what an extraction decides: a name whited out and created
+//     again, a name twice (the last wins), user.* xattrs on a symlink and a
+//     fifo, trusted.* xattrs (an image-supplied trusted.overlay.opaque on
+//     /data/imgopq among them).
 func Tricky() Image {
 	return Image{
 		Layers: []Layer{
@@ -178,6 +181,8 @@ func trickyLayer1() []Entry {
 		File("data/file2dir", 0o644, "becomes a directory\n"),
 		Dir("data/dir2file", 0o755),
 		File("data/dir2file/x", 0o644, "parent becomes a file\n"),
+		Dir("data/imgopq", 0o755),
+		File("data/imgopq/lower", 0o644, "an image-supplied opaque xattr above must not hide this\n"),
 	}
 	es = append(es, deepChain("data/deep", 20)...)
 	for i := range es {
@@ -245,5 +250,23 @@ func trickyLayer4() []Entry {
 		dataDir(4),
 		{Name: "data/late/", Type: TypeDir, Mode: 0o755, ModTime: trickyTime(4, 5)},
 		{Name: "data/late/file", Type: TypeReg, Mode: 0o644, ModTime: trickyTime(4, 999999999), Content: []byte("added last\n")},
+
+		// What an extraction decides, that a TOC reader must decide the
+		// same way: a name whited out and created again in one layer; a
+		// name that appears twice (the last entry wins); user.* xattrs on
+		// a symlink and a fifo (Linux refuses them there); trusted.*
+		// xattrs from the image, overlay's own among them.
+		{Name: "data/late/.wh.twice", Type: TypeReg, ModTime: t},
+		{Name: "data/late/twice", Type: TypeReg, Mode: 0o644, ModTime: trickyTime(4, 250000000), Content: []byte("created after its whiteout\n")},
+		{Name: "data/late/dup", Type: TypeReg, Mode: 0o644, ModTime: trickyTime(4, 1), Content: []byte("first\n")},
+		{Name: "data/late/dup", Type: TypeReg, Mode: 0o600, ModTime: trickyTime(4, 2), Content: []byte("second, wins\n")},
+		{Name: "data/late/ulink", Type: TypeSymlink, Mode: 0o777, ModTime: trickyTime(4, 3), Linkname: "file",
+			Xattrs: map[string]string{"user.on": "symlink"}},
+		{Name: "data/late/ufifo", Type: TypeFIFO, Mode: 0o644, ModTime: trickyTime(4, 4),
+			Xattrs: map[string]string{"user.on": "fifo"}},
+		{Name: "data/late/trusted", Type: TypeReg, Mode: 0o644, ModTime: t, Content: []byte("trusted xattrs\n"),
+			Xattrs: map[string]string{"trusted.lazylayer.t": "x", "user.ok": "y"}},
+		{Name: "data/imgopq/", Type: TypeDir, Mode: 0o755, ModTime: t,
+			Xattrs: map[string]string{"trusted.overlay.opaque": "y"}},
 	}
 }
