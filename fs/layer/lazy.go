@@ -250,9 +250,12 @@ func (m *Manager) Restore(ctx context.Context, dir string, _ map[string]string) 
 	if err != nil {
 		return nil, err
 	}
-	// A mount left by a daemon that died answers nothing (ENOTCONN).
-	if err := m.detachStale(ctx, dir); err != nil {
-		return nil, err
+	// A mount left by a daemon that died answers nothing (ENOTCONN),
+	// unless its FUSE connection was kept: then it is served again.
+	if h := m.cfg.Lazy.Handover; h == nil || !h.Holds(filepath.Join(dir, lazyMount)) {
+		if err := m.detachStale(ctx, dir); err != nil {
+			return nil, err
+		}
 	}
 	l, err := lazy.Open(ctx, rec, blob, saved.Descriptor, tocDigest, m.lazyOptions(dir))
 	if err != nil {
@@ -297,6 +300,25 @@ func (ll *Lazy) stop(ctx context.Context) error {
 	}
 	ll.layer.Close()
 	_, err := ll.detach()
+	return err
+}
+
+// leave ends ll's population, waits for it, and leaves its mount and FUSE
+// connection to the next daemon (Config.Lazy.Handover).
+func (ll *Lazy) leave(ctx context.Context) error {
+	ll.cancel()
+	ll.mu.Lock()
+	exited := ll.exited
+	ll.mu.Unlock()
+	if exited != nil {
+		select {
+		case <-exited:
+		case <-ctx.Done():
+			return ctx.Err()
+		}
+	}
+	err := ll.layer.Close()
+	ll.layer.Leave()
 	return err
 }
 
