@@ -52,6 +52,7 @@ func RunHolder(path string) error {
 	}
 	h := &holder{entries: map[string]held{}, lfd: lfd}
 	h.idle = time.AfterFunc(time.Minute, h.stopIfIdle)
+	go h.reap()
 	for {
 		cfd, _, err := unix.Accept4(lfd, unix.SOCK_CLOEXEC)
 		if err != nil {
@@ -100,6 +101,52 @@ func (h *holder) stopIfIdle() {
 		h.done = true
 		unix.Shutdown(h.lfd, unix.SHUT_RDWR)
 		unix.Close(h.lfd)
+	}
+}
+
+// reap closes the descriptors of connections that ended (their mount and
+// every overlay using it are gone, or they were aborted): the kernel then
+// reports POLLERR on them. It checks once a second.
+func (h *holder) reap() {
+	for {
+		h.mu.Lock()
+		if h.done {
+			h.mu.Unlock()
+			return
+		}
+		var fds []unix.PollFd
+		var names []string
+		for name, e := range h.entries {
+			fds = append(fds, unix.PollFd{Fd: int32(e.fd)})
+			names = append(names, name)
+		}
+		h.mu.Unlock()
+		if len(fds) == 0 {
+			time.Sleep(time.Second)
+			continue
+		}
+		if _, err := unix.Poll(fds, 1000); err != nil && err != unix.EINTR {
+			time.Sleep(time.Second)
+			continue
+		}
+		ended := false
+		h.mu.Lock()
+		for i, pfd := range fds {
+			if pfd.Revents&(unix.POLLERR|unix.POLLHUP|unix.POLLNVAL) == 0 {
+				continue
+			}
+			if e, ok := h.entries[names[i]]; ok && e.fd == int(pfd.Fd) {
+				unix.Close(e.fd)
+				delete(h.entries, names[i])
+				ended = true
+			}
+		}
+		h.mu.Unlock()
+		if ended {
+			h.stopIfIdle()
+		} else {
+			time.Sleep(100 * time.Millisecond)
+		}
 	}
 }
 
