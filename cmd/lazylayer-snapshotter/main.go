@@ -114,6 +114,14 @@ func run(ctx context.Context, args []string) error {
 		StagingLimit:     fetch.stagingLimit,
 		StagedTTL:        fetch.stagedTTL,
 	}
+	// held keeps the FUSE connections of lazy mounts across restarts.
+	var held *fusefd.Client
+	if !lazyOpts.enabled {
+		// Connections a daemon serving lazily left are let go below.
+		if held, err = fusefd.Connect(holderSocket(cfg.Root)); err == nil {
+			defer held.Close()
+		}
+	}
 	if lazyOpts.enabled {
 		chunks, err := cache.Open(ctx, filepath.Join(cfg.Root, "cache"), lazyOpts.cacheSize)
 		if err != nil {
@@ -124,8 +132,7 @@ func run(ctx context.Context, args []string) error {
 		if !passthrough {
 			log.G(ctx).WithField("reason", why).Warn("FUSE passthrough unavailable: local layers of running lazy containers are read through the daemon")
 		}
-		held, err := startHolder(cfg.Root)
-		if err != nil {
+		if held, err = startHolder(cfg.Root); err != nil {
 			return err
 		}
 		defer held.Close()
@@ -162,8 +169,8 @@ func run(ctx context.Context, args []string) error {
 		layers.Close()
 		return err
 	}
-	if layerCfg.Lazy.Handover != nil {
-		dropUnclaimed(ctx, layerCfg.Lazy.Handover.(*fusefd.Client))
+	if held != nil {
+		dropUnclaimed(ctx, held)
 	}
 	// Background population calls into the snapshotter: stop it first.
 	defer func() {

@@ -14,8 +14,9 @@ import (
 
 // Held is a connection a Holder kept, as a new daemon takes it back.
 type Held struct {
-	Conn Conn
-	Note []byte // what the layer recorded with it
+	Conn  Conn
+	Note  []byte // what the layer recorded with it
+	State []byte // what its server last recorded (SetState)
 }
 
 // Client talks to a Holder. Its methods are safe for concurrent use.
@@ -59,6 +60,21 @@ func StartHolder(path string, cmd *exec.Cmd) (*Client, error) {
 	return c, nil
 }
 
+// Connect connects to a Holder already listening at path, and takes the
+// list of connections it holds.
+func Connect(path string) (*Client, error) {
+	sock, err := dial(path)
+	if err != nil {
+		return nil, err
+	}
+	c := &Client{sock: sock, held: map[string]Held{}}
+	if err := c.list(); err != nil {
+		unix.Close(sock)
+		return nil, err
+	}
+	return c, nil
+}
+
 func dial(path string) (int, error) {
 	sock, err := unix.Socket(unix.AF_UNIX, unix.SOCK_SEQPACKET|unix.SOCK_CLOEXEC, 0)
 	if err != nil {
@@ -89,7 +105,7 @@ func (c *Client) list() error {
 			}
 			continue
 		}
-		c.held[m.Entry.Name] = Held{Conn: Conn{Fd: fd, Init: m.Entry.Init}, Note: m.Entry.Note}
+		c.held[m.Entry.Name] = Held{Conn: Conn{Fd: fd, Init: m.Entry.Init}, Note: m.Entry.Note, State: m.Entry.State}
 	}
 }
 
@@ -138,6 +154,12 @@ func (c *Client) Holds(mountpoint string) bool {
 // Keep gives the Holder a copy of conn, served at mountpoint, with note.
 func (c *Client) Keep(mountpoint string, conn *Conn, note []byte) error {
 	return c.call(message{Op: "keep", Entry: &heldEntry{Name: mountpoint, Init: conn.Init, Note: note}}, conn.Fd)
+}
+
+// SetState records state with the connection kept for mountpoint,
+// replacing what was recorded before.
+func (c *Client) SetState(mountpoint string, state []byte) error {
+	return c.call(message{Op: "state", Entry: &heldEntry{Name: mountpoint, State: state}}, -1)
 }
 
 // Drop makes the Holder close its copy of the connection of mountpoint.

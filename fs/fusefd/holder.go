@@ -13,16 +13,17 @@ import (
 
 // A held connection, as the Holder and its clients exchange it.
 type heldEntry struct {
-	Name string `json:"name"`           // the mountpoint
-	Init []byte `json:"init,omitempty"` // the kernel's INIT request
-	Note []byte `json:"note,omitempty"` // the layer's own record (what it serves)
+	Name  string `json:"name"`            // the mountpoint
+	Init  []byte `json:"init,omitempty"`  // the kernel's INIT request
+	Note  []byte `json:"note,omitempty"`  // the layer's own record (what it serves)
+	State []byte `json:"state,omitempty"` // the server's state, as it last recorded it
 }
 
 // message is one request or answer on a Holder's socket. An answer to
 // "list" is one message per entry, each with its descriptor, then one
 // with End set.
 type message struct {
-	Op    string     `json:"op,omitempty"` // keep, drop, list
+	Op    string     `json:"op,omitempty"` // keep, state, drop, list
 	Entry *heldEntry `json:"entry,omitempty"`
 	Err   string     `json:"err,omitempty"`
 	End   bool       `json:"end,omitempty"`
@@ -177,6 +178,15 @@ func (h *holder) serve(cfd int) {
 			h.entries[m.Entry.Name] = held{entry: *m.Entry, fd: fd}
 			h.mu.Unlock()
 			fd = -1
+		case "state":
+			h.mu.Lock()
+			if m.Entry != nil {
+				if e, ok := h.entries[m.Entry.Name]; ok {
+					e.entry.State = m.Entry.State
+					h.entries[m.Entry.Name] = e
+				}
+			}
+			h.mu.Unlock()
 		case "drop":
 			h.mu.Lock()
 			if m.Entry != nil {

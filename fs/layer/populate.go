@@ -232,9 +232,8 @@ func (m *Manager) populateOnce(ctx context.Context, ll *Lazy, local func(context
 	if err := ll.layer.DropBlob(); err != nil {
 		log.G(ctx).WithError(err).Warn("cannot delete the layer's blob copy")
 	}
-	for _, f := range []string{lazyTOCFile, lazyDescFile} {
-		os.Remove(filepath.Join(ll.dir, f))
-	}
+	// The TOC stays until the FUSE mount retired: a daemon that follows
+	// a restart or crash serves the mount's connection with it.
 	return nil
 }
 
@@ -265,5 +264,8 @@ func (m *Manager) retire(ctx context.Context, ll *Lazy) {
 		delete(m.lazy, ll.dir)
 	}
 	m.mu.Unlock()
+	for _, f := range []string{lazyTOCFile, lazyDescFile} {
+		os.Remove(filepath.Join(ll.dir, f))
+	}
 	log.G(ctx).Info("FUSE mount retired")
 }

@@ -78,6 +78,9 @@ type Handover interface {
 	Take(mountpoint string) (fusefd.Held, bool)
 	// Keep keeps a copy of c, served at mountpoint, with note.
 	Keep(mountpoint string, c *fusefd.Conn, note []byte) error
+	// SetState records the server's state with the connection kept
+	// for mountpoint.
+	SetState(mountpoint string, state []byte) error
 	// Drop closes the copy kept for mountpoint.
 	Drop(mountpoint string) error
 }
@@ -117,6 +120,7 @@ type Layer struct {
 
 	mu         sync.Mutex
 	server     *fuse.Server       // guarded by mu
+	raw        *rawFS             // what server serves; guarded by mu
 	conn       *fusefd.Conn       // the mount's FUSE connection; guarded by mu
 	resumed    bool               // the connection was taken over from an earlier daemon; guarded by mu
 	mountpoint string             // guarded by mu
@@ -343,8 +347,24 @@ const entryTimeout = time.Hour
 // Mount serves the layer read-only at mountpoint and starts fetching the
 // files eStargz prioritized.
 func (l *Layer) Mount(ctx context.Context, mountpoint string) error {
-	return l.mount(ctx, mountpoint, "")
+	return l.mount(ctx, mountpoint, "", false)
 }
+
+// Resume serves the FUSE connection an earlier daemon kept for
+// mountpoint (Options.Handover) if it serves this layer under prefix
+// ("" for Mount), even if the mount was detached since (overlays still
+// use it); it reports false, mounting nothing, if there is none.
+func (l *Layer) Resume(ctx context.Context, mountpoint, prefix string) (bool, error) {
+	if err := l.mount(ctx, mountpoint, prefix, true); err != nil {
+		if errors.Is(err, errNotHeld) {
+			return false, nil
+		}
+		return false, err
+	}
+	return true, nil
+}
+
+var errNotHeld = errors.New("no FUSE connection kept for this layer")
 
 // MountData is Mount for a data-only overlay layer: the mount's root holds
 // the layer's tree at prefix (e.g. ".lazylayer/<id>"), where the
@@ -353,10 +373,12 @@ func (l *Layer) MountData(ctx context.Context, mountpoint, prefix string) error 
 	if prefix == "" || path.Clean(prefix) != prefix || path.IsAbs(prefix) || strings.HasPrefix(prefix, "..") {
 		return fmt.Errorf("mount layer %s: bad prefix %q", l.desc.Digest, prefix)
 	}
-	return l.mount(ctx, mountpoint, prefix)
+	return l.mount(ctx, mountpoint, prefix, false)
 }
 
-func (l *Layer) mount(ctx context.Context, mountpoint, prefix string) error {
+// mount serves the layer at mountpoint: on the connection an earlier
+// daemon kept, else (unless resumeOnly) on a new mount.
+func (l *Layer) mount(ctx context.Context, mountpoint, prefix string, resumeOnly bool) error {
 	l.mu.Lock()
 	defer l.mu.Unlock()
 	if l.server != nil {
@@ -367,7 +389,11 @@ func (l *Layer) mount(ctx context.Context, mountpoint, prefix string) error {
 		names = strings.Split(prefix, "/")
 	}
 	note, _ := json.Marshal(heldNote{Layer: l.desc.Digest, Prefix: prefix, Entries: len(l.ix.entries)})
-	conn, resumed := l.takeHeld(ctx, mountpoint, note)
+	raw := newRawFS(l, names)
+	conn, resumed := l.takeHeld(ctx, mountpoint, note, raw, resumeOnly)
+	if conn == nil && resumeOnly {
+		return errNotHeld
+	}
 	if conn == nil {
 		var err error
 		if conn, err = fusefd.Mount(mountpoint, "lazylayer"); err != nil {
@@ -382,7 +408,10 @@ func (l *Layer) mount(ctx context.Context, mountpoint, prefix string) error {
 		MaxWrite:           fusefd.MaxWrite,
 		DisableReadDirPlus: true,
 	}
-	server, err := fusefd.Serve(conn, &countingFS{RawFileSystem: newRawFS(l, names), l: l}, opts)
+	if l.handover != nil {
+		raw.save = func(state []byte) error { return l.handover.SetState(mountpoint, state) }
+	}
+	server, err := fusefd.Serve(conn, &countingFS{RawFileSystem: raw, l: l}, opts)
 	if err != nil && server == nil {
 		if !resumed {
 			unix.Unmount(mountpoint, unix.MNT_DETACH)
@@ -402,7 +431,7 @@ func (l *Layer) mount(ctx context.Context, mountpoint, prefix string) error {
 	if resumed {
 		log.G(ctx).WithField("layer", l.desc.Digest).WithField("mountpoint", mountpoint).Info("serving the FUSE connection the last daemon left")
 	}
-	l.server, l.conn, l.resumed, l.mountpoint = server, conn, resumed, mountpoint
+	l.server, l.raw, l.conn, l.resumed, l.mountpoint = server, raw, conn, resumed, mountpoint
 	bg, cancel := context.WithCancel(context.WithoutCancel(ctx))
 	prefetched := make(chan struct{})
 	l.cancel, l.prefetched = cancel, prefetched
@@ -424,7 +453,7 @@ type heldNote struct {
 // takeHeld returns the connection an earlier daemon kept for mountpoint if
 // it serves this layer (note) and is still mounted there; a kept
 // connection that does not is closed.
-func (l *Layer) takeHeld(ctx context.Context, mountpoint string, note []byte) (*fusefd.Conn, bool) {
+func (l *Layer) takeHeld(ctx context.Context, mountpoint string, note []byte, raw *rawFS, detachedOK bool) (*fusefd.Conn, bool) {
 	if l.handover == nil {
 		return nil, false
 	}
@@ -432,7 +461,10 @@ func (l *Layer) takeHeld(ctx context.Context, mountpoint string, note []byte) (*
 	if !ok {
 		return nil, false
 	}
-	if string(held.Note) == string(note) && fusefd.Mounted(mountpoint, "lazylayer") {
+	if string(held.Note) == string(note) && (detachedOK || fusefd.Mounted(mountpoint, "lazylayer")) {
+		if err := raw.restore(held.State); err != nil {
+			log.G(ctx).WithError(err).WithField("layer", l.desc.Digest).Warn("the state the last daemon recorded is unreadable; its open files are served as page-cache opens")
+		}
 		return &held.Conn, true
 	}
 	log.G(ctx).WithField("layer", l.desc.Digest).WithField("mountpoint", mountpoint).
@@ -464,7 +496,7 @@ func (l *Layer) Unmount() (done <-chan struct{}, err error) {
 		return ch, nil
 	}
 	l.cancel()
-	if err := unix.Unmount(l.mountpoint, unix.MNT_DETACH); err != nil && err != unix.EINVAL {
+	if err := unix.Unmount(l.mountpoint, unix.MNT_DETACH); err != nil && err != unix.EINVAL && err != unix.ENOENT {
 		return nil, fmt.Errorf("unmount %s: %w", l.mountpoint, err)
 	}
 	server, prefetched, conn, mp := l.server, l.prefetched, l.conn, l.mountpoint
@@ -491,6 +523,9 @@ func (l *Layer) Leave() {
 		return
 	}
 	l.cancel()
+	if err := l.raw.persist(true); err != nil {
+		log.L.WithError(err).WithField("layer", l.desc.Digest).Warn("cannot record the open files for the next daemon")
+	}
 	l.server = nil
 }
 

@@ -1,6 +1,7 @@
 package lazy
 
 import (
+	"encoding/json"
 	"errors"
 	"io"
 	"os"
@@ -30,6 +31,9 @@ type rawFS struct {
 	entryIno           uint64   // first inode number of the prefix chain's directories
 
 	server *fuse.Server // set by Init, before any request
+	// save, if set, records the state a next daemon needs (persist).
+	save      func(state []byte) error
+	persistMu sync.Mutex // orders saves
 
 	mu      sync.Mutex
 	nodes   map[uint32]*nodeState // entries with open files; guarded by mu
@@ -317,12 +321,21 @@ func (r *rawFS) Open(cancel <-chan struct{}, in *fuse.OpenIn, out *fuse.OpenOut)
 	}
 	rel := r.path(num)
 	r.l.recordOpen(num, rel)
+	registered := false
+	defer func() {
+		// Before the kernel learns the backing id: a daemon that
+		// follows a crash must give this inode's later opens the same.
+		if registered {
+			r.persist(false)
+		}
+	}()
 	r.mu.Lock()
 	defer r.mu.Unlock()
 	st := r.node(num)
 	if local := r.l.localDir(); local != "" && r.l.passthrough && !r.l.noPassthrough.Load() && st.cachedOpens == 0 {
 		if st.backing == 0 {
 			r.register(st, local, rel)
+			registered = st.backing != 0
 		}
 		if st.backing != 0 {
 			st.passOpens++
@@ -418,7 +431,10 @@ func (r *rawFS) Release(cancel <-chan struct{}, in *fuse.ReleaseIn) {
 	r.mu.Unlock()
 	if backing != 0 {
 		r.server.UnregisterBackingFd(backing)
-		bf.Close()
+		if bf != nil {
+			bf.Close()
+		}
+		r.persist(false)
 	}
 	h.mu.Lock()
 	if h.local != nil {
@@ -534,4 +550,84 @@ func (ix *index) allPaths() []string {
 		}
 	}
 	return paths
+}
+
+// rawState is what a daemon that takes a connection over needs of the
+// last one's: the backing files registered on the connection (recorded
+// whenever one is registered or closed, so a crash keeps them), and, at a
+// stop, the open files.
+type rawState struct {
+	Backing map[uint32]int32 `json:"backing,omitempty"` // backing id by entry
+	Handles []heldHandle     `json:"handles,omitempty"`
+}
+
+type heldHandle struct {
+	Fh   uint64 `json:"fh"`
+	Num  uint32 `json:"num"`
+	Pass bool   `json:"pass,omitempty"`
+}
+
+// persist records r's state with the held connection; withHandles adds
+// the open files (the daemon stops: no request is answered after this).
+func (r *rawFS) persist(withHandles bool) error {
+	if r.save == nil {
+		return nil
+	}
+	r.persistMu.Lock()
+	defer r.persistMu.Unlock()
+	st := rawState{Backing: map[uint32]int32{}}
+	r.mu.Lock()
+	for num, n := range r.nodes {
+		if n.backing != 0 {
+			st.Backing[num] = n.backing
+		}
+	}
+	if withHandles {
+		for fh, h := range r.handles {
+			st.Handles = append(st.Handles, heldHandle{Fh: fh, Num: h.num, Pass: h.pass})
+		}
+	}
+	r.mu.Unlock()
+	b, err := json.Marshal(st)
+	if err != nil {
+		return err
+	}
+	return r.save(b)
+}
+
+// restore takes over the state the last daemon recorded. A backing id it
+// names stays registered on the connection, and the inode's passthrough
+// opens share it; its open files are counted as open. Without handles
+// (after a crash) open files are learnt as they are read, as page-cache
+// opens.
+func (r *rawFS) restore(b []byte) error {
+	if len(b) == 0 {
+		return nil
+	}
+	var st rawState
+	if err := json.Unmarshal(b, &st); err != nil {
+		return err
+	}
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	for num, id := range st.Backing {
+		if int(num) < len(r.l.ix.entries) && id != 0 {
+			r.node(num).backing = id
+		}
+	}
+	for _, h := range st.Handles {
+		if int(h.Num) >= len(r.l.ix.entries) {
+			continue
+		}
+		r.handles[h.Fh] = &handle{r: r, num: h.Num, pass: h.Pass}
+		if h.Pass {
+			r.node(h.Num).passOpens++
+		} else {
+			r.node(h.Num).cachedOpens++
+		}
+		if h.Fh >= r.nextFh {
+			r.nextFh = h.Fh + 1
+		}
+	}
+	return nil
 }
