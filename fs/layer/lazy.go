@@ -433,6 +433,8 @@ func (m *Manager) serveRetiring(ctx context.Context, dir string) (bool, error) {
 		exited: make(chan struct{}),
 	}
 	ll.state.Store(stateLocal)
+	ll.started, ll.released = true, true
+	close(ll.begin)
 	close(ll.local)
 	m.mu.Lock()
 	m.lazy[dir] = ll
