@@ -388,7 +388,7 @@ func (l *Layer) mount(ctx context.Context, mountpoint, prefix string, resumeOnly
 	if prefix != "" {
 		names = strings.Split(prefix, "/")
 	}
-	note, _ := json.Marshal(heldNote{Layer: l.desc.Digest, Prefix: prefix, Entries: len(l.ix.entries)})
+	note, _ := json.Marshal(heldNote{Layer: l.desc.Digest, Prefix: prefix, Index: l.ix.fingerprint()})
 	raw := newRawFS(l, names)
 	conn, resumed := l.takeHeld(ctx, mountpoint, note, raw, resumeOnly)
 	if conn == nil && resumeOnly {
@@ -445,9 +445,9 @@ func (l *Layer) mount(ctx context.Context, mountpoint, prefix string, resumeOnly
 // heldNote is what a layer records with its kept FUSE connection: a daemon
 // serves it again only for the same layer, presented the same way.
 type heldNote struct {
-	Layer   digest.Digest `json:"layer"`
-	Prefix  string        `json:"prefix"`
-	Entries int           `json:"entries"`
+	Layer  digest.Digest `json:"layer"`
+	Prefix string        `json:"prefix"`
+	Index  string        `json:"index"` // index.fingerprint: node ids follow entry numbers
 }
 
 // takeHeld returns the connection an earlier daemon kept for mountpoint if

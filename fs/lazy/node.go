@@ -1,6 +1,9 @@
 package lazy
 
 import (
+	"crypto/sha256"
+	"encoding/binary"
+	"encoding/hex"
 	"encoding/json"
 	"errors"
 	"io"
@@ -630,4 +633,26 @@ func (r *rawFS) restore(b []byte) error {
 		}
 	}
 	return nil
+}
+
+// fingerprint digests how the index numbers the layer's entries (each
+// directory's children and their names, each entry's type and size): two
+// daemons serve one FUSE connection only if they number entries alike,
+// since node ids follow entry numbers.
+func (ix *index) fingerprint() string {
+	h := sha256.New()
+	var b [8]byte
+	for i := range ix.entries {
+		e := &ix.entries[i]
+		binary.LittleEndian.PutUint32(b[:4], e.mode)
+		binary.LittleEndian.PutUint32(b[4:], uint32(e.size))
+		h.Write(b[:])
+	}
+	for i, c := range ix.children {
+		binary.LittleEndian.PutUint32(b[:4], c)
+		h.Write(b[:4])
+		h.Write([]byte(ix.names[i]))
+		h.Write([]byte{0})
+	}
+	return hex.EncodeToString(h.Sum(nil))
 }
