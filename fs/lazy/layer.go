@@ -523,7 +523,7 @@ func (l *Layer) Leave() {
 		return
 	}
 	l.cancel()
-	if err := l.raw.persist(true); err != nil {
+	if err := l.raw.stop(); err != nil {
 		log.L.WithError(err).WithField("layer", l.desc.Digest).Warn("cannot record the open files for the next daemon")
 	}
 	l.server = nil

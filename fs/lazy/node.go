@@ -37,6 +37,15 @@ type rawFS struct {
 	// save, if set, records the state a next daemon needs (persist).
 	save      func(state []byte) error
 	persistMu sync.Mutex // orders saves
+	// gate is held shared by Open and Release, and for good by stop: a
+	// daemon handing the connection over answers none after it recorded
+	// the open files (the kernel sends those requests again to the next).
+	gate sync.RWMutex
+	// crashed: the connection was taken over without the last daemon's
+	// open files (it crashed). Any inode may have opens of either kind
+	// the kernel keeps, so no new backing file is registered: inodes
+	// with a backing file of that daemon get it, others page-cache opens.
+	crashed bool
 
 	mu      sync.Mutex
 	nodes   map[uint32]*nodeState // entries with open files; guarded by mu
@@ -54,6 +63,7 @@ type nodeState struct {
 	passOpens   int      // handles with FUSE passthrough
 	backing     int32    // backing id of the passthrough opens; 0: none
 	backingFile *os.File // the local file registered as backing
+	inherited   bool     // backing is a crashed daemon's: opens it does not know may use it
 }
 
 func newRawFS(l *Layer, prefix []string) *rawFS {
@@ -332,11 +342,13 @@ func (r *rawFS) Open(cancel <-chan struct{}, in *fuse.OpenIn, out *fuse.OpenOut)
 			r.persist(false)
 		}
 	}()
+	r.gate.RLock()
+	defer r.gate.RUnlock()
 	r.mu.Lock()
 	defer r.mu.Unlock()
 	st := r.node(num)
 	if local := r.l.localDir(); local != "" && r.l.passthrough && !r.l.noPassthrough.Load() && st.cachedOpens == 0 {
-		if st.backing == 0 {
+		if st.backing == 0 && !r.crashed {
 			r.register(st, local, rel)
 			registered = st.backing != 0
 		}
@@ -409,6 +421,8 @@ func (r *rawFS) handleOf(id, fh uint64) *handle {
 }
 
 func (r *rawFS) Release(cancel <-chan struct{}, in *fuse.ReleaseIn) {
+	r.gate.RLock()
+	defer r.gate.RUnlock()
 	r.mu.Lock()
 	h := r.handles[in.Fh]
 	delete(r.handles, in.Fh)
@@ -424,20 +438,22 @@ func (r *rawFS) Release(cancel <-chan struct{}, in *fuse.ReleaseIn) {
 	}
 	var backing int32
 	var bf *os.File
-	if st.passOpens == 0 && st.backing != 0 {
+	if st.passOpens == 0 && st.backing != 0 && !st.inherited {
 		backing, bf = st.backing, st.backingFile
 		st.backing, st.backingFile = 0, nil
 	}
-	if st.passOpens == 0 && st.cachedOpens == 0 {
+	if st.passOpens == 0 && st.cachedOpens == 0 && st.backing == 0 {
 		delete(r.nodes, h.num)
 	}
 	r.mu.Unlock()
 	if backing != 0 {
+		// Recorded first: a daemon that follows a crash must not hand
+		// out an id that is gone.
+		r.persist(false)
 		r.server.UnregisterBackingFd(backing)
 		if bf != nil {
 			bf.Close()
 		}
-		r.persist(false)
 	}
 	h.mu.Lock()
 	if h.local != nil {
@@ -562,12 +578,20 @@ func (ix *index) allPaths() []string {
 type rawState struct {
 	Backing map[uint32]int32 `json:"backing,omitempty"` // backing id by entry
 	Handles []heldHandle     `json:"handles,omitempty"`
+	Stopped bool             `json:"stopped,omitempty"` // Handles are complete: the daemon stopped
 }
 
 type heldHandle struct {
 	Fh   uint64 `json:"fh"`
 	Num  uint32 `json:"num"`
 	Pass bool   `json:"pass,omitempty"`
+}
+
+// stop makes r answer no more opens and releases, for good, and records
+// its state with the open files for the next daemon.
+func (r *rawFS) stop() error {
+	r.gate.Lock()
+	return r.persist(true)
 }
 
 // persist records r's state with the held connection; withHandles adds
@@ -586,6 +610,7 @@ func (r *rawFS) persist(withHandles bool) error {
 		}
 	}
 	if withHandles {
+		st.Stopped = true
 		for fh, h := range r.handles {
 			st.Handles = append(st.Handles, heldHandle{Fh: fh, Num: h.num, Pass: h.pass})
 		}
@@ -600,10 +625,14 @@ func (r *rawFS) persist(withHandles bool) error {
 
 // restore takes over the state the last daemon recorded. A backing id it
 // names stays registered on the connection, and the inode's passthrough
-// opens share it; its open files are counted as open. Without handles
-// (after a crash) open files are learnt as they are read, as page-cache
-// opens.
+// opens share it; its open files are counted as open. After a crash (no
+// complete list of open files) open files are learnt as they are read, as
+// page-cache opens, the crashed daemon's backing ids are never closed, and
+// no new one is registered (see crashed).
 func (r *rawFS) restore(b []byte) error {
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	r.crashed = true
 	if len(b) == 0 {
 		return nil
 	}
@@ -611,11 +640,11 @@ func (r *rawFS) restore(b []byte) error {
 	if err := json.Unmarshal(b, &st); err != nil {
 		return err
 	}
-	r.mu.Lock()
-	defer r.mu.Unlock()
+	r.crashed = !st.Stopped
 	for num, id := range st.Backing {
 		if int(num) < len(r.l.ix.entries) && id != 0 {
-			r.node(num).backing = id
+			n := r.node(num)
+			n.backing, n.inherited = id, r.crashed
 		}
 	}
 	for _, h := range st.Handles {
