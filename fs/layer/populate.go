@@ -165,7 +165,7 @@ func (m *Manager) populate(ll *Lazy, local func(context.Context) error) {
 	if b := ll.layer.Stats().Bound; ll.native && b > 0 {
 		log.G(ctx).WithField("files", b).Warn("running containers hold files of this layer bound to its FUSE mount " +
 			"(first opened before they were local): they read through the daemon until the kernel evicts them, " +
-			"and a crash of the daemon breaks their reads; every other file reads natively")
+			"so they need a daemon (a restarted one serves them); every other file reads natively")
 	}
 	// Containers that were handed the FUSE mount just before the swap may
 	// not have mounted their overlay yet: give them time before detaching.
