@@ -31,6 +31,10 @@ type message struct {
 
 const maxMessage = 1 << 20
 
+// MaxState is the most state (Client.SetState) a Holder keeps with a
+// connection.
+const MaxState = maxMessage - 64<<10
+
 // RunHolder listens on the unix socket path and holds the descriptors its
 // clients give it until they drop them. It returns once it holds none and
 // no client is connected (or, at start, none connected within a minute).

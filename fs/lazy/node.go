@@ -13,6 +13,8 @@ import (
 
 	"github.com/containerd/log"
 	"github.com/hanwen/go-fuse/v2/fuse"
+
+	"github.com/lazylayer/lazylayer/fs/fusefd"
 )
 
 // rawFS serves a layer with go-fuse's raw API, so that the node id the
@@ -617,6 +619,12 @@ func (r *rawFS) persist(withHandles bool) error {
 	}
 	r.mu.Unlock()
 	b, err := json.Marshal(st)
+	if err == nil && len(b) > fusefd.MaxState {
+		// Too many open files to record: the next daemon takes the
+		// connection over as after a crash.
+		st.Handles, st.Stopped = nil, false
+		b, err = json.Marshal(st)
+	}
 	if err != nil {
 		return err
 	}
