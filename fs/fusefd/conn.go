@@ -157,3 +157,20 @@ func Mounted(mountpoint, name string) bool {
 	}
 	return false
 }
+
+// NoPoll makes the kernel learn at once that the server at mountpoint does
+// not support POLL: the Go runtime adds every file it opens to its epoll
+// set, and a POLL request the kernel then sends to a server in the same
+// process can wait for a thread the runtime holds (go-fuse answers
+// ENOSYS for its ".go-fuse-epoll-hack" file; its own mount code does this
+// too, but not for a "/dev/fd/N" mountpoint). Once per connection: the
+// kernel remembers it for the connection's life.
+func NoPoll(mountpoint string) error {
+	fd, err := unix.Open(mountpoint+"/.go-fuse-epoll-hack", unix.O_RDONLY|unix.O_CLOEXEC, 0)
+	if err != nil {
+		return err
+	}
+	defer unix.Close(fd)
+	unix.Poll([]unix.PollFd{{Fd: int32(fd), Events: unix.POLLIN | unix.POLLPRI | unix.POLLOUT}}, 0)
+	return nil
+}

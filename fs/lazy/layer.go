@@ -423,6 +423,11 @@ func (l *Layer) mount(ctx context.Context, mountpoint, prefix string, resumeOnly
 		log.G(ctx).WithError(err).WithField("layer", l.desc.Digest).Warn("requests the last daemon left unanswered wait until the mount ends")
 	}
 	go server.Serve()
+	if !resumed {
+		if err := fusefd.NoPoll(mountpoint); err != nil {
+			log.G(ctx).WithError(err).WithField("layer", l.desc.Digest).Warn("cannot turn FUSE POLL off")
+		}
+	}
 	if l.handover != nil {
 		if err := l.handover.Keep(mountpoint, conn, note); err != nil {
 			log.G(ctx).WithError(err).WithField("layer", l.desc.Digest).Warn("the FUSE connection is not kept: containers using the layer break if the daemon stops")
