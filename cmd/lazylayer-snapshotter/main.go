@@ -22,6 +22,7 @@ import (
 	"google.golang.org/grpc"
 
 	"github.com/lazylayer/lazylayer/cache"
+	"github.com/lazylayer/lazylayer/fs/fusefd"
 	"github.com/lazylayer/lazylayer/fs/layer"
 	"github.com/lazylayer/lazylayer/fs/layer/layerstatus"
 	"github.com/lazylayer/lazylayer/fs/lazy"
@@ -31,6 +32,13 @@ import (
 )
 
 func main() {
+	if len(os.Args) == 3 && os.Args[1] == holderCommand {
+		if err := runHolder(os.Args[2]); err != nil {
+			fmt.Fprintln(os.Stderr, "lazylayer-snapshotter fuse-holder:", err)
+			os.Exit(1)
+		}
+		return
+	}
 	ctx, stop := signal.NotifyContext(context.Background(), syscall.SIGTERM, syscall.SIGINT)
 	defer stop()
 	if err := run(ctx, os.Args[1:]); err != nil {
@@ -114,6 +122,14 @@ func run(ctx context.Context, args []string) error {
 		Metrics:          m,
 	}
 	var chunks *cache.Store
+	// held keeps the FUSE connections of lazy mounts across restarts.
+	var held *fusefd.Client
+	if !lazyOpts.enabled {
+		// Connections a daemon serving lazily left are let go below.
+		if held, err = fusefd.Connect(holderSocket(cfg.Root)); err == nil {
+			defer held.Close()
+		}
+	}
 	if lazyOpts.enabled {
 		chunks, err = cache.Open(ctx, filepath.Join(cfg.Root, "cache"), lazyOpts.cacheSize)
 		if err != nil {
@@ -124,8 +140,12 @@ func run(ctx context.Context, args []string) error {
 		if !passthrough {
 			log.G(ctx).WithField("reason", why).Warn("FUSE passthrough unavailable: local layers of running lazy containers are read through the daemon")
 		}
+		if held, err = startHolder(cfg.Root); err != nil {
+			return err
+		}
+		defer held.Close()
 		layerCfg.Lazy = lazy.Options{Cache: chunks, ReadTimeout: lazyOpts.readTimeout, MinRequest: lazyOpts.minRequest,
-			Passthrough: passthrough, Activity: new(lazy.Activity), Metrics: m}
+			Passthrough: passthrough, Activity: new(lazy.Activity), Metrics: m, Handover: held}
 		layerCfg.Populate = lazy.PopulateOptions{Concurrency: lazyOpts.populateConcurrency, RangeSize: lazyOpts.populateRangeSize}
 		if lazyOpts.populateBandwidth > 0 {
 			layerCfg.Populate.Limit = rate.NewLimiter(rate.Limit(lazyOpts.populateBandwidth), int(min(lazyOpts.populateBandwidth, lazyOpts.populateRangeSize)))
@@ -156,6 +176,9 @@ func run(ctx context.Context, args []string) error {
 	if err != nil {
 		layers.Close()
 		return err
+	}
+	if held != nil {
+		dropUnclaimed(ctx, held)
 	}
 	// Background population calls into the snapshotter: stop it first.
 	defer func() {
@@ -220,7 +243,7 @@ func serve(ctx context.Context, address string, sn *snapshot.Snapshotter, st *st
 		return err
 	}
 	defer stopStatus()
-	log.G(ctx).WithField("address", address).Info("lazylayer-snapshotter serving")
+	log.G(ctx).WithField("address", address).WithField("version", version).Info("lazylayer-snapshotter serving")
 
 	select {
 	case err := <-errc:

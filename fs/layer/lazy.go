@@ -18,6 +18,7 @@ import (
 	"golang.org/x/sys/unix"
 
 	"github.com/lazylayer/lazylayer/fs/lazy"
+	"github.com/lazylayer/lazylayer/fs/meta"
 )
 
 // Files a lazy layer keeps in its snapshot directory, so that it can be
@@ -250,9 +251,12 @@ func (m *Manager) Restore(ctx context.Context, dir string, _ map[string]string) 
 	if err != nil {
 		return nil, err
 	}
-	// A mount left by a daemon that died answers nothing (ENOTCONN).
-	if err := m.detachStale(ctx, dir); err != nil {
-		return nil, err
+	// A mount left by a daemon that died answers nothing (ENOTCONN),
+	// unless its FUSE connection was kept: then it is served again.
+	if h := m.cfg.Lazy.Handover; h == nil || !h.Holds(filepath.Join(dir, lazyMount)) {
+		if err := m.detachStale(ctx, dir); err != nil {
+			return nil, err
+		}
 	}
 	l, err := lazy.Open(ctx, rec, blob, saved.Descriptor, tocDigest, m.lazyOptions(dir))
 	if err != nil {
@@ -270,6 +274,12 @@ func (m *Manager) Release(ctx context.Context, dir string) error {
 	delete(m.lazy, dir)
 	m.mu.Unlock()
 	if !ok {
+		if served, err := m.serveRetiring(ctx, dir); served || err != nil {
+			return err
+		}
+		for _, f := range []string{lazyTOCFile, lazyDescFile} {
+			os.Remove(filepath.Join(dir, f))
+		}
 		return m.detachStale(ctx, dir)
 	}
 	if err := ll.stop(ctx); err != nil {
@@ -297,6 +307,25 @@ func (ll *Lazy) stop(ctx context.Context) error {
 	}
 	ll.layer.Close()
 	_, err := ll.detach()
+	return err
+}
+
+// leave ends ll's population, waits for it, and leaves its mount and FUSE
+// connection to the next daemon (Config.Lazy.Handover).
+func (ll *Lazy) leave(ctx context.Context) error {
+	ll.cancel()
+	ll.mu.Lock()
+	exited := ll.exited
+	ll.mu.Unlock()
+	if exited != nil {
+		select {
+		case <-exited:
+		case <-ctx.Done():
+			return ctx.Err()
+		}
+	}
+	err := ll.layer.Close()
+	ll.layer.Leave()
 	return err
 }
 
@@ -348,4 +377,71 @@ func (r blobReaderAt) ReadAt(p []byte, off int64) (int, error) {
 	}
 	defer rc.Close()
 	return io.ReadFull(rc, p)
+}
+
+// serveRetiring serves again the FUSE connection the last daemon kept for
+// the local layer of dir, whose mount had not retired (overlays of
+// containers started lazily still use it), and retires it as that daemon
+// would have. It reports false if there is no such connection.
+func (m *Manager) serveRetiring(ctx context.Context, dir string) (bool, error) {
+	mp := filepath.Join(dir, lazyMount)
+	h := m.cfg.Lazy.Handover
+	if m.cfg.Lazy.Cache == nil || h == nil || !h.Holds(mp) {
+		return false, nil
+	}
+	b, err := os.ReadFile(filepath.Join(dir, lazyDescFile))
+	if err != nil {
+		return false, nil
+	}
+	var saved savedLayer
+	if err := json.Unmarshal(b, &saved); err != nil {
+		return false, nil
+	}
+	tocDigest, ok := lazy.Capable(saved.Descriptor)
+	if !ok {
+		return false, nil
+	}
+	rec, err := lazy.LoadRecorded(filepath.Join(dir, lazyTOCFile))
+	if err != nil {
+		return false, nil
+	}
+	blob, err := m.reg.Ranges(ctx, saved.Ref, saved.Descriptor)
+	if err != nil {
+		return false, err
+	}
+	l, err := lazy.Open(ctx, rec, blob, saved.Descriptor, tocDigest, m.lazyOptions(dir))
+	if err != nil {
+		return false, err
+	}
+	tree, prefix := filepath.Join(dir, "fs"), ""
+	native := false
+	if st, err := os.Stat(filepath.Join(dir, metaDir)); err == nil && st.IsDir() && m.cfg.DataDir != "" {
+		native, tree, prefix = true, m.placeDir(dir), meta.RedirectRoot+"/"+layerID(dir)
+	}
+	l.SetLocal(tree)
+	resumed, err := l.Resume(ctx, mp, prefix)
+	if err != nil || !resumed {
+		l.Close()
+		return false, err
+	}
+	l.DropBlob()
+	ctx2, cancel := context.WithCancel(m.ctx)
+	ll := &Lazy{
+		m: m, dir: dir, ref: saved.Ref, desc: saved.Descriptor, layer: l, native: native,
+		ctx: ctx2, cancel: cancel,
+		begin: make(chan struct{}), local: make(chan struct{}), failed: make(chan struct{}),
+		exited: make(chan struct{}),
+	}
+	ll.state.Store(stateLocal)
+	ll.started, ll.released = true, true
+	close(ll.begin)
+	close(ll.local)
+	m.mu.Lock()
+	m.lazy[dir] = ll
+	m.mu.Unlock()
+	go func() {
+		defer close(ll.exited)
+		m.retire(log.WithLogger(ctx2, log.G(ctx).WithField("layer", saved.Descriptor.Digest)), ll)
+	}()
+	return true, nil
 }

@@ -186,9 +186,12 @@ func New(ctx context.Context, reg Registry, cfg Config) (*Manager, error) {
 	}, nil
 }
 
-// Close stops background fetches and population, deletes staged layers and
-// detaches the lazy mounts (overlays that use them keep them until they are
-// unmounted). Nothing the Manager started runs after Close returns.
+// Close stops background fetches and population and deletes staged layers.
+// With Config.Lazy.Handover it leaves the lazy mounts and their FUSE
+// connections to the next daemon, whose Restore serves them again; the
+// servers answer until the process exits. Without, it detaches them
+// (overlays that use them keep them until they are unmounted). Nothing
+// else the Manager started runs after Close returns.
 func (m *Manager) Close() error {
 	m.mu.Lock()
 	m.closed = true
@@ -201,7 +204,11 @@ func (m *Manager) Close() error {
 	m.mu.Unlock()
 	var errs []error
 	for _, ll := range lazy {
-		errs = append(errs, ll.stop(context.Background()))
+		if m.cfg.Lazy.Handover != nil {
+			errs = append(errs, ll.leave(context.Background()))
+		} else {
+			errs = append(errs, ll.stop(context.Background()))
+		}
 	}
 	errs = append(errs, os.RemoveAll(m.cfg.Staging))
 	return errors.Join(errs...)

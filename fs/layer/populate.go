@@ -168,7 +168,7 @@ func (m *Manager) populate(ll *Lazy, local func(context.Context) error) {
 	if b := ll.layer.Stats().Bound; ll.native && b > 0 {
 		log.G(ctx).WithField("files", b).Warn("running containers hold files of this layer bound to its FUSE mount " +
 			"(first opened before they were local): they read through the daemon until the kernel evicts them, " +
-			"and a crash of the daemon breaks their reads; every other file reads natively")
+			"so they need a daemon (a restarted one serves them); every other file reads natively")
 	}
 	// Containers that were handed the FUSE mount just before the swap may
 	// not have mounted their overlay yet: give them time before detaching.
@@ -235,9 +235,8 @@ func (m *Manager) populateOnce(ctx context.Context, ll *Lazy, local func(context
 	if err := ll.layer.DropBlob(); err != nil {
 		log.G(ctx).WithError(err).Warn("cannot delete the layer's blob copy")
 	}
-	for _, f := range []string{lazyTOCFile, lazyDescFile} {
-		os.Remove(filepath.Join(ll.dir, f))
-	}
+	// The TOC stays until the FUSE mount retired: a daemon that follows
+	// a restart or crash serves the mount's connection with it.
 	return nil
 }
 
@@ -268,5 +267,8 @@ func (m *Manager) retire(ctx context.Context, ll *Lazy) {
 		delete(m.lazy, ll.dir)
 	}
 	m.mu.Unlock()
+	for _, f := range []string{lazyTOCFile, lazyDescFile} {
+		os.Remove(filepath.Join(ll.dir, f))
+	}
 	log.G(ctx).Info("FUSE mount retired")
 }

@@ -6,7 +6,11 @@
 //
 // The tree is what overlayfs expects of a lower layer (whiteouts as 0/0
 // character devices, opaque directories with trusted.overlay.opaque), read
-// only, with stable inode numbers and long kernel cache timeouts.
+// only, with stable inode numbers and long kernel cache timeouts. It is
+// served with go-fuse's raw API so that FUSE node ids follow from the
+// index: a daemon that takes a mount's FUSE connection over from another
+// (see fs/fusefd and Options.Handover) answers the kernel's ids as they
+// are.
 //
 // It does not decide which layers are lazy or where they are mounted; the
 // fs/layer package does.

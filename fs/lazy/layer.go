@@ -2,6 +2,7 @@ package lazy
 
 import (
 	"context"
+	"encoding/json"
 	"errors"
 	"fmt"
 	"io"
@@ -16,13 +17,13 @@ import (
 	"github.com/containerd/log"
 	"github.com/containerd/stargz-snapshotter/estargz"
 	"github.com/containerd/stargz-snapshotter/estargz/zstdchunked"
-	"github.com/hanwen/go-fuse/v2/fs"
 	"github.com/hanwen/go-fuse/v2/fuse"
 	"github.com/opencontainers/go-digest"
 	ocispec "github.com/opencontainers/image-spec/specs-go/v1"
 	"golang.org/x/sys/unix"
 
 	"github.com/lazylayer/lazylayer/cache"
+	"github.com/lazylayer/lazylayer/fs/fusefd"
 )
 
 // TOCDigestAnnotation is the layer annotation holding the digest of the
@@ -64,6 +65,26 @@ type Options struct {
 	Activity *Activity
 	// Metrics, if set, receives what the layer does.
 	Metrics Metrics
+	// Handover, if set, keeps the layer's FUSE connection for the next
+	// daemon, and gives back one the last daemon served at the same
+	// mountpoint.
+	Handover Handover
+}
+
+// Handover keeps FUSE connections while the daemon restarts or after it
+// crashed (a fusefd.Client).
+type Handover interface {
+	// Holds reports whether a connection is kept for mountpoint.
+	Holds(mountpoint string) bool
+	// Take returns the connection kept for mountpoint, once.
+	Take(mountpoint string) (fusefd.Held, bool)
+	// Keep keeps a copy of c, served at mountpoint, with note.
+	Keep(mountpoint string, c *fusefd.Conn, note []byte) error
+	// SetState records the server's state with the connection kept
+	// for mountpoint.
+	SetState(mountpoint string, state []byte) error
+	// Drop closes the copy kept for mountpoint.
+	Drop(mountpoint string) error
 }
 
 // Capable reports whether desc is a layer lazylayer can serve lazily: an
@@ -95,13 +116,15 @@ type Layer struct {
 	local        atomic.Pointer[string] // where verified files are, once there is a place
 	complete     atomic.Bool            // local holds the complete tree
 	passthrough  bool
-
-	// top is the inode of the layer's root directory when the mount
-	// serves the layer under a prefix (MountData); nil otherwise.
-	top *fs.Inode
+	// noPassthrough is set once the kernel refused a backing file.
+	noPassthrough atomic.Bool
+	handover      Handover
 
 	mu         sync.Mutex
 	server     *fuse.Server       // guarded by mu
+	raw        *rawFS             // what server serves; guarded by mu
+	conn       *fusefd.Conn       // the mount's FUSE connection; guarded by mu
+	resumed    bool               // the connection was taken over from an earlier daemon; guarded by mu
 	mountpoint string             // guarded by mu
 	cancel     context.CancelFunc // stops the prefetch of the last Mount; guarded by mu
 	prefetched chan struct{}      // closed when that prefetch has returned; guarded by mu
@@ -178,6 +201,7 @@ func Open(ctx context.Context, ra io.ReaderAt, blob Blob, desc ocispec.Descripto
 		ix:          ix,
 		toc:         rec,
 		passthrough: o.Passthrough,
+		handover:    o.Handover,
 		f: &fetcher{
 			layer:   desc.Digest,
 			blob:    blob,
@@ -368,8 +392,24 @@ const entryTimeout = time.Hour
 // Mount serves the layer read-only at mountpoint and starts fetching the
 // files eStargz prioritized.
 func (l *Layer) Mount(ctx context.Context, mountpoint string) error {
-	return l.mount(ctx, mountpoint, "")
+	return l.mount(ctx, mountpoint, "", false)
 }
+
+// Resume serves the FUSE connection an earlier daemon kept for
+// mountpoint (Options.Handover) if it serves this layer under prefix
+// ("" for Mount), even if the mount was detached since (overlays still
+// use it); it reports false, mounting nothing, if there is none.
+func (l *Layer) Resume(ctx context.Context, mountpoint, prefix string) (bool, error) {
+	if err := l.mount(ctx, mountpoint, prefix, true); err != nil {
+		if errors.Is(err, errNotHeld) {
+			return false, nil
+		}
+		return false, err
+	}
+	return true, nil
+}
+
+var errNotHeld = errors.New("no FUSE connection kept for this layer")
 
 // MountData is Mount for a data-only overlay layer: the mount's root holds
 // the layer's tree at prefix (e.g. ".lazylayer/<id>"), where the
@@ -378,45 +418,70 @@ func (l *Layer) MountData(ctx context.Context, mountpoint, prefix string) error 
 	if prefix == "" || path.Clean(prefix) != prefix || path.IsAbs(prefix) || strings.HasPrefix(prefix, "..") {
 		return fmt.Errorf("mount layer %s: bad prefix %q", l.desc.Digest, prefix)
 	}
-	return l.mount(ctx, mountpoint, prefix)
+	return l.mount(ctx, mountpoint, prefix, false)
 }
 
-func (l *Layer) mount(ctx context.Context, mountpoint, prefix string) error {
+// mount serves the layer at mountpoint: on the connection an earlier
+// daemon kept, else (unless resumeOnly) on a new mount.
+func (l *Layer) mount(ctx context.Context, mountpoint, prefix string, resumeOnly bool) error {
 	l.mu.Lock()
 	defer l.mu.Unlock()
 	if l.server != nil {
 		return fmt.Errorf("layer %s is already mounted at %s", l.desc.Digest, l.mountpoint)
 	}
-	timeout := entryTimeout
-	var root fs.InodeEmbedder = &node{l: l, num: 0}
+	var names []string
 	if prefix != "" {
-		root = &prefixRoot{l: l, names: strings.Split(prefix, "/")}
+		names = strings.Split(prefix, "/")
 	}
-	opts := &fs.Options{
-		MountOptions: fuse.MountOptions{
-			AllowOther:    true,
-			FsName:        "lazylayer",
-			Name:          "lazylayer",
-			DirectMount:   true,
-			MaxStackDepth: 1,
-			Options:       []string{"ro", "default_permissions"},
-		},
-		EntryTimeout:    &timeout,
-		AttrTimeout:     &timeout,
-		NegativeTimeout: &timeout,
-		NullPermissions: true,
+	note, _ := json.Marshal(heldNote{Layer: l.desc.Digest, Prefix: prefix, Index: l.ix.fingerprint()})
+	raw := newRawFS(l, names)
+	conn, resumed := l.takeHeld(ctx, mountpoint, note, raw, resumeOnly)
+	if conn == nil && resumeOnly {
+		return errNotHeld
 	}
-	server, err := fuse.NewServer(&countingFS{RawFileSystem: fs.NewNodeFS(root, opts), l: l}, mountpoint, &opts.MountOptions)
-	if err == nil {
-		go server.Serve()
-		if err = server.WaitMount(); err != nil {
-			server.Unmount()
+	if conn == nil {
+		var err error
+		if conn, err = fusefd.Mount(mountpoint, "lazylayer"); err != nil {
+			return fmt.Errorf("mount layer %s: %w", l.desc.Digest, err)
 		}
 	}
-	if err != nil {
-		return fmt.Errorf("mount layer %s at %s: %w", l.desc.Digest, mountpoint, err)
+	opts := fuse.MountOptions{
+		AllowOther:         true,
+		FsName:             "lazylayer",
+		Name:               "lazylayer",
+		MaxStackDepth:      1,
+		MaxWrite:           fusefd.MaxWrite,
+		DisableReadDirPlus: true,
 	}
-	l.server, l.mountpoint = server, mountpoint
+	if l.handover != nil {
+		raw.save = func(state []byte) error { return l.handover.SetState(mountpoint, state) }
+	}
+	server, err := fusefd.Serve(conn, &countingFS{RawFileSystem: raw, l: l}, opts)
+	if err != nil && server == nil {
+		if !resumed {
+			unix.Unmount(mountpoint, unix.MNT_DETACH)
+		}
+		conn.Close()
+		return fmt.Errorf("serve layer %s at %s: %w", l.desc.Digest, mountpoint, err)
+	}
+	if err != nil {
+		log.G(ctx).WithError(err).WithField("layer", l.desc.Digest).Warn("requests the last daemon left unanswered wait until the mount ends")
+	}
+	go server.Serve()
+	if !resumed {
+		if err := fusefd.NoPoll(mountpoint); err != nil {
+			log.G(ctx).WithError(err).WithField("layer", l.desc.Digest).Warn("cannot turn FUSE POLL off")
+		}
+	}
+	if l.handover != nil {
+		if err := l.handover.Keep(mountpoint, conn, note); err != nil {
+			log.G(ctx).WithError(err).WithField("layer", l.desc.Digest).Warn("the FUSE connection is not kept: containers using the layer break if the daemon stops")
+		}
+	}
+	if resumed {
+		log.G(ctx).WithField("layer", l.desc.Digest).WithField("mountpoint", mountpoint).Info("serving the FUSE connection the last daemon left")
+	}
+	l.server, l.raw, l.conn, l.resumed, l.mountpoint = server, raw, conn, resumed, mountpoint
 	bg, cancel := context.WithCancel(context.WithoutCancel(ctx))
 	prefetched := make(chan struct{})
 	l.cancel, l.prefetched = cancel, prefetched
@@ -425,6 +490,47 @@ func (l *Layer) mount(ctx context.Context, mountpoint, prefix string) error {
 		l.prefetch(bg)
 	}()
 	return nil
+}
+
+// heldNote is what a layer records with its kept FUSE connection: a daemon
+// serves it again only for the same layer, presented the same way.
+type heldNote struct {
+	Layer  digest.Digest `json:"layer"`
+	Prefix string        `json:"prefix"`
+	Index  string        `json:"index"` // index.fingerprint: node ids follow entry numbers
+}
+
+// takeHeld returns the connection an earlier daemon kept for mountpoint if
+// it serves this layer (note) and is still mounted there; a kept
+// connection that does not is closed.
+func (l *Layer) takeHeld(ctx context.Context, mountpoint string, note []byte, raw *rawFS, detachedOK bool) (*fusefd.Conn, bool) {
+	if l.handover == nil {
+		return nil, false
+	}
+	held, ok := l.handover.Take(mountpoint)
+	if !ok {
+		return nil, false
+	}
+	if string(held.Note) == string(note) && (detachedOK || fusefd.Mounted(mountpoint, "lazylayer")) {
+		if err := raw.restore(held.State); err != nil {
+			log.G(ctx).WithError(err).WithField("layer", l.desc.Digest).Warn("the state the last daemon recorded is unreadable; its open files are served as page-cache opens")
+		}
+		return &held.Conn, true
+	}
+	log.G(ctx).WithField("layer", l.desc.Digest).WithField("mountpoint", mountpoint).
+		Warn("the FUSE connection the last daemon left is not this layer's or no longer mounted; mounting afresh")
+	unix.Unmount(mountpoint, unix.MNT_DETACH)
+	held.Conn.Close()
+	l.handover.Drop(mountpoint)
+	return nil, false
+}
+
+// Resumed reports whether the layer's mount is served on a FUSE connection
+// an earlier daemon left.
+func (l *Layer) Resumed() bool {
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	return l.resumed
 }
 
 // Unmount stops the prefetch that Mount started and detaches the mount
@@ -440,17 +546,37 @@ func (l *Layer) Unmount() (done <-chan struct{}, err error) {
 		return ch, nil
 	}
 	l.cancel()
-	if err := unix.Unmount(l.mountpoint, unix.MNT_DETACH); err != nil && err != unix.EINVAL {
+	if err := unix.Unmount(l.mountpoint, unix.MNT_DETACH); err != nil && err != unix.EINVAL && err != unix.ENOENT {
 		return nil, fmt.Errorf("unmount %s: %w", l.mountpoint, err)
 	}
-	server, prefetched := l.server, l.prefetched
-	l.server = nil
+	server, prefetched, conn, mp := l.server, l.prefetched, l.conn, l.mountpoint
+	l.server, l.conn = nil, nil
 	go func() {
 		server.Wait()
 		<-prefetched
+		if l.handover != nil {
+			l.handover.Drop(mp)
+		}
+		conn.Close()
 		close(ch)
 	}()
 	return ch, nil
+}
+
+// Leave stops the prefetch that Mount started and leaves the mount and its
+// FUSE connection to the next daemon (see Options.Handover): nothing is
+// unmounted, and the server answers until the process exits.
+func (l *Layer) Leave() {
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	if l.server == nil {
+		return
+	}
+	l.cancel()
+	if err := l.raw.stop(); err != nil {
+		log.L.WithError(err).WithField("layer", l.desc.Digest).Warn("cannot record the open files for the next daemon")
+	}
+	l.server = nil
 }
 
 // prefetch fetches the chunks of the files eStargz placed before its

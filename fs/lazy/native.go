@@ -1,7 +1,6 @@
 package lazy
 
 import (
-	"context"
 	"crypto/sha256"
 	"errors"
 	"fmt"
@@ -13,7 +12,6 @@ import (
 	"syscall"
 	"time"
 
-	"github.com/hanwen/go-fuse/v2/fs"
 	"github.com/hanwen/go-fuse/v2/fuse"
 
 	"github.com/lazylayer/lazylayer/fs/meta"
@@ -217,46 +215,4 @@ func cleanTarName(name string) string {
 		return p
 	}
 	return "."
-}
-
-// prefixRoot is the root of a data mount: a chain of directories named
-// names whose last holds the layer's root directory.
-type prefixRoot struct {
-	fs.Inode
-	l     *Layer
-	names []string
-}
-
-var _ fs.NodeOnAdder = (*prefixRoot)(nil)
-
-// OnAdd builds the chain. Its inode numbers follow the layer's (entry i
-// is inode i+1), so none is shared.
-func (r *prefixRoot) OnAdd(ctx context.Context) {
-	ino := uint64(len(r.l.ix.entries)) + 1
-	dir := &r.Inode
-	for _, name := range r.names[:len(r.names)-1] {
-		ino++
-		child := dir.NewPersistentInode(ctx, &fs.Inode{}, fs.StableAttr{Mode: syscall.S_IFDIR, Ino: ino})
-		dir.AddChild(name, child, false)
-		dir = child
-	}
-	ino++
-	top := dir.NewPersistentInode(ctx, &node{l: r.l, num: 0}, fs.StableAttr{Mode: syscall.S_IFDIR, Ino: ino})
-	dir.AddChild(r.names[len(r.names)-1], top, false)
-	r.l.top = top
-}
-
-// relPath is n's path relative to the layer root. It is kept from the
-// lookup, not asked of go-fuse: an inode whose parent the kernel forgot
-// has no path there any more (".go-fuse.N/deleted/..."), and its opens
-// then missed the local file.
-func (n *node) relPath() string {
-	return n.path
-}
-
-// OnForget counts a regular file the kernel forgot (see Stats.Bound).
-func (n *node) OnForget() {
-	if n.bound {
-		n.l.bound.Add(-1)
-	}
 }

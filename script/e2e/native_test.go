@@ -777,8 +777,9 @@ func dataSHA256(t *testing.T, l testimage.Layer) map[string]string {
 // TestNativeCrash: the daemon is killed after population while a container
 // started lazily runs: every file the container had not opened before
 // reads without error and with the overlayfs bytes, and a file it opened
-// after population and holds open keeps reading. What the files it opened
-// before population give is recorded.
+// after population and holds open keeps reading. The files it opened
+// before population (bound to the FUSE mount) wait for the next daemon,
+// which serves the connection the killed one left, and read right.
 func TestNativeCrash(t *testing.T) {
 	reg, _ := startRegistry(t)
 	e := newEnv(t, reg.Addr(), reg.Addr(), manualPopulation)
@@ -841,22 +842,25 @@ func TestNativeCrash(t *testing.T) {
 		t.Errorf("the file opened after population, held open, fails after the daemon was killed: %v", l.errors[len(late.errors):])
 	}
 
-	// Record what the files opened before population give.
-	deadline := time.Now().Add(10 * time.Second)
-	e2 := readLoopLog(t, "crash", "/tmp/early.log")
-	for e2.rounds < early.rounds+2 && time.Now().Before(deadline) {
-		time.Sleep(100 * time.Millisecond)
-		e2 = readLoopLog(t, "crash", "/tmp/early.log")
-	}
-	t.Logf("files opened before population and held open (%v): %d rounds after the kill, %d failed; last: %q",
-		heldEarly, e2.rounds-early.rounds, len(e2.errors)-len(early.errors), lastOf(e2.errors))
-	for p, s := range e.walkSums("crash", append([]string{"read"}, readEarly...)...) {
-		t.Logf("opened and closed before population, read again after the kill: %s: %s", p, s)
-	}
-
-	// A new daemon serves a new container from the local layers.
+	// A new daemon serves the FUSE connection the killed one left (kept
+	// by the descriptor holder): the files opened before population, bound
+	// to FUSE, read again, with the right bytes.
 	os.Remove(e.lazySock)
 	e.startLazylayer()
+	e2 := waitRounds(t, "crash", "/tmp/early.log", early.rounds+3, time.Minute)
+	t.Logf("files opened before population and held open (%v): %d rounds after the kill, %d failed; last: %q",
+		heldEarly, e2.rounds-early.rounds, len(e2.errors)-len(early.errors), lastOf(e2.errors))
+	if len(e2.errors) > 0 {
+		t.Errorf("files opened before population and held open fail across the crash: %v", e2.errors)
+	}
+	wantEarly := e.walkSums("crash-ref", append([]string{"read"}, readEarly...)...)
+	for p, s := range e.walkSums("crash", append([]string{"read"}, readEarly...)...) {
+		if s != wantEarly[p] {
+			t.Errorf("opened and closed before population, read again after the kill and a restart: %s: %s, want %s", p, s, wantEarly[p])
+		}
+	}
+
+	// The new daemon serves a new container from the local layers.
 	if out := e.ctr("run", "--rm", "--snapshotter", "lazylayer", img.ref, "after-crash", "sha256sum", heldLate); !strings.HasPrefix(out, sums[heldLate]) {
 		t.Errorf("a container started after the restart printed %q", out)
 	}
