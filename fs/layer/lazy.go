@@ -294,35 +294,36 @@ func (m *Manager) Release(ctx context.Context, dir string) error {
 // stop ends ll's population, waits for it, and detaches its mount. What
 // is saved in its directory stays, for a restart.
 func (ll *Lazy) stop(ctx context.Context) error {
-	ll.cancel()
-	ll.mu.Lock()
-	exited := ll.exited
-	ll.mu.Unlock()
-	if exited != nil {
-		select {
-		case <-exited:
-		case <-ctx.Done():
-			return ctx.Err()
-		}
+	if err := ll.endPopulation(ctx); err != nil {
+		return err
 	}
 	ll.layer.Close()
 	_, err := ll.detach()
 	return err
 }
 
-// leave ends ll's population, waits for it, and leaves its mount and FUSE
-// connection to the next daemon (Config.Lazy.Handover).
-func (ll *Lazy) leave(ctx context.Context) error {
+// endPopulation cancels ll's population and waits for it to return.
+func (ll *Lazy) endPopulation(ctx context.Context) error {
 	ll.cancel()
 	ll.mu.Lock()
 	exited := ll.exited
 	ll.mu.Unlock()
-	if exited != nil {
-		select {
-		case <-exited:
-		case <-ctx.Done():
-			return ctx.Err()
-		}
+	if exited == nil {
+		return nil
+	}
+	select {
+	case <-exited:
+		return nil
+	case <-ctx.Done():
+		return ctx.Err()
+	}
+}
+
+// leave ends ll's population, waits for it, and leaves its mount and FUSE
+// connection to the next daemon (Config.Lazy.Handover).
+func (ll *Lazy) leave(ctx context.Context) error {
+	if err := ll.endPopulation(ctx); err != nil {
+		return err
 	}
 	err := ll.layer.Close()
 	ll.layer.Leave()

@@ -542,7 +542,7 @@ func TestLifecycleReleaseDuringPopulation(t *testing.T) {
 		released <- m.Release(ctx, dir)
 	}()
 	<-reg.cancelled
-	waitReturnedOrBlocked(t, released, "Release waiting", blockedIn("fs/layer.(*Lazy).stop"))
+	waitReturnedOrBlocked(t, released, "Release waiting", blockedIn("fs/layer.(*Lazy).endPopulation"))
 	if !exited(ll) {
 		select {
 		case <-released:

@@ -13,21 +13,17 @@ import (
 	"flag"
 	"fmt"
 	"io"
-	"net"
 	"os"
-	"os/signal"
 	"path/filepath"
-	"syscall"
 
 	"github.com/awslabs/soci-snapshotter/config"
 	socifs "github.com/awslabs/soci-snapshotter/fs"
 	"github.com/awslabs/soci-snapshotter/metadata"
 	"github.com/awslabs/soci-snapshotter/service"
 	"github.com/awslabs/soci-snapshotter/ztoc"
-	snapshotsapi "github.com/containerd/containerd/api/services/snapshots/v1"
-	"github.com/containerd/containerd/v2/contrib/snapshotservice"
 	"github.com/containerd/containerd/v2/pkg/namespaces"
 	"github.com/containerd/log"
+	"github.com/lazylayer/lazylayer/script/bench/peers/serve"
 	bolt "go.etcd.io/bbolt"
 	"google.golang.org/grpc"
 )
@@ -87,27 +83,5 @@ func run(root, address, configPath, logLevel string) error {
 		}
 		return h(ctx, req)
 	}))
-	snapshotsapi.RegisterSnapshotsServer(srv, snapshotservice.FromSnapshotter(sn))
-	if err := os.MkdirAll(filepath.Dir(address), 0o700); err != nil {
-		return err
-	}
-	if err := os.RemoveAll(address); err != nil {
-		return err
-	}
-	l, err := net.Listen("unix", address)
-	if err != nil {
-		return err
-	}
-	sig := make(chan os.Signal, 1)
-	signal.Notify(sig, syscall.SIGINT, syscall.SIGTERM)
-	errc := make(chan error, 1)
-	go func() { errc <- srv.Serve(l) }()
-	select {
-	case s := <-sig:
-		log.G(ctx).Infof("got %v, stopping", s)
-		srv.Stop()
-		return nil
-	case err := <-errc:
-		return err
-	}
+	return serve.Snapshotter(ctx, srv, sn, address)
 }

@@ -11,16 +11,11 @@ import (
 	"context"
 	"flag"
 	"fmt"
-	"net"
 	"os"
-	"os/signal"
-	"path/filepath"
-	"syscall"
 
-	snapshotsapi "github.com/containerd/containerd/api/services/snapshots/v1"
-	"github.com/containerd/containerd/v2/contrib/snapshotservice"
 	"github.com/containerd/log"
 	"github.com/containerd/stargz-snapshotter/service"
+	"github.com/lazylayer/lazylayer/script/bench/peers/serve"
 	"github.com/pelletier/go-toml/v2"
 	"google.golang.org/grpc"
 )
@@ -58,27 +53,5 @@ func run(root, address, configPath, logLevel string) error {
 	}
 	defer sn.Close()
 	srv := grpc.NewServer()
-	snapshotsapi.RegisterSnapshotsServer(srv, snapshotservice.FromSnapshotter(sn))
-	if err := os.MkdirAll(filepath.Dir(address), 0o700); err != nil {
-		return err
-	}
-	if err := os.RemoveAll(address); err != nil {
-		return err
-	}
-	l, err := net.Listen("unix", address)
-	if err != nil {
-		return err
-	}
-	sig := make(chan os.Signal, 1)
-	signal.Notify(sig, syscall.SIGINT, syscall.SIGTERM)
-	errc := make(chan error, 1)
-	go func() { errc <- srv.Serve(l) }()
-	select {
-	case s := <-sig:
-		log.G(ctx).Infof("got %v, stopping", s)
-		srv.Stop()
-		return nil
-	case err := <-errc:
-		return err
-	}
+	return serve.Snapshotter(ctx, srv, sn, address)
 }
