@@ -76,20 +76,31 @@ func TestCRI(t *testing.T) {
 	t.Run("local-pull", func(t *testing.T) { testCRI(t, "  disable_snapshot_annotations = false") })
 }
 
-func testCRI(t *testing.T, imagesExtra string) {
-	localPull := imagesExtra != ""
-	reg, proxy := startRegistry(t)
+// criNode pushes the pod sandbox image to the registry at regAddr and
+// makes the directories of a CRI node: CNI binaries and configuration,
+// logs, and a hosts.toml directory that sends pulls for regAddr to
+// server. It returns the sandbox image, the directory and the hosts
+// directory.
+func criNode(t *testing.T, regAddr, server string) (sandbox pushed, dir, hosts string) {
+	t.Helper()
 	pause := testimage.Busybox()
 	pause.Config.Cmd = []string{"/bin/sleep", "2147483647"}
-	sandbox := push(t, reg.Addr(), "e2e/pause:1", pause)
-	dir := t.TempDir()
+	sandbox = push(t, regAddr, "e2e/pause:1", pause)
+	dir = t.TempDir()
 	for _, d := range []string{"cni-bin", "cni-conf", "logs"} {
 		if err := os.Mkdir(filepath.Join(dir, d), 0o755); err != nil {
 			t.Fatal(err)
 		}
 	}
-	hosts := filepath.Join(dir, "hosts")
-	writeHosts(t, hosts, reg.Addr(), reg.Addr())
+	hosts = filepath.Join(dir, "hosts")
+	writeHosts(t, hosts, regAddr, server)
+	return sandbox, dir, hosts
+}
+
+func testCRI(t *testing.T, imagesExtra string) {
+	localPull := imagesExtra != ""
+	reg, proxy := startRegistry(t)
+	sandbox, dir, hosts := criNode(t, reg.Addr(), reg.Addr())
 	e := newEnvWith(t, reg.Addr(), proxy.Addr(), criConfig(t, dir, hosts, sandbox.ref, imagesExtra), "[lazy]\n  populate = \"manual\"\n")
 	src := push(t, reg.Addr(), "e2e/cri:gzip", sampleImage("cri"))
 	img := e.convert(src, "e2e/cri:estargz")

@@ -23,8 +23,6 @@ import (
 	"syscall"
 	"testing"
 	"time"
-
-	"github.com/lazylayer/lazylayer/script/internal/testimage"
 )
 
 // tokenFront is a registry front that requires a bearer token for the
@@ -194,18 +192,7 @@ func sumMetric(vals map[string]float64, family string, re string) float64 {
 func TestCrictlPullSecret(t *testing.T) {
 	reg, proxy := startRegistry(t)
 	front := startTokenFront(t, proxy.Addr())
-	pause := testimage.Busybox()
-	pause.Config.Cmd = []string{"/bin/sleep", "2147483647"}
-	sandbox := push(t, reg.Addr(), "e2e/pause:1", pause)
-
-	dir := t.TempDir()
-	for _, d := range []string{"cni-bin", "cni-conf", "logs"} {
-		if err := os.Mkdir(filepath.Join(dir, d), 0o755); err != nil {
-			t.Fatal(err)
-		}
-	}
-	hosts := filepath.Join(dir, "hosts")
-	writeHosts(t, hosts, reg.Addr(), front.addr)
+	sandbox, dir, hosts := criNode(t, reg.Addr(), front.addr)
 	e := newEnvWith(t, reg.Addr(), front.addr, criConfig(t, dir, hosts, sandbox.ref, ""), "[lazy]\n  populate = \"manual\"\n")
 	// The CRI proxy needs containerd's socket, known once the env is up:
 	// lazylayer starts again with it (and the metrics endpoint) configured.
