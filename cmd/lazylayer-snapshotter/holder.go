@@ -72,6 +72,12 @@ func openHandover(ctx context.Context, root, mode string, start bool) (handover,
 		if err != nil {
 			return nil, err
 		}
+		if c, err := fusefd.Connect(holderSocket(root)); err == nil {
+			if err := s.Adopt(c); err != nil {
+				log.G(ctx).WithError(err).Warn("cannot move the FUSE connections the holder keeps into systemd's store")
+			}
+			c.Close()
+		}
 		log.G(ctx).WithField("taken back", len(s.Unclaimed())).Info("FUSE connections are kept in systemd's file descriptor store")
 		return s, nil
 	}

@@ -182,6 +182,42 @@ func (s *Store) send(state string, fd int) error {
 	return nil
 }
 
+// Adopt moves the connections the Holder c keeps, and nobody took, into
+// the store (a daemon that ran without the store left them): they are
+// held for Take as if passed at start, and the Holder lets them go.
+func (s *Store) Adopt(c *Client) error {
+	for _, mp := range c.Unclaimed() {
+		h, ok := c.Take(mp)
+		if !ok {
+			continue
+		}
+		s.mu.Lock()
+		_, dup := s.held[mp]
+		var err error
+		if !dup {
+			err = s.write(heldEntry{Name: mp, Init: h.Conn.Init, Note: h.Note, State: h.State})
+			if err == nil {
+				err = s.send("FDSTORE=1\nFDNAME="+StoreName(mp), h.Conn.Fd)
+			}
+			if err == nil {
+				s.held[mp], s.stored[mp] = h, h.Conn.Fd
+			}
+		}
+		s.mu.Unlock()
+		if dup || err != nil {
+			h.Conn.Close() // the Holder keeps its copy
+			if err != nil {
+				return fmt.Errorf("move the FUSE connection of %s into the store: %w", mp, err)
+			}
+			continue
+		}
+		if err := c.Drop(mp); err != nil {
+			return err
+		}
+	}
+	return nil
+}
+
 // Holds reports whether a connection passed at start for mountpoint is
 // not taken yet.
 func (s *Store) Holds(mountpoint string) bool {

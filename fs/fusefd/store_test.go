@@ -9,6 +9,7 @@ import (
 	"path/filepath"
 	"strings"
 	"testing"
+	"time"
 
 	"golang.org/x/sys/unix"
 )
@@ -234,5 +235,71 @@ func TestListenFds(t *testing.T) {
 		if !bytes.Contains(out, []byte(want+"\n")) {
 			t.Errorf("child output lacks %q:\n%s", want, out)
 		}
+	}
+}
+
+// TestStoreAdopt: connections a Holder keeps move into the store, held for
+// Take with what the Holder kept, and the Holder lets them go.
+func TestStoreAdopt(t *testing.T) {
+	ns := newNotifySocket(t)
+	sock := filepath.Join(t.TempDir(), "h.sock")
+	exited := make(chan error, 1)
+	go func() { exited <- RunHolder(sock) }()
+	c1, err := waitHolder(t, sock)
+	if err != nil {
+		t.Fatal(err)
+	}
+	var p [2]int
+	if err := unix.Pipe2(p[:], unix.O_CLOEXEC); err != nil {
+		t.Fatal(err)
+	}
+	defer unix.Close(p[1])
+	if err := c1.Keep("/mp", &Conn{Fd: p[0], Init: []byte("init")}, []byte("note")); err != nil {
+		t.Fatal(err)
+	}
+	if err := c1.SetState("/mp", []byte("state")); err != nil {
+		t.Fatal(err)
+	}
+	c1.Close()
+
+	c2, err := Connect(sock)
+	if err != nil {
+		t.Fatal(err)
+	}
+	s, err := OpenStore(ns.path, filepath.Join(t.TempDir(), "fdstore"), nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer s.Close()
+	if err := s.Adopt(c2); err != nil {
+		t.Fatal(err)
+	}
+	c2.Close()
+	m, ok := ns.next(t)
+	if !ok || m.vars["FDSTORE"] != "1" || m.vars["FDNAME"] != StoreName("/mp") || len(m.fds) != 1 || !sameFile(t, m.fds[0], p[0]) {
+		t.Fatalf("Adopt sent %+v (sent: %v), want the connection with FDSTORE=1 and its name", m, ok)
+	}
+	h, ok := s.Take("/mp")
+	if !ok || string(h.Conn.Init) != "init" || string(h.Note) != "note" || string(h.State) != "state" {
+		t.Fatalf("Take after Adopt = %+v, %v", h, ok)
+	}
+	h.Conn.Close()
+	unix.Close(p[0])
+	// The Holder, holding nothing and with no client, exits.
+	if err := <-exited; err != nil {
+		t.Fatal(err)
+	}
+}
+
+// waitHolder connects to the Holder a goroutine of the test starts at sock.
+func waitHolder(t *testing.T, sock string) (*Client, error) {
+	t.Helper()
+	deadline := time.Now().Add(10 * time.Second)
+	for {
+		c, err := Connect(sock)
+		if err == nil || time.Now().After(deadline) {
+			return c, err
+		}
+		time.Sleep(10 * time.Millisecond) // the holder goroutine binds its socket
 	}
 }
