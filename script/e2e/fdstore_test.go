@@ -11,6 +11,7 @@ import (
 	"sync"
 	"syscall"
 	"testing"
+	"time"
 
 	"github.com/moby/sys/mountinfo"
 	"golang.org/x/sys/unix"
@@ -309,7 +310,9 @@ func (e *env) holderStarted() bool {
 // killed with SIGKILL and started again with the stored connections, then
 // stopped with SIGTERM and started again: no read fails, every byte is
 // right, and files no container read before read right after each restart
-// (population held, so they come from the registry through the new daemon).
+// (population held, so they come from the registry through the new
+// daemon); once population made the layers local, a file open with FUSE
+// passthrough reads on across both restarts.
 func TestRestartFDStore(t *testing.T) {
 	m := newFDStoreManager(t)
 	reg, proxy := startRegistry(t)
@@ -357,6 +360,29 @@ func TestRestartFDStore(t *testing.T) {
 			t.Errorf("%s: the store lacks the FUSE connections of %v", what, miss)
 		}
 	}
+
+	// What the store's records keep besides the descriptors: once local,
+	// a file reader0 opened while lazy gets passthrough opens, whose
+	// backing id is recorded with the connection; it reads on across a
+	// SIGKILL and a SIGTERM.
+	e.populate()
+	e.checkNative(img, layerstatus.StateLocal)
+	f00 := "/data/f00=" + sums["/data/f00"]
+	e.ctr("task", "exec", "-d", "--exec-id", "passthrough", ids[0], nativeToolsDir+"/walker", "loop", "/tmp/pt.log", "fd:"+f00, "open:"+f00)
+	pt := waitRounds(t, ids[0], "/tmp/pt.log", 2, time.Minute)
+	for _, sig := range []syscall.Signal{syscall.SIGKILL, syscall.SIGTERM} {
+		resumed := e.resumedMounts()
+		e.stopLazylayer(sig)
+		e.startLazylayerFromStore(m)
+		waitFor(t, "the stored FUSE connections served again", func() bool { return e.resumedMounts()-resumed >= len(mounts) })
+		l := waitRounds(t, ids[0], "/tmp/pt.log", pt.rounds+3, 2*time.Minute)
+		if len(l.errors) > 0 {
+			t.Errorf("a file bound to FUSE, opened with passthrough before and after %v: %d reads failed: %v", sig, len(l.errors), l.errors)
+		}
+		pt = l
+	}
+	e.checkReaders("after restarts of local layers", ids, e.rounds(ids))
+	m.check("after restarts of local layers")
 	if e.holderStarted() {
 		t.Error("a FUSE descriptor holder was started although systemd's store keeps the connections")
 	}
