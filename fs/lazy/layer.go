@@ -72,7 +72,7 @@ type Options struct {
 }
 
 // Handover keeps FUSE connections while the daemon restarts or after it
-// crashed (a fusefd.Client).
+// crashed (a fusefd.Client, or a fusefd.Store under systemd).
 type Handover interface {
 	// Holds reports whether a connection is kept for mountpoint.
 	Holds(mountpoint string) bool
