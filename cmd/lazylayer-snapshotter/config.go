@@ -92,6 +92,12 @@ type lazyConfig struct {
 	// (when the kernel and the root's file system allow it, checked at
 	// start) or "off".
 	NativeMetadata string `toml:"native_metadata"`
+	// FDStore says where the FUSE connections of lazy mounts are kept so
+	// that containers outlive a crash of the daemon: "auto" (systemd's
+	// file descriptor store when systemd says it is enabled, else the
+	// holder process), "systemd" (the store whenever run by systemd) or
+	// "holder".
+	FDStore string `toml:"fd_store"`
 }
 
 type fetchConfig struct {
@@ -140,6 +146,7 @@ func defaultConfig() config {
 			PopulateBandwidth:   "0",
 			SwapGrace:           "30s",
 			NativeMetadata:      "auto",
+			FDStore:             "auto",
 		},
 		CRI: criConfig{
 			ContainerdAddress: "/run/containerd/containerd.sock",
@@ -226,6 +233,7 @@ type lazyOptions struct {
 	populateBandwidth   int64 // bytes per second; 0 unbounded
 	swapGrace           time.Duration
 	native              bool
+	fdStore             string // auto, systemd or holder
 }
 
 func (l lazyConfig) parse() (lazyOptions, error) {
@@ -275,7 +283,14 @@ func (l lazyConfig) parse() (lazyOptions, error) {
 	default:
 		return lazyOptions{}, fmt.Errorf("lazy.native_metadata %q: want \"auto\" or \"off\"", l.NativeMetadata)
 	}
-	return lazyOptions{enabled: l.Enabled, cacheSize: size, readTimeout: to, minRequest: minReq, populateConcurrency: l.PopulateConcurrency,
+	switch l.FDStore {
+	case "auto", "systemd", "holder":
+	case "":
+		l.FDStore = "auto"
+	default:
+		return lazyOptions{}, fmt.Errorf("lazy.fd_store %q: want \"auto\", \"systemd\" or \"holder\"", l.FDStore)
+	}
+	return lazyOptions{fdStore: l.FDStore, enabled: l.Enabled, cacheSize: size, readTimeout: to, minRequest: minReq, populateConcurrency: l.PopulateConcurrency,
 		populateRangeSize: popRange,
 		policy:            policy, populateDelay: delay, populateBandwidth: bw, swapGrace: grace, native: native}, nil
 }

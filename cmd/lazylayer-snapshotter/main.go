@@ -22,7 +22,6 @@ import (
 	"google.golang.org/grpc"
 
 	"github.com/lazylayer/lazylayer/cache"
-	"github.com/lazylayer/lazylayer/fs/fusefd"
 	"github.com/lazylayer/lazylayer/fs/layer"
 	"github.com/lazylayer/lazylayer/fs/layer/layerstatus"
 	"github.com/lazylayer/lazylayer/fs/lazy"
@@ -123,12 +122,14 @@ func run(ctx context.Context, args []string) error {
 	}
 	var chunks *cache.Store
 	// held keeps the FUSE connections of lazy mounts across restarts.
-	var held *fusefd.Client
-	if !lazyOpts.enabled {
-		// Connections a daemon serving lazily left are let go below.
-		if held, err = fusefd.Connect(holderSocket(cfg.Root)); err == nil {
-			defer held.Close()
-		}
+	// Without lazy serving, the connections a daemon serving lazily left
+	// are let go below.
+	held, err := openHandover(ctx, cfg.Root, lazyOpts.fdStore, lazyOpts.enabled)
+	if err != nil {
+		return err
+	}
+	if held != nil {
+		defer held.Close()
 	}
 	if lazyOpts.enabled {
 		chunks, err = cache.Open(ctx, filepath.Join(cfg.Root, "cache"), lazyOpts.cacheSize)
@@ -140,10 +141,6 @@ func run(ctx context.Context, args []string) error {
 		if !passthrough {
 			log.G(ctx).WithField("reason", why).Warn("FUSE passthrough unavailable: local layers of running lazy containers are read through the daemon")
 		}
-		if held, err = startHolder(cfg.Root); err != nil {
-			return err
-		}
-		defer held.Close()
 		layerCfg.Lazy = lazy.Options{Cache: chunks, ReadTimeout: lazyOpts.readTimeout, MinRequest: lazyOpts.minRequest,
 			Passthrough: passthrough, Activity: new(lazy.Activity), Metrics: m, Handover: held}
 		layerCfg.Populate = lazy.PopulateOptions{Concurrency: lazyOpts.populateConcurrency, RangeSize: lazyOpts.populateRangeSize}

@@ -12,6 +12,8 @@ import (
 	"time"
 
 	"golang.org/x/sys/unix"
+
+	"github.com/lazylayer/lazylayer/fs/fusefd"
 )
 
 func runArgs(t *testing.T, root string, extra ...string) error {
@@ -163,5 +165,31 @@ func TestShippedConfig(t *testing.T) {
 	}
 	if cfg.MetricsAddress == "" || cfg.CRI.Address == "" {
 		t.Errorf("the shipped configuration turns off the metrics endpoint (%q) or the CRI proxy (%q)", cfg.MetricsAddress, cfg.CRI.Address)
+	}
+}
+
+// TestUseStore: systemd's file descriptor store is used only under
+// systemd, when it is on or holds connections only it can give back.
+func TestUseStore(t *testing.T) {
+	ours := []fusefd.NamedFd{{Fd: 3, Name: fusefd.StoreName("/mp")}}
+	other := []fusefd.NamedFd{{Fd: 3, Name: "socket"}}
+	for _, c := range []struct {
+		mode, notify, fdstore string
+		fds                   []fusefd.NamedFd
+		want                  bool
+	}{
+		{"auto", "", "4096", ours, false}, // not run by systemd
+		{"auto", "/run/systemd/notify", "", nil, false},
+		{"auto", "/run/systemd/notify", "0", other, false},
+		{"auto", "/run/systemd/notify", "4096", nil, true},
+		{"auto", "/run/systemd/notify", "", ours, true},
+		{"systemd", "/run/systemd/notify", "", nil, true},
+		{"systemd", "", "", nil, false},
+		{"holder", "/run/systemd/notify", "4096", nil, false},
+		{"holder", "/run/systemd/notify", "4096", ours, true},
+	} {
+		if got := useStore(c.mode, c.notify, c.fdstore, c.fds); got != c.want {
+			t.Errorf("useStore(%q, %q, FDSTORE=%q, %v) = %v, want %v", c.mode, c.notify, c.fdstore, c.fds, got, c.want)
+		}
 	}
 }

@@ -11,6 +11,9 @@
 // A Holder is a small process that keeps a copy of every descriptor (and
 // the INIT request and a note from the layer) while the daemon stops,
 // restarts or crashes; the next daemon takes them back over a unix socket.
+// Under systemd, a Store keeps them in systemd's file descriptor store
+// instead (sd_notify FDSTORE=1; back in LISTEN_FDS), with what a Holder
+// keeps besides in a file per connection; no holder process runs then.
 //
 // It is not a FUSE file system: what a connection serves is the caller's.
 package fusefd

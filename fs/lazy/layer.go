@@ -72,7 +72,7 @@ type Options struct {
 }
 
 // Handover keeps FUSE connections while the daemon restarts or after it
-// crashed (a fusefd.Client).
+// crashed (a fusefd.Client, or a fusefd.Store under systemd).
 type Handover interface {
 	// Holds reports whether a connection is kept for mountpoint.
 	Holds(mountpoint string) bool
@@ -476,6 +476,15 @@ func (l *Layer) mount(ctx context.Context, mountpoint, prefix string, resumeOnly
 	if l.handover != nil {
 		if err := l.handover.Keep(mountpoint, conn, note); err != nil {
 			log.G(ctx).WithError(err).WithField("layer", l.desc.Digest).Warn("the FUSE connection is not kept: containers using the layer break if the daemon stops")
+		} else if resumed {
+			// Keep recorded the connection afresh, without state: record
+			// the backing ids taken over again, or the daemon after the
+			// next crash (or after a stop while the mount is detached,
+			// which records nothing) registers another backing file for
+			// an inode the kernel holds one for, and its opens fail.
+			if err := raw.persist(false); err != nil {
+				log.G(ctx).WithError(err).WithField("layer", l.desc.Digest).Warn("cannot record the backing files taken over")
+			}
 		}
 	}
 	if resumed {

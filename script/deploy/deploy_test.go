@@ -28,7 +28,7 @@ func TestSystemdUnit(t *testing.T) {
 		t.Fatal(err)
 	}
 	service := iniSection(t, string(b), "Service")
-	for _, want := range []string{"KillMode=process", "Restart=always"} {
+	for _, want := range []string{"KillMode=process", "Restart=always", "FileDescriptorStoreMax=4096", "NotifyAccess=main"} {
 		if !slices.Contains(service, want) {
 			t.Errorf("[Service] of %s lacks %s", unit, want)
 		}

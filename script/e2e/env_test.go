@@ -70,6 +70,13 @@ type proc struct {
 
 func startProc(t *testing.T, logPath string, name string, args ...string) *proc {
 	t.Helper()
+	return startProcWith(t, logPath, nil, name, args...)
+}
+
+// startProcWith is startProc with the command adjusted by setup, if not
+// nil, before it starts (descriptors to pass, variables to add).
+func startProcWith(t *testing.T, logPath string, setup func(*exec.Cmd), name string, args ...string) *proc {
+	t.Helper()
 	logf, err := os.OpenFile(logPath, os.O_CREATE|os.O_WRONLY|os.O_APPEND, 0o644)
 	if err != nil {
 		t.Fatal(err)
@@ -77,6 +84,9 @@ func startProc(t *testing.T, logPath string, name string, args ...string) *proc 
 	cmd := exec.Command(name, args...)
 	cmd.Stdout, cmd.Stderr = logf, logf
 	cmd.Env = append(os.Environ(), "PATH="+toolsBin+":"+os.Getenv("PATH"))
+	if setup != nil {
+		setup(cmd)
+	}
 	if err := cmd.Start(); err != nil {
 		logf.Close()
 		t.Fatalf("start %s: %v", name, err)
