@@ -95,7 +95,12 @@ func (e *env) checkReaders(what string, ids []string, before map[string]int) map
 	e.t.Helper()
 	now := map[string]int{}
 	for _, id := range ids {
-		l := waitRounds(e.t, id, "/tmp/loop.log", before[id]+3, 3*time.Minute)
+		var l loopLog
+		waitForWithin(e.t, fmt.Sprintf("%s: %d rounds of reads in %s (its reads wait: is its FUSE connection answered?)", what, before[id]+3, id),
+			3*time.Minute, func() bool {
+				l = readLoopLog(e.t, id, "/tmp/loop.log")
+				return l.rounds >= before[id]+3
+			})
 		if len(l.errors) > 0 {
 			e.t.Errorf("%s: %s: %d reads failed: %v", what, id, len(l.errors), l.errors)
 		}
