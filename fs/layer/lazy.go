@@ -27,7 +27,10 @@ const (
 	lazyDescFile = "layer.json" // the image reference and layer descriptor
 	lazyTOCFile  = "toc"        // footer and TOC bytes (lazy.Recorded)
 	lazyBlobFile = "blob"       // the blob as population downloads it
-	lazyMount    = "lazy"
+	// lazyReleasedFile records that the layer's population was released,
+	// so that the next daemon resumes it at once, whatever its Policy.
+	lazyReleasedFile = "populate"
+	lazyMount        = "lazy"
 )
 
 // Lazy is a layer the Manager serves lazily at dir/lazy. Once Start is
@@ -277,7 +280,7 @@ func (m *Manager) Release(ctx context.Context, dir string) error {
 		if served, err := m.serveRetiring(ctx, dir); served || err != nil {
 			return err
 		}
-		for _, f := range []string{lazyTOCFile, lazyDescFile} {
+		for _, f := range []string{lazyTOCFile, lazyDescFile, lazyReleasedFile} {
 			os.Remove(filepath.Join(dir, f))
 		}
 		return m.detachStale(ctx, dir)
@@ -285,7 +288,7 @@ func (m *Manager) Release(ctx context.Context, dir string) error {
 	if err := ll.stop(ctx); err != nil {
 		return err
 	}
-	for _, f := range []string{lazyTOCFile, lazyDescFile, lazyBlobFile} {
+	for _, f := range []string{lazyTOCFile, lazyDescFile, lazyBlobFile, lazyReleasedFile} {
 		os.Remove(filepath.Join(dir, f))
 	}
 	return nil

@@ -971,3 +971,61 @@ func blockedIn(fn string) func(string) bool {
 		return len(lines) > 1 && strings.Contains(lines[1], fn+"(")
 	}
 }
+
+// TestLifecycleManualReleaseSurvivesRestart: under PolicyManual, a layer
+// whose population Populate released resumes it as soon as the next
+// Manager restores it, with no Populate of its own; a layer never released
+// stays held.
+func TestLifecycleManualReleaseSurvivesRestart(t *testing.T) {
+	needFUSE(t)
+	noLeaks(t)
+	reg := newGatedRegistry()
+	a := reg.addEstargz(t, "a", "layer a")
+	b := reg.addEstargz(t, "b", "layer b")
+	cfg := Config{Policy: PolicyManual, Populate: lazy.PopulateOptions{Quiet: time.Millisecond}}
+	m1 := newLifecycleManager(t, reg, cfg, true)
+	llA, dirA := prepareLazy(t, m1, a)
+	llB, dirB := prepareLazy(t, m1, b)
+	gate := make(chan struct{})
+	reg.arm(gate, false)
+	llA.Start(newLocalRecorder(t, dirA, nil).local)
+	llB.Start(newLocalRecorder(t, dirB, nil).local)
+	if n := m1.Populate(a.Digest); n != 1 {
+		t.Fatalf("Populate released %d layers, want 1", n)
+	}
+	select {
+	case <-reg.waiting: // a's population waits for the registry
+	case <-time.After(20 * time.Second):
+		t.Fatal("the released layer fetched nothing")
+	}
+	if err := m1.Close(); err != nil {
+		t.Fatal(err)
+	}
+
+	m2 := newLifecycleManager(t, reg, cfg, true)
+	close(gate)
+	recA := newLocalRecorder(t, dirA, map[string]string{"a": "layer a"})
+	recB := newLocalRecorder(t, dirB, nil)
+	for _, l := range []struct {
+		dir string
+		rec *localRecorder
+	}{{dirA, recA}, {dirB, recB}} {
+		ll, err := m2.Restore(context.Background(), l.dir, nil)
+		if err != nil {
+			t.Fatalf("Restore: %v", err)
+		}
+		ll.Start(l.rec.local)
+	}
+	ctx, cancel := context.WithTimeout(context.Background(), 20*time.Second)
+	defer cancel()
+	if err := m2.WaitLocal(ctx, a.Digest); err != nil {
+		t.Fatalf("the released layer after a restart: %v", err)
+	}
+	if n := recA.count(); n != 1 {
+		t.Errorf("local called %d times for the released layer, want once", n)
+	}
+	if st := stat(m2, dirB); st.State != stateLazy || !st.HeldBack || recB.count() != 0 {
+		t.Errorf("the layer never released, after a restart: state %q, held back %v, local called %d times",
+			st.State, st.HeldBack, recB.count())
+	}
+}

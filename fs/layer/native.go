@@ -87,6 +87,15 @@ func (m *Manager) buildMeta(ctx context.Context, dir string, l *lazy.Layer) erro
 // mountNative mounts l for native metadata: its metadata tree and its data
 // mount, built at once. On error neither is left.
 func (m *Manager) mountNative(ctx context.Context, dir string, l *lazy.Layer) error {
+	// The place is known before the mount is served: a connection the
+	// last daemon left gets at once the requests it left unanswered, and
+	// an open of a file it served from the place must be served from
+	// there again (it may share the inode's passthrough backing file with
+	// opens not yet released, which refuse a page-cache open).
+	if err := os.MkdirAll(m.placeDir(dir), 0o755); err != nil {
+		return err
+	}
+	l.SetPlaced(m.placeDir(dir))
 	built := make(chan error, 1)
 	go func() { built <- m.buildMeta(ctx, dir, l) }()
 	mountErr := l.MountData(ctx, filepath.Join(dir, lazyMount), meta.RedirectRoot+"/"+layerID(dir))
@@ -96,18 +105,16 @@ func (m *Manager) mountNative(ctx context.Context, dir string, l *lazy.Layer) er
 			<-done
 		}
 	}
-	if buildErr != nil {
+	if buildErr != nil || mountErr != nil {
+		l.SetPlaced("")
 		os.RemoveAll(filepath.Join(dir, metaDir))
+	}
+	if buildErr != nil {
 		return fmt.Errorf("metadata tree: %w", buildErr)
 	}
 	if mountErr != nil {
-		os.RemoveAll(filepath.Join(dir, metaDir))
 		return mountErr
 	}
-	if err := os.MkdirAll(m.placeDir(dir), 0o755); err != nil {
-		return err
-	}
-	l.SetPlaced(m.placeDir(dir))
 	// containerd reads these from the container's root before it starts
 	// (users and groups of the process): local first, they are never
 	// bound to FUSE.

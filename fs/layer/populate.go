@@ -26,7 +26,9 @@ const (
 
 // Start implements snapshot.LazyLayer: the layer's snapshot is committed,
 // and local records the layer local. Population starts when the Manager's
-// Policy says: PopulateDelay from now, or when Populate releases it.
+// Policy says: PopulateDelay from now, or when Populate releases it; at
+// once for a layer whose population an earlier daemon had started, so that
+// a restart interrupts it only.
 func (ll *Lazy) Start(local func(context.Context) error) {
 	m := ll.m
 	m.mu.Lock()
@@ -42,7 +44,9 @@ func (ll *Lazy) Start(local func(context.Context) error) {
 	ll.started = true
 	ll.exited = make(chan struct{})
 	ll.mu.Unlock()
-	if m.cfg.Policy == PolicyAuto {
+	if _, err := os.Stat(filepath.Join(ll.dir, lazyReleasedFile)); err == nil {
+		ll.release()
+	} else if m.cfg.Policy == PolicyAuto {
 		t := time.AfterFunc(max(m.cfg.PopulateDelay, 0), ll.release)
 		context.AfterFunc(ll.ctx, func() { t.Stop() })
 	}
@@ -53,13 +57,22 @@ func (ll *Lazy) Start(local func(context.Context) error) {
 	}()
 }
 
-// release lets the layer's population start.
+// release lets the layer's population start, and records that it did for
+// the next daemon (see Start). A record that cannot be written costs only
+// the resumption after a restart of a layer held back by PolicyManual.
 func (ll *Lazy) release() {
 	ll.mu.Lock()
-	defer ll.mu.Unlock()
-	if !ll.released {
+	first := !ll.released
+	if first {
 		ll.released = true
 		close(ll.begin)
+	}
+	ll.mu.Unlock()
+	if first {
+		if err := os.WriteFile(filepath.Join(ll.dir, lazyReleasedFile), nil, 0o600); err != nil {
+			log.G(ll.ctx).WithError(err).WithField("layer", ll.desc.Digest).
+				Warn("cannot record that population started: a restarted daemon under the manual policy holds it back again")
+		}
 	}
 }
 
@@ -267,7 +280,7 @@ func (m *Manager) retire(ctx context.Context, ll *Lazy) {
 		delete(m.lazy, ll.dir)
 	}
 	m.mu.Unlock()
-	for _, f := range []string{lazyTOCFile, lazyDescFile} {
+	for _, f := range []string{lazyTOCFile, lazyDescFile, lazyReleasedFile} {
 		os.Remove(filepath.Join(ll.dir, f))
 	}
 	log.G(ctx).Info("FUSE mount retired")

@@ -12,8 +12,38 @@ import (
 	"testing"
 	"time"
 
+	"golang.org/x/sys/unix"
+
 	"github.com/lazylayer/lazylayer/fs/fusefd"
 )
+
+// handoverBound is how long a request on a handed-over connection may take
+// before the test fails: the next daemon answers at once, or not at all.
+const handoverBound = 30 * time.Second
+
+// within runs f and fails the test now if it does not return within
+// handoverBound: f's FUSE requests at mnt wait for a daemon that does not
+// answer them. Then it aborts the mount's FUSE connection (a forced
+// unmount), so that f's requests fail and the test can clean up.
+func within(t *testing.T, mnt, what string, f func()) {
+	t.Helper()
+	done := make(chan struct{})
+	go func() {
+		defer close(done)
+		f()
+	}()
+	select {
+	case <-done:
+		return
+	case <-time.After(handoverBound):
+	}
+	t.Errorf("%s did not return within %v: nobody answers the FUSE connection", what, handoverBound)
+	if err := unix.Unmount(mnt, unix.MNT_FORCE); err != nil {
+		t.Logf("forced unmount of %s: %v", mnt, err)
+	}
+	<-done
+	t.FailNow()
+}
 
 // TestHandoverChild is the daemon TestHandover kills: run alone it does
 // nothing.
@@ -131,7 +161,11 @@ func TestHandover(t *testing.T) {
 			t.Errorf("unmount: %v", err)
 			return
 		}
-		<-done
+		select {
+		case <-done:
+		case <-time.After(handoverBound):
+			t.Errorf("the server did not stop within %v of the unmount", handoverBound)
+		}
 		l.Close()
 		c.Close()
 		select {
@@ -141,20 +175,28 @@ func TestHandover(t *testing.T) {
 		}
 	}()
 
-	rest := make([]byte, len(big)-(2<<20))
-	if n, err := f.ReadAt(rest, 2<<20); n != len(rest) || !bytes.Equal(rest, big[2<<20:]) {
-		t.Errorf("the file open across the kill reads %d bytes (%v), or other bytes", n, err)
-	}
-	got, err := os.ReadFile(filepath.Join(mnt, "data/small"))
-	if err != nil || !bytes.Equal(got, files["data/small"]) {
-		t.Errorf("a file first opened after the kill: %v", err)
-	}
-	ents, err := os.ReadDir(filepath.Join(mnt, "etc"))
-	if err != nil || len(ents) != 4 {
-		t.Errorf("etc after the kill: %d entries, %v", len(ents), err)
-	}
-	var st syscall.Stat_t
-	if err := syscall.Stat(filepath.Join(mnt, "etc/hostname"), &st); err != nil || st.Uid != 1000 {
-		t.Errorf("stat after the kill: uid %d, %v", st.Uid, err)
-	}
+	within(t, mnt, "a read of the file open across the kill", func() {
+		rest := make([]byte, len(big)-(2<<20))
+		if n, err := f.ReadAt(rest, 2<<20); n != len(rest) || !bytes.Equal(rest, big[2<<20:]) {
+			t.Errorf("the file open across the kill reads %d bytes (%v), or other bytes", n, err)
+		}
+	})
+	within(t, mnt, "a read of a file first opened after the kill", func() {
+		got, err := os.ReadFile(filepath.Join(mnt, "data/small"))
+		if err != nil || !bytes.Equal(got, files["data/small"]) {
+			t.Errorf("a file first opened after the kill: %v", err)
+		}
+	})
+	within(t, mnt, "a listing after the kill", func() {
+		ents, err := os.ReadDir(filepath.Join(mnt, "etc"))
+		if err != nil || len(ents) != 4 {
+			t.Errorf("etc after the kill: %d entries, %v", len(ents), err)
+		}
+	})
+	within(t, mnt, "a stat after the kill", func() {
+		var st syscall.Stat_t
+		if err := syscall.Stat(filepath.Join(mnt, "etc/hostname"), &st); err != nil || st.Uid != 1000 {
+			t.Errorf("stat after the kill: uid %d, %v", st.Uid, err)
+		}
+	})
 }

@@ -305,7 +305,7 @@ func (l *Layer) SetLocal(dir string) {
 // SetPlaced tells the layer that population places each file, once
 // verified, at its path under dir (and nothing unverified ever appears
 // there): a file found there is served from there like a local layer's,
-// others lazily.
+// others lazily. "" says there is no such place.
 func (l *Layer) SetPlaced(dir string) { l.local.Store(&dir) }
 
 // localDir returns where verified files are, or "" while there is no such

@@ -585,7 +585,26 @@ type loopLog struct {
 
 func readLoopLog(t *testing.T, id, log string) loopLog {
 	t.Helper()
-	b, err := os.ReadFile(filepath.Join(rootfsPath(t, id), log))
+	// The test's own lookup in the container's root may reach a lazy
+	// layer's FUSE mount: a daemon that does not answer must fail the
+	// test, not hang it (its cleanup ends the connection).
+	type result struct {
+		b   []byte
+		err error
+	}
+	read := make(chan result, 1)
+	path := filepath.Join(rootfsPath(t, id), log)
+	go func() {
+		b, err := os.ReadFile(path)
+		read <- result{b, err}
+	}()
+	var r result
+	select {
+	case r = <-read:
+	case <-time.After(time.Minute):
+		t.Fatalf("reading %s of %s did not return within a minute: nothing answers a FUSE request", log, id)
+	}
+	b, err := r.b, r.err
 	if err != nil && !errors.Is(err, os.ErrNotExist) {
 		t.Fatalf("read %s of %s: %v", log, id, err)
 	}

@@ -5,11 +5,14 @@ import (
 	"os"
 	"os/exec"
 	"path/filepath"
+	"sort"
 	"strconv"
 	"strings"
 	"syscall"
 	"testing"
 	"time"
+
+	"github.com/opencontainers/go-digest"
 
 	"github.com/lazylayer/lazylayer/fs/layer/layerstatus"
 	"github.com/lazylayer/lazylayer/script/internal/registry"
@@ -65,12 +68,13 @@ func buildUpgrade(t *testing.T) string {
 
 // readers starts n containers from img, each reading two files of the data
 // layer in a loop (one opened every round, one through an fd held open),
-// and waits for their first rounds.
+// and waits for their first rounds. Their ids name the env, as runc's
+// state is shared by every containerd on the machine.
 func (e *env) readers(img pushed, tools string, sums map[string]string, n int) []string {
 	e.t.Helper()
 	var ids []string
 	for i := range n {
-		id := fmt.Sprintf("reader%d", i)
+		id := fmt.Sprintf("reader%d-%s", i, strings.TrimPrefix(filepath.Base(e.dir), "lazylayer-e2e-"))
 		a, b := fmt.Sprintf("/data/f%02d", i), fmt.Sprintf("/data/f%02d", i+n)
 		args := []string{nativeToolsDir + "/walker", "loop", "/tmp/loop.log", "open:" + a + "=" + sums[a], "fd:" + b + "=" + sums[b]}
 		if i == 0 {
@@ -91,7 +95,12 @@ func (e *env) checkReaders(what string, ids []string, before map[string]int) map
 	e.t.Helper()
 	now := map[string]int{}
 	for _, id := range ids {
-		l := waitRounds(e.t, id, "/tmp/loop.log", before[id]+3, 3*time.Minute)
+		var l loopLog
+		waitForWithin(e.t, fmt.Sprintf("%s: %d rounds of reads in %s (its reads wait: is its FUSE connection answered?)", what, before[id]+3, id),
+			3*time.Minute, func() bool {
+				l = readLoopLog(e.t, id, "/tmp/loop.log")
+				return l.rounds >= before[id]+3
+			})
 		if len(l.errors) > 0 {
 			e.t.Errorf("%s: %s: %d reads failed: %v", what, id, len(l.errors), l.errors)
 		}
@@ -287,4 +296,142 @@ func TestRestartRegistryDown(t *testing.T) {
 		t.Fatal("the read of a file never fetched did not return 3 minutes after the registry came back")
 	}
 	e.checkReaders("registry back", ids, e.rounds(ids))
+}
+
+// layerOf returns what the daemon reports of the layer with digest d.
+func (e *env) layerOf(d digest.Digest) layerstatus.Layer {
+	e.t.Helper()
+	for _, s := range e.status() {
+		if s.Digest == d.String() {
+			return s
+		}
+	}
+	e.t.Fatalf("the daemon does not report layer %s", d)
+	return layerstatus.Layer{}
+}
+
+// blobRanges returns the byte ranges [start, end) of the requests in reqs
+// for the blob at path that were answered in full.
+func blobRanges(reqs []registry.Request, path string) [][2]int64 {
+	var out [][2]int64
+	for _, r := range reqs {
+		var a, b int64
+		if !strings.HasSuffix(r.Path, path) || r.Status != 206 {
+			continue
+		}
+		if _, err := fmt.Sscanf(r.Range, "bytes=%d-%d", &a, &b); err == nil && r.Bytes == b-a+1 {
+			out = append(out, [2]int64{a, b + 1})
+		}
+	}
+	return out
+}
+
+// TestRestartPopulation: ten containers started lazily read files in a
+// loop while their data layer populates. Population is held part-way (the
+// registry proxy holds its requests after letting a few through) when the
+// daemon is stopped with SIGTERM and started, and again when it is killed
+// with SIGKILL and started. After each restart population resumes by
+// itself from where it was: the layer holds, as `lazylayer status`
+// reports, the bytes it held before the stop, and goes on past them, each
+// byte it fetches counted once (held grows by exactly the bytes the
+// registry served). Let go, population turns the layers local; no read
+// fails and every byte is right throughout, and files never read before
+// read right at the end.
+func TestRestartPopulation(t *testing.T) {
+	reg, proxy := startRegistry(t)
+	e := newEnv(t, reg.Addr(), proxy.Addr(),
+		manualPopulation+"  populate_concurrency = 2\n  populate_range_size = \"1MiB\"\n")
+	e.killHolderOnCleanup()
+	data := nativeDataLayer()
+	sums := dataSHA256(t, data)
+	img := e.convert(push(t, reg.Addr(), "e2e/handover-pop:gzip", testimage.Busybox(data)), "e2e/handover-pop:estargz")
+	if out, err := e.pull("lazylayer", img.ref); err != nil {
+		t.Fatalf("pull: %v\n%s", err, out)
+	}
+	tools := e.nativeTools()
+	ids := e.readers(img, tools, sums, 10)
+	blob := img.layers[0]
+	for _, l := range img.layers {
+		if l.Size > blob.Size {
+			blob = l
+		}
+	}
+	path := "/blobs/" + blob.Digest.String()
+
+	// Three ranged requests of the data layer at a time, then held: the
+	// readers read only what they read before, from the daemon's copy.
+	const step = 3
+	held := e.layerOf(blob.Digest).Held
+	if missing := blob.Size - held; missing < 8<<20 {
+		t.Fatalf("the layer misses %d bytes before population: too few to hold it part-way three times", missing)
+	}
+	// waitHeld waits until population waits at the proxy, the step
+	// requests let through since mark were answered, and the layer holds
+	// base plus their bytes; it returns that.
+	waitHeld := func(what string, mark int, base int64) int64 {
+		t.Helper()
+		var st layerstatus.Layer
+		waitForWithin(t, what, 3*time.Minute, func() bool {
+			want := base
+			rs := blobRanges(proxy.Requests()[mark:], path)
+			for _, r := range rs {
+				want += r[1] - r[0]
+			}
+			st = e.layerOf(blob.Digest)
+			return proxy.Holding() > 0 && len(rs) == step && st.Held == want
+		})
+		if st.State == layerstatus.StateLocal || st.Held >= blob.Size {
+			t.Fatalf("%s: the layer is %s, holding %d of %d bytes: not part-way", what, st.State, st.Held, blob.Size)
+		}
+		t.Logf("%s: the layer is %s, holds %d of %d bytes", what, st.State, st.Held, blob.Size)
+		return st.Held
+	}
+	proxy.HoldAfter(path, step)
+	first := len(proxy.Requests())
+	if out, err := exec.Command(lazylayerBin, "populate", "--address", e.lazySock, "--all").CombinedOutput(); err != nil {
+		t.Fatalf("lazylayer populate --all: %v\n%s", err, out)
+	}
+	held = waitHeld("population held part-way", first, held)
+	e.checkReaders("population held part-way", ids, e.rounds(ids))
+
+	for _, sig := range []syscall.Signal{syscall.SIGTERM, syscall.SIGKILL} {
+		what := fmt.Sprintf("after %v and a start", sig)
+		before := e.rounds(ids)
+		e.stopLazylayer(sig)
+		waitFor(t, "the stopped daemon's requests to end", func() bool { return proxy.Holding() == 0 })
+		mark := len(proxy.Requests())
+		e.startLazylayer()
+		// No `lazylayer populate`: the daemon resumes what the last one
+		// had started.
+		waitForWithin(t, "population to resume "+what, 2*time.Minute, func() bool {
+			return proxy.Holding() > 0 && e.layerOf(blob.Digest).State == layerstatus.StatePopulating
+		})
+		if got := e.layerOf(blob.Digest).Held; got != held {
+			t.Errorf("%s: the layer holds %d bytes, %d before the stop", what, got, held)
+		}
+		e.checkReaders(what, ids, before)
+		proxy.HoldAfter(path, step)
+		now := waitHeld("population held part-way "+what, mark, held)
+		if now <= held {
+			t.Errorf("%s: population did not go on: the layer holds %d bytes, %d before the stop", what, now, held)
+		}
+		held = now
+	}
+
+	before := e.rounds(ids)
+	proxy.Release()
+	e.waitLocal(img, 3*time.Minute)
+	e.checkNative(img, layerstatus.StateLocal)
+	e.checkReaders("after population", ids, before)
+	e.readFresh("after population", ids[0], sums, dataFiles(20, 40)...)
+
+	// No byte of the blob was fetched twice: population's requests, across
+	// the three daemons, do not overlap.
+	rs := blobRanges(proxy.Requests()[first:], path)
+	sort.Slice(rs, func(i, j int) bool { return rs[i][0] < rs[j][0] })
+	for i := 1; i < len(rs); i++ {
+		if rs[i][0] < rs[i-1][1] {
+			t.Errorf("bytes %d-%d of the blob were fetched twice", rs[i][0], min(rs[i][1], rs[i-1][1])-1)
+		}
+	}
 }

@@ -31,6 +31,14 @@ type Proxy struct {
 	requests []*Request            // guarded by mu; records are updated under mu too
 	faults   []pendingFault        // guarded by mu: applied in order
 	closed   bool                  // guarded by mu
+	// The hold (HoldAfter): requests whose path contains holdPath wait
+	// once passes is 0; holdChanged is closed and replaced when the hold
+	// changes; holding counts the waiting requests. All guarded by mu.
+	holdPath    string
+	holdOn      bool
+	passes      int
+	holdChanged chan struct{}
+	holding     int
 }
 
 // Request is what the proxy recorded about one request.
@@ -41,6 +49,7 @@ type Request struct {
 	Status int    // status sent to the client; 0 if none (yet)
 	Bytes  int64  // response body bytes sent to the client
 	Fault  bool   // a Fault was applied
+	Held   bool   // the request waited at the hold (HoldAfter)
 }
 
 // Fault describes a misbehaviour to apply to matching requests.
@@ -74,8 +83,9 @@ func NewProxy(target string) (*Proxy, error) {
 		return nil, fmt.Errorf("proxy target %q: %w", target, err)
 	}
 	p := &Proxy{
-		transport: &http.Transport{Proxy: nil, MaxIdleConnsPerHost: 16},
-		conns:     make(map[net.Conn]struct{}),
+		transport:   &http.Transport{Proxy: nil, MaxIdleConnsPerHost: 16},
+		conns:       make(map[net.Conn]struct{}),
+		holdChanged: make(chan struct{}),
 	}
 	quiet := log.New(io.Discard, "", 0)
 	rp := &httputil.ReverseProxy{
@@ -168,6 +178,64 @@ func (p *Proxy) takeFault(r *http.Request) (Fault, bool) {
 		return got, true
 	}
 	return Fault{}, false
+}
+
+// HoldAfter lets the next n requests whose URL path contains path through
+// and holds every later one, unanswered, until a later HoldAfter lets it
+// through, Release, or its client leaves. A client's retry is a request
+// of its own. A test holds a download part-way with it: the requests
+// held are the state it waits for, not a delay.
+func (p *Proxy) HoldAfter(path string, n int) {
+	p.mu.Lock()
+	defer p.mu.Unlock()
+	p.holdPath, p.holdOn, p.passes = path, true, n
+	close(p.holdChanged)
+	p.holdChanged = make(chan struct{})
+}
+
+// Release lets every held request through and holds no more.
+func (p *Proxy) Release() {
+	p.mu.Lock()
+	defer p.mu.Unlock()
+	p.holdOn = false
+	close(p.holdChanged)
+	p.holdChanged = make(chan struct{})
+}
+
+// Holding returns how many requests wait at the hold now.
+func (p *Proxy) Holding() int {
+	p.mu.Lock()
+	defer p.mu.Unlock()
+	return p.holding
+}
+
+// hold waits while the hold keeps r, and reports false if its client
+// left meanwhile.
+func (p *Proxy) hold(r *http.Request, rec *Request) bool {
+	p.mu.Lock()
+	defer p.mu.Unlock()
+	if !p.holdOn || !strings.Contains(r.URL.Path, p.holdPath) {
+		return true
+	}
+	for p.holdOn && p.passes == 0 {
+		rec.Held = true
+		changed := p.holdChanged
+		p.holding++
+		p.mu.Unlock()
+		select {
+		case <-changed:
+		case <-r.Context().Done():
+		}
+		p.mu.Lock()
+		p.holding--
+		if r.Context().Err() != nil {
+			return false
+		}
+	}
+	if p.holdOn {
+		p.passes--
+	}
+	return true
 }
 
 // Refuse closes the listening socket and every open connection, so new
@@ -294,6 +362,9 @@ func (p *Proxy) handler(next http.Handler) http.Handler {
 	return http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
 		f, faulted := p.takeFault(r)
 		rec := p.begin(Request{Method: r.Method, Path: r.URL.Path, Range: r.Header.Get("Range"), Fault: faulted})
+		if !p.hold(r, rec) {
+			return // the client left: no status
+		}
 		cw := &countingWriter{ResponseWriter: w, limit: f.CutAfter, p: p, rec: rec}
 		if f.Delay > 0 {
 			t := time.NewTimer(f.Delay)

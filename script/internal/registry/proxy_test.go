@@ -77,6 +77,49 @@ func TestProxy(t *testing.T) {
 		}
 	})
 
+	t.Run("hold", func(t *testing.T) {
+		defer p.Reset()
+		defer p.Release()
+		p.HoldAfter("/blobs/", 1)
+		if status, _, err := get(t, p.Addr(), blobURL, "bytes=0-9"); err != nil || status != http.StatusPartialContent {
+			t.Fatalf("the request let through: %d %v", status, err)
+		}
+		done := make(chan int, 2)
+		for range 2 {
+			go func() {
+				status, _, _ := get(t, p.Addr(), blobURL, "bytes=0-9")
+				done <- status
+			}()
+		}
+		deadline := time.Now().Add(10 * time.Second)
+		for p.Holding() != 2 {
+			if time.Now().After(deadline) {
+				t.Fatalf("%d requests held, want 2", p.Holding())
+			}
+			time.Sleep(10 * time.Millisecond)
+		}
+		p.HoldAfter("/blobs/", 1)
+		if status := <-done; status != http.StatusPartialContent {
+			t.Errorf("a held request let through: %d", status)
+		}
+		if n := p.Holding(); n != 1 {
+			t.Fatalf("%d requests held after one of two was let through, want 1", n)
+		}
+		p.Release()
+		if status := <-done; status != http.StatusPartialContent {
+			t.Errorf("a held request released: %d", status)
+		}
+		held := 0
+		for _, r := range p.Requests() {
+			if r.Held {
+				held++
+			}
+		}
+		if held != 2 || p.Holding() != 0 {
+			t.Errorf("%d requests recorded held, %d holding; want 2, 0", held, p.Holding())
+		}
+	})
+
 	t.Run("fault filter", func(t *testing.T) {
 		defer p.Reset()
 		p.Inject(Fault{Method: http.MethodGet, Path: "/blobs/", Status: http.StatusServiceUnavailable}, 1)
