@@ -6,6 +6,7 @@ import (
 	"errors"
 	"fmt"
 	"io"
+	"maps"
 	"slices"
 	"sort"
 	"sync"
@@ -15,6 +16,7 @@ import (
 	"github.com/containerd/log"
 	"github.com/containerd/stargz-snapshotter/estargz"
 	"github.com/opencontainers/go-digest"
+	"golang.org/x/sync/errgroup"
 
 	"github.com/lazylayer/lazylayer/cache"
 	"github.com/lazylayer/lazylayer/remote"
@@ -55,11 +57,33 @@ type fetcher struct {
 
 // Activity tracks the on-demand requests of all the lazy layers that share
 // it, so that every layer's population yields to a read of any layer: a
-// starting container reads from several layers, and the link is one. The
+// starting container reads from several layers, and the link is one. It
+// also measures the link as those requests happen (see linkEstimate). The
 // zero value is ready to use.
 type Activity struct {
-	inflight atomic.Int64 // on-demand requests under way
-	last     atomic.Int64 // when the last one started, unix ns
+	inflight atomic.Int64 // on-demand reads under way
+	last     atomic.Int64 // when the last one started or ended, unix ns
+	requests atomic.Int64 // on-demand requests to the registry started
+	link     linkEstimate
+}
+
+// readPiece is how much population reads of a reply between two looks at
+// on-demand requests.
+const readPiece = 32 << 10
+
+// readUntilRequest reads r into b until b is full or an on-demand request
+// starts, if none has since the count since, and returns how many bytes it
+// read: population leaves the link to the request, keeping what arrived.
+func (a *Activity) readUntilRequest(r io.Reader, b []byte, since int64) (int, error) {
+	n := 0
+	for n < len(b) && a.requests.Load() == since {
+		m, err := io.ReadFull(r, b[n:min(len(b), n+readPiece)])
+		n += m
+		if err != nil {
+			return n, err
+		}
+	}
+	return n, nil
 }
 
 func (a *Activity) start() {
@@ -67,12 +91,28 @@ func (a *Activity) start() {
 	a.last.Store(time.Now().UnixNano())
 }
 
-func (a *Activity) done() { a.inflight.Add(-1) }
+func (a *Activity) done() {
+	a.last.Store(time.Now().UnixNano())
+	a.inflight.Add(-1)
+}
 
-// quietFor reports whether no on-demand request is under way or started
-// within d.
+// quietFor reports whether no on-demand read is under way or started or
+// ended within d.
 func (a *Activity) quietFor(d time.Duration) bool {
 	return a.inflight.Load() == 0 && time.Since(time.Unix(0, a.last.Load())) >= d
+}
+
+// waitQuiet returns once no on-demand read has been under way for d, or
+// with ctx's error.
+func (a *Activity) waitQuiet(ctx context.Context, d time.Duration) error {
+	for !a.quietFor(d) {
+		select {
+		case <-time.After(5 * time.Millisecond):
+		case <-ctx.Done():
+			return context.Cause(ctx)
+		}
+	}
+	return nil
 }
 
 // verifyRetries is how often a chunk that failed verification is fetched
@@ -257,15 +297,43 @@ func (f *fetcher) fetch(ctx context.Context, cs []chunk, missing []digest.Digest
 		return todo[i].inner < todo[j].inner
 	})
 	out := make(map[digest.Digest][]byte, len(todo))
+	var groups [][]chunk
 	for len(todo) > 0 {
 		n := f.span(todo)
-		if err := f.fetchSpan(ctx, todo[:n], out); err != nil {
+		groups = append(groups, todo[:n])
+		todo = todo[n:]
+	}
+	if len(groups) == 1 {
+		if err := f.fetchSpan(ctx, groups[0], out); err != nil {
 			return nil, err
 		}
-		todo = todo[n:]
+		return out, nil
+	}
+	// Requests for parts of the blob apart from each other go out
+	// together, a few at a time: one round trip for all of them.
+	var mu sync.Mutex
+	g, gctx := errgroup.WithContext(ctx)
+	g.SetLimit(maxParallel)
+	for _, cs := range groups {
+		g.Go(func() error {
+			got := make(map[digest.Digest][]byte, len(cs))
+			if err := f.fetchSpan(gctx, cs, got); err != nil {
+				return err
+			}
+			mu.Lock()
+			maps.Copy(out, got)
+			mu.Unlock()
+			return nil
+		})
+	}
+	if err := g.Wait(); err != nil {
+		return nil, err
 	}
 	return out, nil
 }
+
+// maxParallel bounds the requests one load makes at once.
+const maxParallel = 4
 
 // span returns how many of the sorted chunks cs one request should cover:
 // chunks whose compressed streams touch, up to maxSpan bytes.
@@ -318,12 +386,21 @@ func (f *fetcher) read(ctx context.Context, s span) ([]byte, error) {
 	}
 	f.act.start()
 	defer f.act.done()
+	f.act.requests.Add(1)
+	t0 := time.Now()
 	rc, err := f.blob.ReadRange(ctx, s.start, s.len())
 	if err != nil {
 		return nil, err
 	}
+	firstByte := time.Since(t0)
 	n, err := io.ReadFull(progress{rc, &f.lastByte}, buf)
 	rc.Close()
+	if err == nil {
+		f.act.link.observe(firstByte, time.Since(t0), s.len())
+	}
+	log.G(ctx).WithFields(log.Fields{
+		"layer": f.layer, "range": s.start, "bytes": s.len(), "firstByte": firstByte, "elapsed": time.Since(t0),
+	}).Trace("on-demand request")
 	f.requests.Add(1)
 	f.fetched.Add(int64(n))
 	f.metrics.Fetched(int64(n), false)
@@ -392,6 +469,50 @@ func (f *fetcher) decompress(stream []byte, cs []chunk, out map[digest.Digest][]
 	return nil
 }
 
+// plan returns the chunks a read fetches when it needs the chunks
+// cs[i:j] of a file (cs: all of the file's chunks, in file order): those
+// first, then the file's other chunks if the whole file is at most
+// maxWholeFile of the blob, then, if all that spans less of the blob than
+// f.reach, the chunks that follow in the blob up to that reach, whichever
+// files they belong to: files next to each other in a layer are often
+// read together, and a few more bytes in a request cost less than another
+// round trip. Unless MinRequest is negative: then only cs[i:j].
+func (f *fetcher) plan(cs []chunk, i, j int) []chunk {
+	want := cs[i:j]
+	if f.ix == nil || f.minSpan <= 0 || len(want) == 0 {
+		return want
+	}
+	if len(cs) > 1 && cs[len(cs)-1].end-cs[0].offset <= maxWholeFile {
+		// A file of a few chunks is fetched whole, in one request:
+		// programs and libraries are read all over.
+		want = append(slices.Clip(want), cs[:i]...)
+		want = append(want, cs[j:]...)
+	}
+	lo, hi := want[0].offset, want[0].end
+	for _, c := range want {
+		lo, hi = min(lo, c.offset), max(hi, c.end)
+	}
+	reach := f.reach()
+	if hi-lo >= reach {
+		return want
+	}
+	return append(slices.Clip(want), f.ix.after(hi, lo+reach)...)
+}
+
+// reach is how much of the blob an on-demand request covers at least: the
+// link's bandwidth-delay product as measured, bounded by MinRequest and
+// maxReach (and MaxRequest).
+func (f *fetcher) reach() int64 {
+	return f.act.link.bdp(f.minSpan, max(f.minSpan, min(maxReach, f.maxSpan)))
+}
+
+// maxWholeFile bounds the compressed size of a file a read fetches whole.
+const maxWholeFile = 4 << 20
+
+// maxReach bounds the bytes a small read brings along: those are a guess,
+// and a wrong guess costs its bytes.
+const maxReach = 256 << 10
+
 // readAt reads file content at off into p. ahead is how many bytes past
 // the read to fetch along with it (sequential reads read ahead).
 func (f *fetcher) readAt(ctx context.Context, cs []chunk, size int64, p []byte, off, ahead int64) (int, error) {
@@ -408,15 +529,7 @@ func (f *fetcher) readAt(ctx context.Context, cs []chunk, size int64, p []byte, 
 	for j < len(cs) && cs[j].fileOff < end+ahead {
 		j++
 	}
-	want := cs[i:j]
-	if f.ix != nil && f.minSpan > 0 && len(want) > 0 {
-		// A small read brings the files after it in the blob along.
-		last := want[len(want)-1]
-		if last.end-want[0].offset < f.minSpan {
-			near := f.ix.after(last.end, want[0].offset+f.minSpan)
-			want = append(slices.Clip(want), near...)
-		}
-	}
+	want := f.plan(cs, i, j)
 	bufs, err := f.load(ctx, want)
 	if errors.Is(err, errRetrying) && len(want) > need-i {
 		// The chunks that timed out a moment ago may be only the ones

@@ -52,7 +52,9 @@ type Options struct {
 	// least: the chunks that follow the ones a read needs come along
 	// (default 64 KiB; negative: only what the read needs). On a link
 	// with real latency a few more bytes cost less than another round
-	// trip.
+	// trip: requests grow beyond it to the link's bandwidth-delay product
+	// as measured (up to maxReach), and a file of a few chunks is fetched
+	// whole (see fetcher.plan).
 	MinRequest int64
 	// BlobPath, if set, is where the layer keeps its local copy of the
 	// blob for population (and a list of the ranges it holds beside it).

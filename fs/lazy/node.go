@@ -528,8 +528,12 @@ func (h *handle) read(ctx *fuse.Context, dest []byte, off int64) (fuse.ReadResul
 		}
 		return fuse.ReadResultData(dest[:n]), fuse.OK
 	}
+	// A container reads on demand: population yields to it, whether
+	// this read needs the registry or not.
+	l.f.act.start()
 	start := time.Now()
 	n, err := l.f.readAt(ctx, l.ix.fileChunks(e), e.size, dest, off, ahead)
+	l.f.act.done()
 	l.f.metrics.OnDemandRead(time.Since(start))
 	if err != nil && n == 0 && off < e.size {
 		entry := log.G(ctx).WithError(err).WithFields(log.Fields{

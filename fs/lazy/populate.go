@@ -27,8 +27,9 @@ type PopulateOptions struct {
 	// not limited.
 	Limit *rate.Limiter
 	// Quiet is how long after an on-demand request population waits
-	// before its next request (default 300 ms): a starting container reads
-	// in bursts, and each burst should find the link free, so population
+	// before its next request, and before it decompresses and extracts
+	// more (default 300 ms): a starting container reads in bursts, and
+	// each burst should find the link and the CPUs free, so population
 	// fills the pauses between them.
 	Quiet time.Duration
 }
@@ -97,7 +98,10 @@ func (l *Layer) populate(ctx context.Context, dir string, o PopulateOptions, onE
 		}
 		downloaded <- err
 	}()
-	_, err := extract.Layer(ctx, l.f.partial.follow(ctx), dir, extract.Options{
+	// Decompressing and extracting take CPU a starting container needs:
+	// they pause while on-demand reads are under way, as downloading does.
+	src := yielding{ctx: ctx, r: l.f.partial.follow(ctx), act: l.f.act, quiet: o.Quiet}
+	_, err := extract.Layer(ctx, src, dir, extract.Options{
 		Digest: l.desc.Digest, Size: l.desc.Size, HideRoot: FormatNames(), OnEntry: onEntry,
 	})
 	if err != nil {
@@ -158,51 +162,81 @@ feed:
 }
 
 // fetchRange fetches what of s the local copy lacks, after any on-demand
-// reads: those may have filled parts of s since population planned it.
+// reads: those may have filled parts of s since population planned it. A
+// request an on-demand one overtook is resumed once the link is quiet.
 func (l *Layer) fetchRange(ctx context.Context, s span, o PopulateOptions) error {
-	for !l.f.act.quietFor(o.Quiet) {
-		select {
-		case <-time.After(5 * time.Millisecond):
-		case <-ctx.Done():
-			return ctx.Err()
-		}
-	}
-	for _, g := range l.f.partial.missingIn(s, s.len()) {
-		if err := l.fetchGap(ctx, g, o.Limit); err != nil {
+	for {
+		if err := l.f.act.waitQuiet(ctx, o.Quiet); err != nil {
 			return err
 		}
+		overtaken := false
+		for _, g := range l.f.partial.missingIn(s, s.len()) {
+			done, err := l.fetchGap(ctx, g, o.Limit)
+			if err != nil {
+				return err
+			}
+			if !done {
+				overtaken = true
+				break
+			}
+		}
+		if !overtaken {
+			return nil
+		}
 	}
-	return nil
 }
 
-// fetchGap fetches g into the local copy. While the copy cannot be written
-// (see writeRetry) it fetches nothing.
-func (l *Layer) fetchGap(ctx context.Context, g span, limit *rate.Limiter) error {
+// yielding reads r once no on-demand request has been under way for quiet:
+// what consumes it (population's extraction) pauses while a container
+// reads on demand.
+type yielding struct {
+	ctx   context.Context
+	r     io.Reader
+	act   *Activity
+	quiet time.Duration
+}
+
+func (y yielding) Read(b []byte) (int, error) {
+	if err := y.act.waitQuiet(y.ctx, y.quiet); err != nil {
+		return 0, err
+	}
+	return y.r.Read(b)
+}
+
+// fetchGap fetches g into the local copy, or its first part: once an
+// on-demand request starts, it keeps what has arrived and reports false,
+// leaving the link to the on-demand request. While the copy cannot be
+// written (see writeRetry) it fetches nothing.
+func (l *Layer) fetchGap(ctx context.Context, g span, limit *rate.Limiter) (bool, error) {
 	if err := l.f.partial.writable(); err != nil {
-		return fmt.Errorf("populate: local blob copy: %w", err)
+		return false, fmt.Errorf("populate: local blob copy: %w", err)
 	}
 	if limit != nil {
 		for n := g.len(); n > 0; n -= int64(limit.Burst()) {
 			if err := limit.WaitN(ctx, int(min(n, int64(limit.Burst())))); err != nil {
-				return err
+				return false, err
 			}
 		}
 	}
+	since := l.f.act.requests.Load()
 	rc, err := l.f.blob.ReadRange(ctx, g.start, g.len())
 	if err != nil {
-		return err
+		return false, err
 	}
 	defer rc.Close()
 	buf := make([]byte, g.len())
-	n, err := io.ReadFull(rc, buf)
+	n, err := l.f.act.readUntilRequest(rc, buf, since)
 	l.popFetched.Add(int64(n))
 	l.f.metrics.Fetched(int64(n), true)
 	if err != nil {
-		return fmt.Errorf("populate bytes %d-%d: %w", g.start, g.end-1, err)
+		return false, fmt.Errorf("populate bytes %d-%d: %w", g.start, g.end-1, err)
 	}
-	if err := l.f.partial.WriteAt(buf, g.start); err != nil {
-		return fmt.Errorf("populate: %w", err)
+	if n == 0 {
+		return false, nil
+	}
+	if err := l.f.partial.WriteAt(buf[:n], g.start); err != nil {
+		return false, fmt.Errorf("populate: %w", err)
 	}
 	log.G(ctx).WithField("layer", l.desc.Digest).WithField("range", g.start).Trace("populated range")
-	return nil
+	return n == len(buf), nil
 }
