@@ -219,35 +219,41 @@ func (s *Snapshotter) Walk(ctx context.Context, fn snapshots.WalkFunc, filters .
 	})
 }
 
-// Cleanup removes snapshot directories the metastore does not know.
+// Cleanup removes snapshot directories the metastore does not know. It
+// decides which those are in a writable transaction, so that no
+// createSnapshot is between making its directory and committing its
+// snapshot (containerd calls Cleanup after its garbage collection, while
+// containers may be starting), and removes them after it.
 func (s *Snapshotter) Cleanup(ctx context.Context) error {
-	var known map[string]string
-	err := s.ms.WithTransaction(ctx, false, func(ctx context.Context) (err error) {
-		known, err = storage.IDMap(ctx)
-		if errdefs.IsNotFound(err) { // a new metastore has no buckets yet
-			return nil
+	var orphans []string
+	err := s.ms.WithTransaction(ctx, true, func(ctx context.Context) error {
+		known, err := storage.IDMap(ctx)
+		if err != nil && !errdefs.IsNotFound(err) { // a new metastore has no buckets yet
+			return err
 		}
-		return err
+		entries, err := os.ReadDir(filepath.Join(s.root, "snapshots"))
+		if err != nil {
+			return err
+		}
+		for _, e := range entries {
+			if _, ok := known[e.Name()]; !ok {
+				orphans = append(orphans, e.Name())
+			}
+		}
+		return nil
 	})
 	if err != nil {
 		return err
 	}
-	entries, err := os.ReadDir(filepath.Join(s.root, "snapshots"))
-	if err != nil {
-		return err
-	}
-	for _, e := range entries {
-		if _, ok := known[e.Name()]; ok {
-			continue
-		}
-		dir := filepath.Join(s.root, "snapshots", e.Name())
-		if err := s.release(ctx, e.Name()); err != nil {
+	for _, id := range orphans {
+		dir := filepath.Join(s.root, "snapshots", id)
+		if err := s.release(ctx, id); err != nil {
 			return fmt.Errorf("cleanup %s: %w", dir, err)
 		}
-		if err := s.removeShort(e.Name()); err != nil {
+		if err := s.removeShort(id); err != nil {
 			return fmt.Errorf("cleanup %s: %w", dir, err)
 		}
-		if err := s.removeNative(e.Name()); err != nil {
+		if err := s.removeNative(id); err != nil {
 			return fmt.Errorf("cleanup %s: %w", dir, err)
 		}
 		if err := os.RemoveAll(dir); err != nil {
@@ -273,12 +279,32 @@ func (s *Snapshotter) Close() error {
 //
 // Without withMounts it returns no mounts: the caller fills the snapshot
 // itself and asks for them (mounts) only if it hands them out.
-func (s *Snapshotter) createSnapshot(ctx context.Context, kind snapshots.Kind, key, parent string, opts []snapshots.Opt, withMounts bool) (_ []mount.Mount, snap storage.Snapshot, err error) {
-	snapshotsDir := filepath.Join(s.root, "snapshots")
-	td, err := os.MkdirTemp(snapshotsDir, "new-")
+// newSnapshotDir makes a temporary directory under snapshots/ with what a
+// snapshot of kind needs (fs, and work for an active one).
+func (s *Snapshotter) newSnapshotDir(kind snapshots.Kind) (string, error) {
+	td, err := os.MkdirTemp(filepath.Join(s.root, "snapshots"), "new-")
 	if err != nil {
-		return nil, snap, fmt.Errorf("create temporary snapshot directory: %w", err)
+		return "", fmt.Errorf("create temporary snapshot directory: %w", err)
 	}
+	dirs := []string{"fs"}
+	if kind == snapshots.KindActive {
+		dirs = append(dirs, "work")
+	}
+	for _, d := range dirs {
+		mode := os.FileMode(0o755)
+		if d == "work" {
+			mode = 0o711
+		}
+		if err := os.Mkdir(filepath.Join(td, d), mode); err != nil {
+			os.RemoveAll(td)
+			return "", fmt.Errorf("create temporary snapshot directory: %w", err)
+		}
+	}
+	return td, nil
+}
+
+func (s *Snapshotter) createSnapshot(ctx context.Context, kind snapshots.Kind, key, parent string, opts []snapshots.Opt, withMounts bool) (_ []mount.Mount, snap storage.Snapshot, err error) {
+	var td string // the new directory until it is renamed into place
 	defer func() {
 		if td != "" {
 			if rerr := os.RemoveAll(td); rerr != nil {
@@ -286,17 +312,15 @@ func (s *Snapshotter) createSnapshot(ctx context.Context, kind snapshots.Kind, k
 			}
 		}
 	}()
-	if err := os.Mkdir(filepath.Join(td, "fs"), 0o755); err != nil {
-		return nil, snap, err
-	}
-	if kind == snapshots.KindActive {
-		if err := os.Mkdir(filepath.Join(td, "work"), 0o711); err != nil {
-			return nil, snap, err
-		}
-	}
-
 	var info snapshots.Info
+	// The directory is made inside the transaction, as containerd's
+	// overlay snapshotter does, so that Cleanup, which decides in a
+	// writable transaction, never takes it for an orphan.
 	err = s.ms.WithTransaction(ctx, true, func(ctx context.Context) (err error) {
+		td, err = s.newSnapshotDir(kind)
+		if err != nil {
+			return err
+		}
 		snap, err = storage.CreateSnapshot(ctx, kind, key, parent, opts...)
 		if err != nil {
 			return fmt.Errorf("create snapshot: %w", err)
