@@ -122,8 +122,8 @@ func defaultConfig() config {
 		Address:  "/run/lazylayer/lazylayer.sock",
 		HostsDir: "/etc/containerd/certs.d",
 		LogLevel: "info",
-		// With the code's resident pages (about 12 MB), a daemon
-		// serving lazy images stays within 64 MiB of RSS.
+		// With the code's resident pages (12–20 MB), 64 MiB of RSS
+		// while the live data fits (docs/operations.md#memory).
 		MemoryLimit: "48MiB",
 		Fetch: fetchConfig{
 			RangeSize:        "4MiB",
