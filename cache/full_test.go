@@ -1,6 +1,7 @@
 package cache
 
 import (
+	"context"
 	"errors"
 	"fmt"
 	"os"
@@ -146,5 +147,35 @@ func TestMemoryBound(t *testing.T) {
 	d, b := random(9, 101)
 	if m.add(mustKey(t, d), b); len(m.data) != 2 {
 		t.Error("a chunk larger than the bound was kept")
+	}
+}
+
+// TestSetMemoryBound: the bound the daemon derives from its memory limit
+// holds for the chunks kept in memory, and lowering it lets chunks go.
+func TestSetMemoryBound(t *testing.T) {
+	s, err := Open(context.Background(), t.TempDir(), 0)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer s.Close()
+	if got := s.MemoryBound(); got != memoryBytes {
+		t.Errorf("default bound %d, want %d", got, memoryBytes)
+	}
+	s.mu.Lock()
+	for i := range 4 {
+		d, b := random(uint64(i), 1000)
+		s.mem.add(mustKey(t, d), b)
+	}
+	s.mu.Unlock()
+	s.SetMemoryBound(2500)
+	if st := s.Stats(); st.MemoryBytes > 2500 || st.MemoryChunks != 2 {
+		t.Errorf("after SetMemoryBound(2500): %d chunks, %d bytes in memory, want 2 chunks within 2500 bytes", st.MemoryChunks, st.MemoryBytes)
+	}
+	s.mu.Lock()
+	d, b := random(9, 3000)
+	s.mem.add(mustKey(t, d), b)
+	s.mu.Unlock()
+	if st := s.Stats(); st.MemoryBytes > 2500 {
+		t.Errorf("a chunk beyond the bound was kept: %d bytes in memory", st.MemoryBytes)
 	}
 }

@@ -10,7 +10,8 @@ import (
 
 // When a fetched chunk cannot be written (a full disk, a quota, a read-only
 // filesystem, ...), the store goes into memory mode: Load keeps the chunks
-// it fetches in memory, up to memoryBytes, least recently used out first,
+// it fetches in memory, up to a bound (memoryBytes unless SetMemoryBound
+// says otherwise), least recently used out first,
 // and serves them from there, so that a chunk is not fetched again on every
 // read. The disk is not tried again for writeRetry; then the next chunk
 // fetched is written, and if that works, memory mode ends and the chunks
@@ -99,13 +100,34 @@ func (s *Store) keep(ctx context.Context, k key, b []byte) {
 		s.mem.add(k, b)
 		if started {
 			entry.WithError(err).Warnf("chunk cache: cannot write chunks; keeping up to %d MiB of fetched chunks in memory, trying the disk again every %v",
-				memoryBytes>>20, writeRetry)
+				s.memMax>>20, writeRetry)
 		} else {
 			entry.WithError(err).Debug("chunk cache: still cannot write chunks")
 		}
 	case wrote && s.writeErr != nil:
 		s.writeErr = nil
-		s.mem = newMemory(memoryBytes)
+		s.mem = newMemory(s.memMax)
 		entry.Info("chunk cache: writing chunks again")
 	}
+}
+
+// SetMemoryBound bounds the chunks the store keeps in memory while it
+// cannot write them (see Load) to n bytes, instead of 64 MiB: the daemon
+// derives it from its memory limit. Chunks held beyond n are let go.
+func (s *Store) SetMemoryBound(n int64) {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	s.memMax = max(n, 0)
+	s.mem.max = s.memMax
+	for s.mem.order.bytes > s.mem.max {
+		old, _ := s.mem.order.oldest()
+		s.mem.remove(old)
+	}
+}
+
+// MemoryBound is the bound SetMemoryBound set.
+func (s *Store) MemoryBound() int64 {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	return s.memMax
 }

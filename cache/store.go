@@ -45,10 +45,11 @@ type Store struct {
 	closed   bool
 	// Memory mode (see memory.go): the write failure that started it, nil
 	// when not in memory mode; when to try writing again; the chunks held
-	// in memory.
+	// in memory, and their bound.
 	writeErr error
 	retryAt  time.Time
 	mem      *memory
+	memMax   int64
 }
 
 // Stats describes a Store.
@@ -99,7 +100,7 @@ func open(ctx context.Context, dir string, maxBytes int64) (*Store, error) {
 	if err != nil {
 		return nil, err
 	}
-	s := &Store{dir: dir, maxBytes: maxBytes, lock: lock, inflight: make(map[key]*call), mem: newMemory(memoryBytes)}
+	s := &Store{dir: dir, maxBytes: maxBytes, lock: lock, inflight: make(map[key]*call), mem: newMemory(memoryBytes), memMax: memoryBytes}
 	all, err := s.load(ctx)
 	if err != nil {
 		lock.Close()
@@ -132,7 +133,7 @@ func (s *Store) Close() error {
 		return nil
 	}
 	s.closed = true
-	s.mem = newMemory(memoryBytes)
+	s.mem = newMemory(s.memMax)
 	s.mu.Unlock()
 	err := s.endRun()
 	if cerr := s.lock.Close(); err == nil {

@@ -23,10 +23,13 @@ type config struct {
 	LogLevel string `toml:"log_level"`
 	// MetricsAddress is the TCP address ("127.0.0.1:9101") of the
 	// Prometheus endpoint (GET /metrics); empty turns it off.
-	MetricsAddress string      `toml:"metrics_address"`
-	Fetch          fetchConfig `toml:"fetch"`
-	Lazy           lazyConfig  `toml:"lazy"`
-	CRI            criConfig   `toml:"cri"`
+	MetricsAddress string `toml:"metrics_address"`
+	// MemoryLimit is the soft limit of the daemon's Go memory, e.g.
+	// "48MiB" (runtime/debug.SetMemoryLimit); "0" sets none.
+	MemoryLimit string      `toml:"memory_limit"`
+	Fetch       fetchConfig `toml:"fetch"`
+	Lazy        lazyConfig  `toml:"lazy"`
+	CRI         criConfig   `toml:"cri"`
 }
 
 // criConfig sets up the CRI image-service proxy (docs/kubernetes.md).
@@ -125,6 +128,9 @@ func defaultConfig() config {
 		Address:  "/run/lazylayer/lazylayer.sock",
 		HostsDir: "/etc/containerd/certs.d",
 		LogLevel: "info",
+		// With the code's resident pages (12–20 MB), 64 MiB of RSS
+		// while the live data fits (docs/operations.md#memory).
+		MemoryLimit: "48MiB",
 		Fetch: fetchConfig{
 			RangeSize:        "4MiB",
 			Concurrency:      4,
@@ -184,6 +190,30 @@ func (c *config) load(path string, explicit bool) error {
 		return fmt.Errorf("config %s: %w", path, err)
 	}
 	return nil
+}
+
+// memoryBudget is what the daemon's memory limit bounds.
+type memoryBudget struct {
+	// limit is the soft limit of the Go runtime's memory; 0: none.
+	limit int64
+	// chunks bounds the chunks the chunk cache keeps in memory while it
+	// cannot write them: a quarter of limit (64 MiB without a limit).
+	chunks int64
+}
+
+// minMemoryLimit is the smallest memory limit accepted: below it the
+// daemon would spend its time collecting garbage.
+const minMemoryLimit = 16 << 20
+
+func parseMemoryLimit(s string) (memoryBudget, error) {
+	n, err := units.RAMInBytes(s)
+	if err != nil || n < 0 || (n > 0 && n < minMemoryLimit) {
+		return memoryBudget{}, fmt.Errorf("memory_limit %q: want 0 or a size of at least 16MiB", s)
+	}
+	if n == 0 {
+		return memoryBudget{chunks: 64 << 20}, nil
+	}
+	return memoryBudget{limit: n, chunks: n / 4}, nil
 }
 
 // fetchOptions are the parsed fetch settings.

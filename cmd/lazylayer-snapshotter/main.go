@@ -12,6 +12,7 @@ import (
 	"os"
 	"os/signal"
 	"path/filepath"
+	"runtime/debug"
 	"syscall"
 	"time"
 
@@ -80,6 +81,13 @@ func run(ctx context.Context, args []string) error {
 	if err := log.SetLevel(cfg.LogLevel); err != nil {
 		return fmt.Errorf("log level %q: %w", cfg.LogLevel, err)
 	}
+	mem, err := parseMemoryLimit(cfg.MemoryLimit)
+	if err != nil {
+		return err
+	}
+	if mem.limit > 0 {
+		debug.SetMemoryLimit(mem.limit)
+	}
 	fetch, err := cfg.Fetch.parse()
 	if err != nil {
 		return err
@@ -137,6 +145,7 @@ func run(ctx context.Context, args []string) error {
 			return fmt.Errorf("open chunk cache: %w", err)
 		}
 		defer chunks.Close()
+		chunks.SetMemoryBound(mem.chunks)
 		passthrough, why := lazy.PassthroughSupport(cfg.Root)
 		if !passthrough {
 			log.G(ctx).WithField("reason", why).Warn("FUSE passthrough unavailable: local layers of running lazy containers are read through the daemon")

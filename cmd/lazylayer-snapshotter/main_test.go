@@ -120,6 +120,8 @@ func TestConfigErrors(t *testing.T) {
 		{"[cri]\n  credential_ttl = \"forever\"\n", "cri.credential_ttl"},
 		{"[cri]\n  address = \"/run/x.sock\"\n  containerd_address = \"\"\n", "cri.containerd_address"},
 		{"metric_address = \"127.0.0.1:1\"\n", "unknown setting metric_address"},
+		{"memory_limit = \"1MiB\"\n", "memory_limit"},
+		{"memory_limit = \"lots\"\n", "memory_limit"},
 	} {
 		path := filepath.Join(t.TempDir(), "config.toml")
 		os.WriteFile(path, []byte(tc.file), 0o644)
@@ -134,6 +136,9 @@ func TestConfigErrors(t *testing.T) {
 		if err == nil {
 			_, err = cfg.CRI.parse()
 		}
+		if err == nil {
+			_, err = parseMemoryLimit(cfg.MemoryLimit)
+		}
 		if err == nil || !strings.Contains(err.Error(), tc.want) {
 			t.Errorf("config %q: error %v, want one mentioning %q", tc.file, err, tc.want)
 		}
@@ -144,6 +149,27 @@ func TestConfigErrors(t *testing.T) {
 	}
 	if err := cfg.load(filepath.Join(t.TempDir(), "absent.toml"), true); err == nil {
 		t.Error("a missing config file the user named was accepted")
+	}
+}
+
+// TestMemoryLimit: the memory limit sets what it bounds; the default keeps
+// the daemon within 64 MiB with its code (docs/operations.md).
+func TestMemoryLimit(t *testing.T) {
+	for _, tc := range []struct {
+		in            string
+		limit, chunks int64
+	}{
+		{defaultConfig().MemoryLimit, 48 << 20, 12 << 20},
+		{"256MiB", 256 << 20, 64 << 20},
+		{"0", 0, 64 << 20},
+	} {
+		got, err := parseMemoryLimit(tc.in)
+		if err != nil {
+			t.Fatalf("memory_limit %q: %v", tc.in, err)
+		}
+		if got.limit != tc.limit || got.chunks != tc.chunks {
+			t.Errorf("memory_limit %q: limit %d, chunks in memory %d; want %d, %d", tc.in, got.limit, got.chunks, tc.limit, tc.chunks)
+		}
 	}
 }
 

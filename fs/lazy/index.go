@@ -4,6 +4,7 @@ import (
 	"encoding/hex"
 	"fmt"
 	"path"
+	"slices"
 	"sort"
 	"strings"
 	"syscall"
@@ -144,6 +145,10 @@ func buildIndex(r *estargz.Reader, exact map[string]*exactInfo, links func() (ma
 	if err := b.fill(0, root); err != nil {
 		return nil, err
 	}
+	// The index stays for as long as the layer is lazy: drop what
+	// appending left spare.
+	b.ix.entries, b.ix.chunks = slices.Clone(b.ix.entries), slices.Clone(b.ix.chunks)
+	b.ix.children, b.ix.names = slices.Clone(b.ix.children), slices.Clone(b.ix.names)
 	b.ix.byOffset = make([]uint32, len(b.ix.chunks))
 	for i := range b.ix.byOffset {
 		b.ix.byOffset[i] = uint32(i)

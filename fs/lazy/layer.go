@@ -234,6 +234,25 @@ func Open(ctx context.Context, ra io.ReaderAt, blob Blob, desc ocispec.Descripto
 // them without the registry. The Manager reads the TOCs of an image's
 // other layers this way while containerd prepares the first.
 func ReadTOC(ra io.ReaderAt, desc ocispec.Descriptor, tocDigest digest.Digest) (*Recorded, error) {
+	if desc.MediaType != ocispec.MediaTypeImageLayerZstd {
+		// Record and check the bytes Open reads, decoding nothing:
+		// a layer's index is built once, by Open.
+		rec := &Recorded{src: ra}
+		if off, _, ok := exactOffset(desc); ok {
+			_ = readTail(rec, off, desc.Size) // as openTOC: the record is optional
+		}
+		got, err := streamedTOCDigest(rec, desc.Size, new(estargz.GzipDecompressor))
+		if err == nil {
+			rec.src = nil
+			if got != tocDigest {
+				return nil, fmt.Errorf("layer %s: TOC has digest %s, the manifest says %s: %w", desc.Digest, got, tocDigest, ErrTOCMismatch)
+			}
+			return rec, nil
+		}
+		if !errors.Is(err, errNotStreamed) {
+			return nil, fmt.Errorf("layer %s: read TOC: %w", desc.Digest, err)
+		}
+	}
 	rec, _, _, err := openTOC(ra, desc, tocDigest)
 	return rec, err
 }
@@ -256,7 +275,14 @@ func openTOC(ra io.ReaderAt, desc ocispec.Descriptor, tocDigest digest.Digest) (
 		// Record, TOC and footer in one request.
 		exactErr = readTail(rec, exactOff, desc.Size)
 	}
-	r, err := estargz.Open(io.NewSectionReader(rec, 0, desc.Size), opts...)
+	var r *estargz.Reader
+	err := errNotStreamed
+	if len(opts) == 0 {
+		r, err = openStreamed(rec, desc.Size, dec)
+	}
+	if errors.Is(err, errNotStreamed) {
+		r, err = estargz.Open(io.NewSectionReader(rec, 0, desc.Size), opts...)
+	}
 	if err != nil {
 		return nil, nil, nil, fmt.Errorf("layer %s: read TOC: %w", desc.Digest, err)
 	}
