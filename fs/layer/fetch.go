@@ -81,7 +81,8 @@ func (m *Manager) fetch(ctx context.Context, dir, ref string, desc ocispec.Descr
 // start returns the job for desc, starting it when there is none (or when
 // the last one failed for a reason other than bad data). A layer fetched
 // ahead waits for a slot and is not started when the staging limit would
-// be passed (start then returns nil); a layer containerd waits for
+// be passed, or when it was fetched ahead before and deleted for a full
+// disk, until containerd asks for it (start then returns nil); a layer containerd waits for
 // (urgent) never waits, and takes over a job for it that does.
 func (m *Manager) start(ref string, desc ocispec.Descriptor, urgent bool) *job {
 	m.mu.Lock()
@@ -108,8 +109,11 @@ func (m *Manager) start(ref string, desc ocispec.Descriptor, urgent bool) *job {
 		close(j.done)
 		return j
 	}
-	if !urgent && m.reservedLocked()+desc.Size > m.cfg.StagingLimit {
+	if !urgent && (m.dropped[desc.Digest] || m.reservedLocked()+desc.Size > m.cfg.StagingLimit) {
 		return nil
+	}
+	if urgent {
+		delete(m.dropped, desc.Digest)
 	}
 	j := &job{desc: desc, ahead: !urgent, done: make(chan struct{}), urgent: make(chan struct{})}
 	j.ctx, j.cancel = context.WithCancel(log.WithLogger(m.ctx, log.G(m.ctx).WithField("layer", desc.Digest)))
@@ -169,6 +173,12 @@ func (m *Manager) run(j *job, ref string) {
 	j.elapsed = time.Since(start)
 	if j.err != nil {
 		os.RemoveAll(dir)
+		if j.ahead && isNoSpace(j.err) {
+			// Not again ahead of containerd: see dropStaged.
+			m.mu.Lock()
+			m.dropped[j.desc.Digest] = true
+			m.mu.Unlock()
+		}
 		return
 	}
 	if j.ahead {
@@ -268,7 +278,9 @@ func (m *Manager) expire(j *job) {
 
 // dropStaged stops every layer fetched ahead that containerd does not wait
 // for and deletes its tree: the disk is full, and they are only a head
-// start. containerd fetches them again when it asks for them.
+// start. containerd fetches them again when it asks for them; until then
+// they are not fetched ahead again, so that a full disk does not make the
+// same blobs come again and again.
 func (m *Manager) dropStaged(ctx context.Context) {
 	var dirs []string
 	m.mu.Lock()
@@ -282,6 +294,7 @@ func (m *Manager) dropStaged(ctx context.Context) {
 		default:
 		}
 		delete(m.jobs, d)
+		m.dropped[d] = true
 		j.claimed = true
 		j.cancel()
 		if j.expire != nil {

@@ -132,6 +132,7 @@ type Manager struct {
 	mu        sync.Mutex
 	closed    bool                               // guarded by mu
 	jobs      map[digest.Digest]*job             // guarded by mu
+	dropped   map[digest.Digest]bool             // fetched ahead, deleted for a full disk: not fetched ahead again; guarded by mu
 	tocs      map[digest.Digest]*tocJob          // guarded by mu
 	manifests map[digest.Digest]ocispec.Manifest // guarded by mu
 	lazy      map[string]*Lazy                   // by snapshot directory; guarded by mu
@@ -180,6 +181,7 @@ func New(ctx context.Context, reg Registry, cfg Config) (*Manager, error) {
 		cancel:    cancel,
 		sem:       make(chan struct{}, cfg.ConcurrentLayers),
 		jobs:      map[digest.Digest]*job{},
+		dropped:   map[digest.Digest]bool{},
 		tocs:      map[digest.Digest]*tocJob{},
 		manifests: map[digest.Digest]ocispec.Manifest{},
 		lazy:      map[string]*Lazy{},
