@@ -89,6 +89,31 @@ func (s *Store) readChunk(k key, size int64) ([]byte, error) {
 	return b, nil
 }
 
+// readChunkAt reads len(p) bytes at off of chunk k, which the index says
+// holds size bytes. Like readChunk, the error wraps errStale when the file
+// is gone, unreadable or of another size.
+func (s *Store) readChunkAt(k key, size int64, p []byte, off int64) error {
+	f, err := os.Open(s.chunkPath(k))
+	if errors.Is(err, fs.ErrNotExist) {
+		return fmt.Errorf("read chunk %s: %w", k, errStale)
+	}
+	if err != nil {
+		return fmt.Errorf("read chunk %s: %w", k, err)
+	}
+	defer f.Close()
+	st, err := f.Stat()
+	if err != nil {
+		return fmt.Errorf("read chunk %s: %w", k, err)
+	}
+	if st.Size() != size {
+		return fmt.Errorf("read chunk %s: %w: %d bytes, not %d", k, errStale, st.Size(), size)
+	}
+	if _, err := f.ReadAt(p, off); err != nil {
+		return fmt.Errorf("read chunk %s: %w (%w)", k, errStale, err)
+	}
+	return nil
+}
+
 // stage writes b to a new file in dir/staging and returns its path.
 func (s *Store) stage(b []byte) (string, error) {
 	f, err := os.CreateTemp(filepath.Join(s.dir, stagingDir), "chunk-")

@@ -1,6 +1,7 @@
 package cache
 
 import (
+	"bytes"
 	"context"
 	"errors"
 	"fmt"
@@ -98,6 +99,10 @@ func TestLoadOnFullDisk(t *testing.T) {
 	}
 	if !s.Has(ds[0]) {
 		t.Error("Has is false for a chunk held in memory")
+	}
+	p := make([]byte, 100)
+	if ok, err := s.ReadAt(ds[0], 64<<10, p, 1000); !ok || err != nil || !bytes.Equal(p, src.chunks[ds[0]][1000:1100]) {
+		t.Errorf("ReadAt of a chunk held in memory = %v, %v, right bytes: %v", ok, err, bytes.Equal(p, src.chunks[ds[0]][1000:1100]))
 	}
 
 	// The disk has room again; once the store tries it again, it writes

@@ -383,3 +383,59 @@ func (s *Store) Stats() Stats {
 	st.Evictions = s.evictions.Load()
 	return st
 }
+
+// ReadAt reads len(p) bytes of chunk d, starting at byte off of the chunk,
+// into p, without reading the rest of the chunk: a read of a few pages of a
+// large cached chunk costs those pages. ok is false if the store does not
+// hold chunk d with exactly size bytes, on disk or in memory (see Load), or
+// if off and len(p) do not fit in size; then p is left undefined. A hit
+// counts as a use of the chunk for eviction. As with Get, the bytes are not
+// verified again (see the package documentation), and a chunk file of the
+// wrong size is removed and reported as a miss.
+func (s *Store) ReadAt(d digest.Digest, size int64, p []byte, off int64) (ok bool, err error) {
+	k, err := parseKey(d)
+	if err != nil {
+		return false, err
+	}
+	if off < 0 || off > size || int64(len(p)) > size-off {
+		return false, nil
+	}
+	ok, err = s.readAt(k, size, p, off)
+	switch {
+	case ok:
+		s.hits.Add(1)
+	case err == nil:
+		s.misses.Add(1)
+	}
+	return ok, err
+}
+
+func (s *Store) readAt(k key, size int64, p []byte, off int64) (bool, error) {
+	s.mu.Lock()
+	if s.closed {
+		s.mu.Unlock()
+		return false, ErrClosed
+	}
+	indexed, ok := s.index.touch(k)
+	if !ok {
+		b, ok := s.mem.get(k)
+		s.mu.Unlock()
+		if !ok || int64(len(b)) != size {
+			return false, nil
+		}
+		copy(p, b[off:])
+		return true, nil
+	}
+	s.mu.Unlock()
+	if indexed != size {
+		return false, nil
+	}
+	err := s.readChunkAt(k, size, p, off)
+	if errors.Is(err, errStale) {
+		return false, s.drop(k)
+	}
+	if err != nil {
+		return false, err
+	}
+	return true, nil
+}

@@ -253,7 +253,7 @@ func TestDamagedChunk(t *testing.T) {
 		}},
 	}
 	for _, tt := range tests {
-		for _, via := range []string{"Get", "Load"} {
+		for _, via := range []string{"Get", "Load", "ReadAt"} {
 			t.Run(tt.name+"/"+via, func(t *testing.T) {
 				s := openStore(t, t.TempDir(), 0)
 				d, b := named("chunk", 100)
@@ -269,6 +269,12 @@ func TestDamagedChunk(t *testing.T) {
 				switch via {
 				case "Get":
 					checkGet(t, s, d, nil)
+					checkDisk(t, s)
+					mustPut(t, s, d, b)
+				case "ReadAt":
+					if ok, err := s.ReadAt(d, 100, make([]byte, 10), 40); ok || err != nil {
+						t.Errorf("ReadAt = %v, %v; want a miss", ok, err)
+					}
 					checkDisk(t, s)
 					mustPut(t, s, d, b)
 				case "Load":
@@ -387,6 +393,35 @@ func TestClosed(t *testing.T) {
 	checkGet(t, s, d, b)
 }
 
+// TestReadAt checks that ReadAt returns the bytes of any range of a stored
+// chunk, and misses when the chunk is not held with the size asked for.
+func TestReadAt(t *testing.T) {
+	s := openStore(t, t.TempDir(), 0)
+	d, b := random(7, 1000)
+	mustPut(t, s, d, b)
+	for _, r := range []struct{ off, n int64 }{{0, 1000}, {0, 1}, {999, 1}, {300, 400}, {1000, 0}} {
+		p := make([]byte, r.n)
+		ok, err := s.ReadAt(d, 1000, p, r.off)
+		if !ok || err != nil || !bytes.Equal(p, b[r.off:r.off+r.n]) {
+			t.Errorf("ReadAt(off %d, %d bytes) = %v, %v, right bytes: %v", r.off, r.n, ok, err, bytes.Equal(p, b[r.off:r.off+r.n]))
+		}
+	}
+	for _, r := range []struct{ size, off, n int64 }{{999, 0, 10}, {1001, 0, 10}, {1000, 995, 10}, {1000, -1, 1}} {
+		if ok, err := s.ReadAt(d, r.size, make([]byte, r.n), r.off); ok || err != nil {
+			t.Errorf("ReadAt(size %d, off %d, %d bytes) = %v, %v; want a miss", r.size, r.off, r.n, ok, err)
+		}
+	}
+	other, _ := random(8, 1000)
+	if ok, err := s.ReadAt(other, 1000, make([]byte, 10), 0); ok || err != nil {
+		t.Errorf("ReadAt of a chunk never stored = %v, %v; want a miss", ok, err)
+	}
+	// A range outside the chunk is not a lookup: no miss.
+	if st := s.Stats(); st.Hits != 5 || st.Misses != 3 || st.Chunks != 1 {
+		t.Errorf("Stats = %+v, want 5 hits, 3 misses, 1 chunk", st)
+	}
+	checkGet(t, s, d, b)
+}
+
 func BenchmarkGetHit(b *testing.B) {
 	for _, size := range []int{64 << 10, 1 << 20, 4 << 20} {
 		b.Run(fmt.Sprintf("%dKiB", size>>10), func(b *testing.B) {
@@ -396,6 +431,35 @@ func BenchmarkGetHit(b *testing.B) {
 			b.SetBytes(int64(size))
 			for b.Loop() {
 				if _, ok, err := s.Get(d); !ok || err != nil {
+					b.Fatal(ok, err)
+				}
+			}
+		})
+	}
+}
+
+// BenchmarkReadAtHit reads 128 KiB, what the kernel asks of a FUSE file at
+// once, of a stored chunk, with Get and with ReadAt.
+func BenchmarkReadAtHit(b *testing.B) {
+	for _, size := range []int{1 << 20, 4 << 20} {
+		s := openStore(b, b.TempDir(), 0)
+		d, c := random(1, size)
+		mustPut(b, s, d, c)
+		p := make([]byte, 128<<10)
+		b.Run(fmt.Sprintf("%dKiB/Get", size>>10), func(b *testing.B) {
+			b.SetBytes(int64(len(p)))
+			for b.Loop() {
+				got, ok, err := s.Get(d)
+				if !ok || err != nil {
+					b.Fatal(ok, err)
+				}
+				copy(p, got[size/2:])
+			}
+		})
+		b.Run(fmt.Sprintf("%dKiB/ReadAt", size>>10), func(b *testing.B) {
+			b.SetBytes(int64(len(p)))
+			for b.Loop() {
+				if ok, err := s.ReadAt(d, int64(size), p, int64(size/2)); !ok || err != nil {
 					b.Fatal(ok, err)
 				}
 			}

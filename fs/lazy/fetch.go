@@ -530,6 +530,9 @@ func (f *fetcher) readAt(ctx context.Context, cs []chunk, size int64, p []byte, 
 		j++
 	}
 	want := f.plan(cs, i, j)
+	if n, ok := f.readCached(cs[i:need], want, p, off, end); ok {
+		return n, nil
+	}
 	bufs, err := f.load(ctx, want)
 	if errors.Is(err, errRetrying) && len(want) > need-i {
 		// The chunks that timed out a moment ago may be only the ones
@@ -551,4 +554,31 @@ func (f *fetcher) readAt(ctx context.Context, cs []chunk, size int64, p []byte, 
 		n += copy(p[n:], b[lo:hi])
 	}
 	return n, nil
+}
+
+// readCached serves a read of the bytes [off, end) of a file, held by the
+// chunks need, straight from the chunk cache when every chunk of want (the
+// chunks the read would load, need among them) is there: then load would
+// fetch nothing, and reading only the bytes asked for costs a few pages
+// instead of whole chunks (a 128 KiB read of a 4 MiB chunk read all 4 MiB).
+// The cached bytes were verified when they were stored (see cache.Store).
+// ok is false when the read must go through load: a chunk is missing, or
+// went missing meanwhile, is cached with another size than the TOC's, or
+// cannot be read (load reports why).
+func (f *fetcher) readCached(need, want []chunk, p []byte, off, end int64) (n int, ok bool) {
+	for k := range want {
+		if !f.cache.Has(want[k].dgst()) {
+			return 0, false
+		}
+	}
+	for k := range need {
+		c := &need[k]
+		lo := max(off, c.fileOff) - c.fileOff
+		hi := min(end, c.fileOff+c.size) - c.fileOff
+		if ok, err := f.cache.ReadAt(c.dgst(), c.size, p[n:n+int(hi-lo)], lo); err != nil || !ok {
+			return 0, false
+		}
+		n += int(hi - lo)
+	}
+	return n, true
 }
