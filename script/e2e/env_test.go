@@ -130,6 +130,7 @@ type env struct {
 	lazy     *proc
 	lazyArgs []string
 	ctrSock  string
+	ctrUp    bool   // containerd was started
 	ctrHosts string // hosts.toml directory ctr uses: the registry itself
 	// ctrConfig, if set, rewrites containerd's configuration before it
 	// starts (the CRI test turns the CRI plugin on).
@@ -194,9 +195,31 @@ func newEnvWith(t *testing.T, regAddr, lazyUpstream string, ctrConfig func(strin
 
 func (e *env) startLazylayer() {
 	e.t.Helper()
-	e.lazy = startProc(e.t, e.lazyLog, snapshotterBin, e.lazyArgs...)
+	e.startLazylayerBin(snapshotterBin)
+}
+
+// startLazylayerBin starts the daemon from binary bin.
+func (e *env) startLazylayerBin(bin string) {
+	e.t.Helper()
+	e.lazy = startProc(e.t, e.lazyLog, bin, e.lazyArgs...)
+	e.waitServing()
+}
+
+// waitServing waits until the daemon just started serves its socket and,
+// once containerd runs, until containerd reaches it: containerd's
+// connection to the last daemon may be in its reconnect backoff, failing
+// calls at once, as a user's first call after a restart may fail.
+func (e *env) waitServing() {
+	e.t.Helper()
 	waitFor(e.t, "lazylayer socket", func() bool {
 		_, err := os.Stat(e.lazySock)
+		return err == nil
+	})
+	if !e.ctrUp {
+		return
+	}
+	waitFor(e.t, "containerd to reach lazylayer", func() bool {
+		_, err := e.ctrErr("snapshots", "--snapshotter", "lazylayer", "ls")
 		return err == nil
 	})
 }
@@ -229,6 +252,7 @@ func (e *env) startContainerd() {
 		_, err := e.ctrErr("version")
 		return err == nil
 	})
+	e.ctrUp = true
 	// Shims outlive containerd: stop this test's containers and their
 	// shims before containerd itself goes (cleanups run last first).
 	e.t.Cleanup(func() {

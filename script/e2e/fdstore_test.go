@@ -266,10 +266,7 @@ func (e *env) startLazylayerFromStore(m *fdStoreManager) {
 		c.Env = append(c.Env, fmt.Sprintf("LISTEN_FDS=%d", len(files)), "LISTEN_FDNAMES="+names)
 	}, "sh", append([]string{"-c", `LISTEN_PID=$$ exec "$0" "$@"`, snapshotterBin}, e.lazyArgs...)...)
 	m.setMain(e.lazy.cmd.Process.Pid)
-	waitFor(e.t, "lazylayer socket", func() bool {
-		_, err := os.Stat(e.lazySock)
-		return err == nil
-	})
+	e.waitServing()
 }
 
 // fuseMounts lists the daemon's FUSE mounts.

@@ -34,16 +34,6 @@ func (e *env) killHolderOnCleanup() {
 	})
 }
 
-// startLazylayerBin starts the daemon from binary bin.
-func (e *env) startLazylayerBin(bin string) {
-	e.t.Helper()
-	e.lazy = startProc(e.t, e.lazyLog, bin, e.lazyArgs...)
-	waitFor(e.t, "lazylayer socket", func() bool {
-		_, err := os.Stat(e.lazySock)
-		return err == nil
-	})
-}
-
 // stopLazylayer stops the daemon with sig.
 func (e *env) stopLazylayer(sig syscall.Signal) {
 	e.t.Helper()
