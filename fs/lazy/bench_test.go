@@ -219,39 +219,56 @@ func liveHeap() uint64 {
 }
 
 // BenchmarkOpenPeakHeap reports, for a layer of 50,000 files, the live
-// heap at the peak of opening it (both estargz's decoded Reader and the
-// index being built are alive) and what each holds: the parts a streaming
-// index builder could shed. The footer and TOC bytes read (kept by the
-// layer's record) are counted in none of them.
+// heap at the peak of opening it, when the TOC's tree and the index being
+// built are both alive, and what each holds: the tree as estargz's Reader
+// (what openTOC built before tocTree) and as tocTree. The footer and TOC
+// bytes read (kept by the layer's record) are counted in none of them.
 func BenchmarkOpenPeakHeap(b *testing.B) {
 	const files = 50000
 	data, _ := manyFiles(b, files)
 	size := int64(len(data))
-	var reader, peak, ix uint64
-	for i := 0; i < b.N; i++ {
-		dec := new(estargz.GzipDecompressor)
-		rec := &Recorded{src: bytes.NewReader(data)}
-		if _, err := readTOCRange(rec, size, dec); err != nil {
-			b.Fatal(err)
-		}
-		base := liveHeap()
-		r, err := openStreamed(rec, size, dec)
-		if err != nil {
-			b.Fatal(err)
-		}
-		reader = liveHeap() - base
-		index, err := buildIndex(r, nil, func() (map[string]*linkAttrs, error) { return nil, nil })
-		if err != nil {
-			b.Fatal(err)
-		}
-		peak = liveHeap() - base
-		runtime.KeepAlive(r)
-		r = nil
-		ix = liveHeap() - base
-		runtime.KeepAlive(index)
-		runtime.KeepAlive(rec)
+	noLinks := func() (map[string]*linkAttrs, error) { return nil, nil }
+	for _, tc := range []struct {
+		name  string
+		index func(ra io.ReaderAt, dec estargz.Decompressor) (tree any, build func() (*index, error), err error)
+	}{
+		{"estargz", func(ra io.ReaderAt, dec estargz.Decompressor) (any, func() (*index, error), error) {
+			r, err := openStreamed(ra, size, dec)
+			return r, func() (*index, error) { return buildIndex(r, nil, noLinks) }, err
+		}},
+		{"tocTree", func(ra io.ReaderAt, dec estargz.Decompressor) (any, func() (*index, error), error) {
+			t, _, err := openTree(ra, size, dec)
+			return t, func() (*index, error) { return buildIndexFrom[uint32](t, nil, noLinks) }, err
+		}},
+	} {
+		b.Run(tc.name, func(b *testing.B) {
+			var tree, peak, ix uint64
+			for i := 0; i < b.N; i++ {
+				dec := new(estargz.GzipDecompressor)
+				rec := &Recorded{src: bytes.NewReader(data)}
+				if _, err := readTOCRange(rec, size, dec); err != nil {
+					b.Fatal(err)
+				}
+				base := liveHeap()
+				t, build, err := tc.index(rec, dec)
+				if err != nil {
+					b.Fatal(err)
+				}
+				tree = liveHeap() - base
+				index, err := build()
+				if err != nil {
+					b.Fatal(err)
+				}
+				peak = liveHeap() - base
+				runtime.KeepAlive(t)
+				t, build = nil, nil
+				ix = liveHeap() - base
+				runtime.KeepAlive(index)
+				runtime.KeepAlive(rec)
+			}
+			b.ReportMetric(float64(peak)/1e6, "peak-MB")
+			b.ReportMetric(float64(tree)/1e6, "tree-MB")
+			b.ReportMetric(float64(ix)/1e6, "index-MB")
+		})
 	}
-	b.ReportMetric(float64(peak)/1e6, "peak-MB")
-	b.ReportMetric(float64(reader)/1e6, "estargz-MB")
-	b.ReportMetric(float64(ix)/1e6, "index-MB")
 }
