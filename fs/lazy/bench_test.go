@@ -9,6 +9,7 @@ import (
 	"os"
 	"path/filepath"
 	"runtime"
+	"runtime/metrics"
 	"testing"
 	"time"
 
@@ -250,5 +251,66 @@ func BenchmarkCachedRead(b *testing.B) {
 	b.ResetTimer()
 	for range b.N {
 		readAll()
+
+// liveHeap returns the bytes of live heap objects after a full collection.
+func liveHeap() uint64 {
+	runtime.GC()
+	s := []metrics.Sample{{Name: "/gc/heap/live:bytes"}}
+	metrics.Read(s)
+	return s[0].Value.Uint64()
+}
+
+// BenchmarkOpenPeakHeap reports, for a layer of 50,000 files, the live
+// heap at the peak of opening it, when the TOC's tree and the index being
+// built are both alive, and what each holds: the tree as estargz's Reader
+// (what openTOC built before tocTree) and as tocTree. The footer and TOC
+// bytes read (kept by the layer's record) are counted in none of them.
+func BenchmarkOpenPeakHeap(b *testing.B) {
+	const files = 50000
+	data, _ := manyFiles(b, files)
+	size := int64(len(data))
+	noLinks := func() (map[string]*linkAttrs, error) { return nil, nil }
+	for _, tc := range []struct {
+		name  string
+		index func(ra io.ReaderAt, dec estargz.Decompressor) (tree any, build func() (*index, error), err error)
+	}{
+		{"estargz", func(ra io.ReaderAt, dec estargz.Decompressor) (any, func() (*index, error), error) {
+			r, err := openStreamed(ra, size, dec)
+			return r, func() (*index, error) { return buildIndex(r, nil, noLinks) }, err
+		}},
+		{"tocTree", func(ra io.ReaderAt, dec estargz.Decompressor) (any, func() (*index, error), error) {
+			t, _, err := openTree(ra, size, dec)
+			return t, func() (*index, error) { return buildIndexFrom[uint32](t, nil, noLinks) }, err
+		}},
+	} {
+		b.Run(tc.name, func(b *testing.B) {
+			var tree, peak, ix uint64
+			for i := 0; i < b.N; i++ {
+				dec := new(estargz.GzipDecompressor)
+				rec := &Recorded{src: bytes.NewReader(data)}
+				if _, err := readTOCRange(rec, size, dec); err != nil {
+					b.Fatal(err)
+				}
+				base := liveHeap()
+				t, build, err := tc.index(rec, dec)
+				if err != nil {
+					b.Fatal(err)
+				}
+				tree = liveHeap() - base
+				index, err := build()
+				if err != nil {
+					b.Fatal(err)
+				}
+				peak = liveHeap() - base
+				runtime.KeepAlive(t)
+				t, build = nil, nil
+				ix = liveHeap() - base
+				runtime.KeepAlive(index)
+				runtime.KeepAlive(rec)
+			}
+			b.ReportMetric(float64(peak)/1e6, "peak-MB")
+			b.ReportMetric(float64(tree)/1e6, "tree-MB")
+			b.ReportMetric(float64(ix)/1e6, "index-MB")
+		})
 	}
 }

@@ -156,23 +156,20 @@ type exactInfo struct {
 // readExact reads the record entry of r, checks its bytes against want and
 // parses it. It reads through r, which serves the bytes already read with
 // the TOC when the offset annotation is right.
-func readExact(r *estargz.Reader, want digest.Digest, off int64) (map[string]*exactInfo, error) {
-	te, ok := r.Lookup(ExactName)
-	if !ok || te.Type != "reg" {
+func readExact[K comparable](r tocSource[K], want digest.Digest, off int64) (map[string]*exactInfo, error) {
+	k, ok := r.lookup(ExactName)
+	if !ok || r.entry(k).Type != "reg" {
 		return nil, fmt.Errorf("the layer has no %s entry", ExactName)
 	}
+	te := r.entry(k)
 	if te.Offset < off {
 		return nil, fmt.Errorf("%s starts at %d, the annotation says %d", ExactName, te.Offset, off)
 	}
-	if te.Size > maxExactTail {
+	if te.Size < 0 || te.Size > maxExactTail {
 		return nil, fmt.Errorf("%s has %d bytes", ExactName, te.Size)
 	}
-	sr, err := r.OpenFile(ExactName)
+	b, err := r.readFile(ExactName, te.Size)
 	if err != nil {
-		return nil, err
-	}
-	b := make([]byte, te.Size)
-	if _, err := sr.ReadAt(b, 0); err != nil && err != io.EOF {
 		return nil, fmt.Errorf("read %s: %w", ExactName, err)
 	}
 	if got := want.Algorithm().FromBytes(b); got != want {
@@ -187,10 +184,11 @@ func readExact(r *estargz.Reader, want digest.Digest, off int64) (map[string]*ex
 	}
 	out := make(map[string]*exactInfo, len(rec.Entries))
 	for _, e := range rec.Entries {
-		te, ok := r.Lookup(e.TOC)
+		k, ok := r.lookup(e.TOC)
 		if !ok {
 			return nil, fmt.Errorf("%s: %q is not in the TOC", ExactName, e.TOC)
 		}
+		te := r.entry(k)
 		x := &exactInfo{mtime: e.Mtime}
 		if e.Name != nil {
 			if tocName(string(e.Name)) != e.TOC {
@@ -206,7 +204,7 @@ func readExact(r *estargz.Reader, want digest.Digest, off int64) (map[string]*ex
 		}
 		if e.Mtime != 0 {
 			mt := time.Unix(0, e.Mtime)
-			if tm := te.ModTime(); !mt.Round(time.Second).Equal(tm) && !(tm.IsZero() && mt.Unix() == 0) {
+			if tm := te.ModTime; !mt.Round(time.Second).Equal(tm) && !(tm.IsZero() && mt.Unix() == 0) {
 				return nil, fmt.Errorf("%s: %q: mtime %s, the TOC says %s", ExactName, e.TOC, mt.UTC(), tm.UTC())
 			}
 		}

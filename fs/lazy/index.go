@@ -127,18 +127,23 @@ func (ix *index) lookup(e *entry, name string) (uint32, bool) {
 // exact, when not nil, is the layer's verified exact record: names, link
 // targets and mtimes are taken from it where the TOC cannot say them.
 func buildIndex(r *estargz.Reader, exact map[string]*exactInfo, links func() (map[string]*linkAttrs, error)) (*index, error) {
-	root, ok := r.Lookup("")
+	return buildIndexFrom[*estargz.TOCEntry](readerSource{r}, exact, links)
+}
+
+// buildIndexFrom is buildIndex of a TOC's tree, estargz's or a tocTree.
+func buildIndexFrom[K comparable](r tocSource[K], exact map[string]*exactInfo, links func() (map[string]*linkAttrs, error)) (*index, error) {
+	root, ok := r.lookup("")
 	if !ok {
 		return nil, fmt.Errorf("TOC has no root directory")
 	}
-	b := &builder{
+	b := &builder[K]{
 		r:     r,
 		exact: exact,
 		ix:    &index{links: map[uint32]string{}, rdevs: map[uint32]uint32{}, xattrs: map[uint32]map[string][]byte{}, opaque: map[uint32]bool{}},
-		seen:  map[*estargz.TOCEntry]uint32{},
+		seen:  map[K]uint32{},
 	}
-	if lm, ok := r.Lookup(estargz.PrefetchLandmark); ok {
-		b.ix.prefetchEnd = lm.Offset
+	if lm, ok := r.lookup(estargz.PrefetchLandmark); ok {
+		b.ix.prefetchEnd = r.entry(lm).Offset
 	}
 	b.linked = map[uint32]string{}
 	b.ix.entries = append(b.ix.entries, entry{nlink: 1})
@@ -182,16 +187,17 @@ func buildIndex(r *estargz.Reader, exact map[string]*exactInfo, links func() (ma
 	return b.ix, nil
 }
 
-type builder struct {
-	r      *estargz.Reader
+type builder[K comparable] struct {
+	r      tocSource[K]
 	exact  map[string]*exactInfo // the verified exact record, by TOC name; nil without
 	ix     *index
-	seen   map[*estargz.TOCEntry]uint32 // hard links: TOC entry → entry number
-	linked map[uint32]string            // hard-linked entries → their first name
+	seen   map[K]uint32      // hard links: TOC entry → entry number
+	linked map[uint32]string // hard-linked entries → their first name
 }
 
 // fill sets entry n from the TOC entry te, recursing into directories.
-func (b *builder) fill(n uint32, te *estargz.TOCEntry) error {
+func (b *builder[K]) fill(n uint32, k K) error {
+	te := b.r.entry(k)
 	e := entry{
 		uid:   uint32(te.UID),
 		gid:   uint32(te.GID),
@@ -235,21 +241,22 @@ func (b *builder) fill(n uint32, te *estargz.TOCEntry) error {
 	}
 	b.ix.entries[n] = e
 	if te.Type == "dir" {
-		return b.dir(n, te)
+		return b.dir(n, k)
 	}
 	return nil
 }
 
 // dir adds the children of directory n.
-func (b *builder) dir(n uint32, te *estargz.TOCEntry) error {
+func (b *builder[K]) dir(n uint32, dk K) error {
+	te := b.r.entry(dk)
 	type kid struct {
 		name string
-		te   *estargz.TOCEntry
+		k    K
 		wh   bool // a whiteout: a 0/0 character device named name
 	}
 	var kids []kid
 	var err error
-	te.ForeachChild(func(base string, c *estargz.TOCEntry) bool {
+	b.r.forEachChild(dk, func(base string, k K) bool {
 		if n == 0 && isFormatName(base) {
 			return true
 		}
@@ -266,12 +273,12 @@ func (b *builder) dir(n uint32, te *estargz.TOCEntry) error {
 			b.ix.xattrs[n] = xa
 			b.ix.opaque[n] = true
 		case strings.HasPrefix(base, whiteoutPrefix):
-			kids = append(kids, kid{name: base[len(whiteoutPrefix):], te: c, wh: true})
+			kids = append(kids, kid{name: base[len(whiteoutPrefix):], k: k, wh: true})
 		case base == "" || base == "." || base == ".." || strings.Contains(base, "/"):
 			err = fmt.Errorf("TOC entry %q: invalid name %q", te.Name, base)
 			return false
 		default:
-			kids = append(kids, kid{name: base, te: c})
+			kids = append(kids, kid{name: base, k: k})
 		}
 		return true
 	})
@@ -302,22 +309,23 @@ func (b *builder) dir(n uint32, te *estargz.TOCEntry) error {
 	numbers := make([]uint32, len(kids))
 	var fills []int
 	for i, k := range kids {
+		kte := b.r.entry(k.k)
 		if k.wh {
-			numbers[i] = b.add(entry{mode: syscall.S_IFCHR, uid: uint32(k.te.UID),
-				gid: uint32(k.te.GID), nlink: 1, mtime: b.mtime(k.te)})
+			numbers[i] = b.add(entry{mode: syscall.S_IFCHR, uid: uint32(kte.UID),
+				gid: uint32(kte.GID), nlink: 1, mtime: b.mtime(kte)})
 			continue
 		}
-		if m, ok := b.seen[k.te]; ok {
-			if k.te.Type == "dir" {
+		if m, ok := b.seen[k.k]; ok {
+			if kte.Type == "dir" {
 				return fmt.Errorf("TOC directory %q: %q links to a directory", te.Name, k.name)
 			}
 			b.ix.entries[m].nlink++ // another name of a hard-linked file
-			b.linked[m] = k.te.Name
+			b.linked[m] = kte.Name
 			numbers[i] = m
 			continue
 		}
 		numbers[i] = b.add(entry{nlink: 1})
-		b.seen[k.te] = numbers[i]
+		b.seen[k.k] = numbers[i]
 		fills = append(fills, i)
 	}
 	b.ix.children = append(b.ix.children, numbers...)
@@ -329,10 +337,10 @@ func (b *builder) dir(n uint32, te *estargz.TOCEntry) error {
 
 	subdirs := uint32(0)
 	for _, i := range fills {
-		if err := b.fill(numbers[i], kids[i].te); err != nil {
+		if err := b.fill(numbers[i], kids[i].k); err != nil {
 			return err
 		}
-		if kids[i].te.Type == "dir" {
+		if b.r.entry(kids[i].k).Type == "dir" {
 			subdirs++
 		}
 	}
@@ -340,19 +348,19 @@ func (b *builder) dir(n uint32, te *estargz.TOCEntry) error {
 	return nil
 }
 
-func (b *builder) add(e entry) uint32 {
+func (b *builder[K]) add(e entry) uint32 {
 	b.ix.entries = append(b.ix.entries, e)
 	return uint32(len(b.ix.entries) - 1)
 }
 
 // fileChunks records the chunks of regular file te in e.
-func (b *builder) fileChunks(e *entry, te *estargz.TOCEntry) error {
+func (b *builder[K]) fileChunks(e *entry, te *tocEntry) error {
 	e.first = uint32(len(b.ix.chunks))
 	if te.Size == 0 {
 		return nil
 	}
 	for off := int64(0); off < te.Size; {
-		ce, ok := b.r.ChunkEntryForOffset(te.Name, off)
+		ce, ok := b.r.chunkAt(te.Name, off)
 		if !ok || ce.ChunkOffset != off || ce.ChunkSize <= 0 {
 			return fmt.Errorf("TOC entry %q: no chunk at offset %d", te.Name, off)
 		}
@@ -360,7 +368,7 @@ func (b *builder) fileChunks(e *entry, te *estargz.TOCEntry) error {
 		if !ok || len(hexDigest) != 2*len(chunk{}.digest) {
 			return fmt.Errorf("TOC entry %q: chunk at offset %d: digest %q: want sha256", te.Name, off, ce.ChunkDigest)
 		}
-		end := ce.NextOffset()
+		end := ce.End
 		if ce.Offset <= 0 || end <= ce.Offset || ce.InnerOffset < 0 {
 			return fmt.Errorf("TOC entry %q: chunk at offset %d: bad blob range %d-%d", te.Name, off, ce.Offset, end)
 		}
@@ -400,11 +408,11 @@ func unixNano(t time.Time) int64 {
 }
 
 // mtime is te's mtime in ns, from the exact record when it has one.
-func (b *builder) mtime(te *estargz.TOCEntry) int64 {
+func (b *builder[K]) mtime(te *tocEntry) int64 {
 	if x := b.exact[te.Name]; x != nil && x.mtime != 0 {
 		return x.mtime
 	}
-	return unixNano(te.ModTime())
+	return unixNano(te.ModTime)
 }
 
 // imageXattrs returns the attributes of xa an extraction sets (see

@@ -275,24 +275,50 @@ func openTOC(ra io.ReaderAt, desc ocispec.Descriptor, tocDigest digest.Digest) (
 		// Record, TOC and footer in one request.
 		exactErr = readTail(rec, exactOff, desc.Size)
 	}
-	var r *estargz.Reader
-	err := errNotStreamed
+	var (
+		tree *tocTree
+		r    *estargz.Reader
+		dgst digest.Digest
+		err  = errNotStreamed
+	)
 	if len(opts) == 0 {
-		r, err = openStreamed(rec, desc.Size, dec)
+		// A gzip eStargz: its TOC is decoded as a stream into a tree of
+		// what the index needs, not into estargz's Reader.
+		tree, dgst, err = openTree(rec, desc.Size, dec)
 	}
 	if errors.Is(err, errNotStreamed) {
-		r, err = estargz.Open(io.NewSectionReader(rec, 0, desc.Size), opts...)
+		if r, err = estargz.Open(io.NewSectionReader(rec, 0, desc.Size), opts...); err == nil {
+			dgst = r.TOCDigest()
+		}
 	}
 	if err != nil {
 		return nil, nil, nil, fmt.Errorf("layer %s: read TOC: %w", desc.Digest, err)
 	}
-	if got := r.TOCDigest(); got != tocDigest {
-		return nil, nil, nil, fmt.Errorf("layer %s: TOC has digest %s, the manifest says %s: %w", desc.Digest, got, tocDigest, ErrTOCMismatch)
+	if dgst != tocDigest {
+		return nil, nil, nil, fmt.Errorf("layer %s: TOC has digest %s, the manifest says %s: %w", desc.Digest, dgst, tocDigest, ErrTOCMismatch)
 	}
+	var ix *index
+	if tree != nil {
+		ix, err = indexTOC[uint32](tree, desc, exactOff, exactDigest, hasExact, exactErr, dec, rec)
+	} else {
+		ix, err = indexTOC[*estargz.TOCEntry](readerSource{r}, desc, exactOff, exactDigest, hasExact, exactErr, dec, rec)
+	}
+	if err != nil {
+		return nil, nil, nil, err
+	}
+	rec.src = nil
+	return rec, ix, dec, nil
+}
+
+// indexTOC builds the index of the layer desc from its TOC's tree r, with
+// its exact record when it has one (at exactOff, of exactDigest; exactErr
+// says why it could not be read).
+func indexTOC[K comparable](r tocSource[K], desc ocispec.Descriptor, exactOff int64, exactDigest digest.Digest, hasExact bool, exactErr error, dec estargz.Decompressor, rec io.ReaderAt) (*index, error) {
 	links := func() (map[string]*linkAttrs, error) { return hardlinkAttrs(dec, rec, desc.Size) }
 	var (
 		exact map[string]*exactInfo
 		view  string
+		err   error
 	)
 	switch {
 	case !hasExact:
@@ -306,20 +332,19 @@ func openTOC(ra io.ReaderAt, desc ocispec.Descriptor, tocDigest digest.Digest) (
 	}
 	// buildIndex refuses a TOC with a chunk that has no valid digest, so
 	// every byte served can be checked.
-	ix, err := buildIndex(r, exact, links)
+	ix, err := buildIndexFrom(r, exact, links)
 	if err != nil && exact != nil {
 		view = fmt.Sprintf("approximate: exact record not used: %v", err)
-		ix, err = buildIndex(r, nil, links)
+		ix, err = buildIndexFrom(r, nil, links)
 	}
 	if err != nil {
-		return nil, nil, nil, fmt.Errorf("layer %s: %w", desc.Digest, err)
+		return nil, fmt.Errorf("layer %s: %w", desc.Digest, err)
 	}
 	if exact != nil && view == "" {
 		view = ViewExact
 	}
 	ix.view = view
-	rec.src = nil
-	return rec, ix, dec, nil
+	return ix, nil
 }
 
 // SetLocal tells the layer that dir holds its complete, verified tree:

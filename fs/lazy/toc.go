@@ -14,10 +14,12 @@ import (
 // files. estargz.Open decodes it in one piece, which buffers the whole
 // document (growing a buffer by doubling, to 32 MB for those 17 MB) before
 // the first entry is decoded: the daemon's peak memory for a lazy image was
-// that buffer. openStreamed decodes the TOC one entry at a time instead and
-// hands the entries to estargz through its documented path for a TOC kept
-// outside the blob (a Decompressor whose footer says the TOC is elsewhere),
-// so that estargz's lookups, chunk tables and file reads work as before.
+// that buffer. openTree decodes the TOC one entry at a time instead and
+// builds from the entries the tree the index is made of (see tocTree).
+// openStreamed, which hands the entries to estargz's Reader through its
+// documented path for a TOC kept outside the blob (a Decompressor whose
+// footer says the TOC is elsewhere), is how openTOC did it before: tests
+// check that tocTree gives the same index.
 
 // minStreamedTOCOffset is the smallest TOC offset openStreamed handles;
 // below it (a blob holding next to nothing before its TOC) estargz.Open
@@ -37,7 +39,11 @@ func openStreamed(ra io.ReaderAt, size int64, dec estargz.Decompressor) (*estarg
 	if err != nil {
 		return nil, err
 	}
-	toc, dgst, err := decodeTOC(dec, io.NewSectionReader(ra, tocOff, size-estargz.FooterSize-tocOff), true)
+	toc := new(estargz.JTOC)
+	dgst, err := decodeTOC(dec, io.NewSectionReader(ra, tocOff, size-estargz.FooterSize-tocOff), func(e *estargz.TOCEntry) error {
+		toc.Entries = append(toc.Entries, e)
+		return nil
+	})
 	if err != nil {
 		return nil, err
 	}
@@ -57,8 +63,26 @@ func streamedTOCDigest(ra io.ReaderAt, size int64, dec estargz.Decompressor) (di
 	if err != nil {
 		return "", err
 	}
-	_, dgst, err := decodeTOC(dec, io.NewSectionReader(ra, tocOff, size-estargz.FooterSize-tocOff), false)
-	return dgst, err
+	return decodeTOC(dec, io.NewSectionReader(ra, tocOff, size-estargz.FooterSize-tocOff), nil)
+}
+
+// openTree reads the footer and TOC of the gzip eStargz blob ra as
+// openStreamed does and builds its tree from the entries as they are
+// decoded; it returns the TOC's digest.
+func openTree(ra io.ReaderAt, size int64, dec estargz.Decompressor) (*tocTree, digest.Digest, error) {
+	tocOff, err := readTOCRange(ra, size, dec)
+	if err != nil {
+		return nil, "", err
+	}
+	t := newTOCTree(ra, dec)
+	dgst, err := decodeTOC(dec, io.NewSectionReader(ra, tocOff, size-estargz.FooterSize-tocOff), t.add)
+	if err != nil {
+		return nil, "", err
+	}
+	if err := t.finish(tocOff); err != nil {
+		return nil, "", fmt.Errorf("TOC: %w", err)
+	}
+	return t, dgst, nil
 }
 
 // readTOCRange reads the footer of the gzip eStargz blob ra, then its TOC
@@ -82,40 +106,38 @@ func readTOCRange(ra io.ReaderAt, size int64, dec estargz.Decompressor) (int64, 
 	return tocOff, nil
 }
 
-// decodeTOC decompresses the TOC read from r and, if decode, decodes it
-// entry by entry; it returns the digest of its JSON bytes (all of them, as
-// the eStargz writer computes it).
-func decodeTOC(dec estargz.Decompressor, r io.Reader, decode bool) (*estargz.JTOC, digest.Digest, error) {
+// decodeTOC decompresses the TOC read from r and, if add is not nil,
+// decodes it entry by entry, passing each to add; it returns the digest of
+// its JSON bytes (all of them, as the eStargz writer computes it).
+func decodeTOC(dec estargz.Decompressor, r io.Reader, add func(*estargz.TOCEntry) error) (digest.Digest, error) {
 	tocDec, ok := dec.(interface {
 		DecompressTOC(io.Reader) (io.ReadCloser, error)
 	})
 	if !ok {
-		return nil, "", errNotStreamed
+		return "", errNotStreamed
 	}
 	rc, err := tocDec.DecompressTOC(r)
 	if err != nil {
-		return nil, "", fmt.Errorf("read TOC: %w", err)
+		return "", fmt.Errorf("read TOC: %w", err)
 	}
 	defer rc.Close()
 	h := digest.Canonical.Digester()
 	tee := io.TeeReader(rc, h.Hash())
-	var toc *estargz.JTOC
-	if decode {
-		toc = new(estargz.JTOC)
-		if err := decodeJTOC(json.NewDecoder(tee), toc); err != nil {
-			return nil, "", fmt.Errorf("decode TOC JSON: %w", err)
+	if add != nil {
+		if err := decodeJTOC(json.NewDecoder(tee), add); err != nil {
+			return "", fmt.Errorf("decode TOC JSON: %w", err)
 		}
 	}
 	if _, err := io.Copy(io.Discard, tee); err != nil {
-		return nil, "", fmt.Errorf("read TOC: %w", err)
+		return "", fmt.Errorf("read TOC: %w", err)
 	}
-	return toc, h.Digest(), nil
+	return h.Digest(), nil
 }
 
-// decodeJTOC decodes the JSON object {"version": n, "entries": [...]} into
-// toc one entry at a time; other members are skipped, as json.Unmarshal
-// would.
-func decodeJTOC(d *json.Decoder, toc *estargz.JTOC) error {
+// decodeJTOC decodes the JSON object {"version": n, "entries": [...]}
+// one entry at a time, passing each to add; other members are skipped, as
+// json.Unmarshal would.
+func decodeJTOC(d *json.Decoder, add func(*estargz.TOCEntry) error) error {
 	if err := expectDelim(d, '{'); err != nil {
 		return err
 	}
@@ -126,9 +148,10 @@ func decodeJTOC(d *json.Decoder, toc *estargz.JTOC) error {
 		}
 		switch key {
 		case "version":
-			err = d.Decode(&toc.Version)
+			var version int
+			err = d.Decode(&version)
 		case "entries":
-			err = decodeEntries(d, toc)
+			err = decodeEntries(d, add)
 		default:
 			var skip json.RawMessage
 			err = d.Decode(&skip)
@@ -140,7 +163,7 @@ func decodeJTOC(d *json.Decoder, toc *estargz.JTOC) error {
 	return expectDelim(d, '}')
 }
 
-func decodeEntries(d *json.Decoder, toc *estargz.JTOC) error {
+func decodeEntries(d *json.Decoder, add func(*estargz.TOCEntry) error) error {
 	t, err := d.Token()
 	if err != nil {
 		return err
@@ -152,10 +175,10 @@ func decodeEntries(d *json.Decoder, toc *estargz.JTOC) error {
 		return fmt.Errorf("entries: got %v, want an array", t)
 	}
 	in := interner{seen: map[string]string{}}
-	for d.More() {
+	for i := 0; d.More(); i++ {
 		e := new(estargz.TOCEntry)
 		if err := d.Decode(e); err != nil {
-			return fmt.Errorf("entry %d: %w", len(toc.Entries), err)
+			return fmt.Errorf("entry %d: %w", i, err)
 		}
 		// The decoder allocates every string anew: share the ones
 		// entries repeat, a fifth of what the entries hold.
@@ -164,7 +187,9 @@ func decodeEntries(d *json.Decoder, toc *estargz.JTOC) error {
 		if e.Digest == e.ChunkDigest {
 			e.Digest = e.ChunkDigest // a file of one chunk
 		}
-		toc.Entries = append(toc.Entries, e)
+		if err := add(e); err != nil {
+			return err
+		}
 	}
 	return expectDelim(d, ']')
 }
