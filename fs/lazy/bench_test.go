@@ -251,6 +251,8 @@ func BenchmarkCachedRead(b *testing.B) {
 	b.ResetTimer()
 	for range b.N {
 		readAll()
+	}
+}
 
 // liveHeap returns the bytes of live heap objects after a full collection.
 func liveHeap() uint64 {
