@@ -5,7 +5,6 @@ import (
 	"fmt"
 	"os"
 	"os/exec"
-	"sync"
 	"syscall"
 	"time"
 
@@ -21,12 +20,10 @@ type Held struct {
 
 // Client talks to a Holder. Its methods are safe for concurrent use.
 type Client struct {
-	mu   sync.Mutex
+	// passed are the connections the Holder had when the Client
+	// connected, until Take claims them; its mu also guards sock.
+	passed
 	sock int // guarded by mu
-
-	// held are the connections the Holder had when the Client connected,
-	// by mountpoint, until Take claims them; guarded by mu.
-	held map[string]Held
 }
 
 // StartHolder connects to the Holder listening at path, starting one with
@@ -52,7 +49,7 @@ func StartHolder(path string, cmd *exec.Cmd) (*Client, error) {
 			time.Sleep(20 * time.Millisecond)
 		}
 	}
-	c := &Client{sock: sock, held: map[string]Held{}}
+	c := &Client{sock: sock, passed: passed{held: map[string]Held{}}}
 	if err := c.list(); err != nil {
 		unix.Close(sock)
 		return nil, err
@@ -67,7 +64,7 @@ func Connect(path string) (*Client, error) {
 	if err != nil {
 		return nil, err
 	}
-	c := &Client{sock: sock, held: map[string]Held{}}
+	c := &Client{sock: sock, passed: passed{held: map[string]Held{}}}
 	if err := c.list(); err != nil {
 		unix.Close(sock)
 		return nil, err
@@ -132,25 +129,6 @@ func (c *Client) call(m message, fd int) error {
 	return nil
 }
 
-// Take returns the connection the Holder kept for mountpoint when this
-// Client connected, once; the caller owns its descriptor.
-func (c *Client) Take(mountpoint string) (Held, bool) {
-	c.mu.Lock()
-	defer c.mu.Unlock()
-	h, ok := c.held[mountpoint]
-	delete(c.held, mountpoint)
-	return h, ok
-}
-
-// Holds reports whether the Holder kept a connection for mountpoint that
-// nobody took yet.
-func (c *Client) Holds(mountpoint string) bool {
-	c.mu.Lock()
-	defer c.mu.Unlock()
-	_, ok := c.held[mountpoint]
-	return ok
-}
-
 // Keep gives the Holder a copy of conn, served at mountpoint, with note.
 func (c *Client) Keep(mountpoint string, conn *Conn, note []byte) error {
 	return c.call(message{Op: "keep", Entry: &heldEntry{Name: mountpoint, Init: conn.Init, Note: note}}, conn.Fd)
@@ -167,32 +145,13 @@ func (c *Client) Drop(mountpoint string) error {
 	return c.call(message{Op: "drop", Entry: &heldEntry{Name: mountpoint}}, -1)
 }
 
-// Unclaimed returns the mountpoints of connections nobody took.
-func (c *Client) Unclaimed() []string {
-	c.mu.Lock()
-	defer c.mu.Unlock()
-	var out []string
-	for mp := range c.held {
-		out = append(out, mp)
-	}
-	return out
-}
-
 // Close closes the connection to the Holder (which keeps what it holds)
 // and the descriptors nobody took.
 func (c *Client) Close() error {
 	c.mu.Lock()
 	defer c.mu.Unlock()
-	for mp, h := range c.held {
-		h.Conn.Close()
-		delete(c.held, mp)
-	}
-	if c.sock < 0 {
-		return nil
-	}
-	err := unix.Close(c.sock)
-	c.sock = -1
-	return err
+	c.closeUnclaimed()
+	return closeSocket(&c.sock)
 }
 
 // PidFile is where a holder started by StartHolder's command may write

@@ -10,7 +10,6 @@ import (
 	"path/filepath"
 	"strconv"
 	"strings"
-	"sync"
 
 	"golang.org/x/sys/unix"
 )
@@ -84,10 +83,9 @@ type Store struct {
 	dir    string // one record per kept connection
 	sock   int    // unbound datagram socket to send on
 
-	mu sync.Mutex
-	// held are the connections passed at start, by mountpoint, until Take
-	// claims them; guarded by mu.
-	held map[string]Held
+	// passed are the connections passed at start, until Take claims
+	// them; its mu also guards stored.
+	passed
 	// stored is the descriptor in the store for each mountpoint, as far
 	// as this daemon knows: one it took back, or one it kept; guarded by mu.
 	stored map[string]int
@@ -110,7 +108,7 @@ func OpenStore(notify, dir string, fds []NamedFd) (*Store, error) {
 	if err != nil {
 		return nil, fmt.Errorf("file descriptor store: %w", err)
 	}
-	s := &Store{notify: notify, dir: dir, sock: sock, held: map[string]Held{}, stored: map[string]int{}}
+	s := &Store{notify: notify, dir: dir, sock: sock, passed: passed{held: map[string]Held{}}, stored: map[string]int{}}
 	passed := map[string]int{}
 	for _, f := range fds {
 		if !strings.HasPrefix(f.Name, StoreNamePrefix) {
@@ -218,25 +216,6 @@ func (s *Store) Adopt(c *Client) error {
 	return nil
 }
 
-// Holds reports whether a connection passed at start for mountpoint is
-// not taken yet.
-func (s *Store) Holds(mountpoint string) bool {
-	s.mu.Lock()
-	defer s.mu.Unlock()
-	_, ok := s.held[mountpoint]
-	return ok
-}
-
-// Take returns the connection passed at start for mountpoint, once; the
-// caller owns its descriptor (the store keeps its own copy).
-func (s *Store) Take(mountpoint string) (Held, bool) {
-	s.mu.Lock()
-	defer s.mu.Unlock()
-	h, ok := s.held[mountpoint]
-	delete(s.held, mountpoint)
-	return h, ok
-}
-
 // Keep records conn's INIT and note for mountpoint and puts a copy of its
 // descriptor in the store, replacing any other kept for mountpoint. A
 // connection taken back from the store is there already.
@@ -288,31 +267,11 @@ func (s *Store) Drop(mountpoint string) error {
 	return err
 }
 
-// Unclaimed returns the mountpoints of connections passed at start that
-// nobody took.
-func (s *Store) Unclaimed() []string {
-	s.mu.Lock()
-	defer s.mu.Unlock()
-	var out []string
-	for mp := range s.held {
-		out = append(out, mp)
-	}
-	return out
-}
-
 // Close closes the descriptors nobody took (the store keeps its copies)
 // and the Store's socket.
 func (s *Store) Close() error {
 	s.mu.Lock()
 	defer s.mu.Unlock()
-	for mp, h := range s.held {
-		h.Conn.Close()
-		delete(s.held, mp)
-	}
-	if s.sock < 0 {
-		return nil
-	}
-	err := unix.Close(s.sock)
-	s.sock = -1
-	return err
+	s.closeUnclaimed()
+	return closeSocket(&s.sock)
 }
