@@ -30,14 +30,7 @@ func TestHolder(t *testing.T) {
 		}
 		time.Sleep(10 * time.Millisecond) // the holder goroutine binds its socket
 	}
-	var p [2]int
-	if err := unix.Pipe2(p[:], unix.O_CLOEXEC); err != nil {
-		t.Fatal(err)
-	}
-	defer unix.Close(p[1])
-	if err := c1.Keep("/mp", &Conn{Fd: p[0], Init: []byte("init")}, []byte("note")); err != nil {
-		t.Fatal(err)
-	}
+	p := keepPipe(t, c1)
 	unix.Close(p[0])
 	// A /dev/fuse descriptor never mounted is an ended connection.
 	dead, err := unix.Open("/dev/fuse", unix.O_RDWR|unix.O_CLOEXEC, 0)
@@ -93,4 +86,22 @@ func TestHolder(t *testing.T) {
 	case <-time.After(10 * time.Second):
 		t.Error("the holder runs on with nothing held and no client")
 	}
+}
+
+// keepPipe gives k a pipe's read end as the connection of "/mp", with INIT
+// "init" and note "note", and returns the pipe; its write end is closed
+// when the test ends.
+func keepPipe(t *testing.T, k interface {
+	Keep(mountpoint string, conn *Conn, note []byte) error
+}) [2]int {
+	t.Helper()
+	var p [2]int
+	if err := unix.Pipe2(p[:], unix.O_CLOEXEC); err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { unix.Close(p[1]) })
+	if err := k.Keep("/mp", &Conn{Fd: p[0], Init: []byte("init")}, []byte("note")); err != nil {
+		t.Fatal(err)
+	}
+	return p
 }

@@ -110,14 +110,7 @@ func TestStore(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	var p [2]int
-	if err := unix.Pipe2(p[:], unix.O_CLOEXEC); err != nil {
-		t.Fatal(err)
-	}
-	defer unix.Close(p[1])
-	if err := s1.Keep("/mp", &Conn{Fd: p[0], Init: []byte("init")}, []byte("note")); err != nil {
-		t.Fatal(err)
-	}
+	p := keepPipe(t, s1)
 	if err := s1.SetState("/mp", []byte("state")); err != nil {
 		t.Fatal(err)
 	}
@@ -249,14 +242,7 @@ func TestStoreAdopt(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	var p [2]int
-	if err := unix.Pipe2(p[:], unix.O_CLOEXEC); err != nil {
-		t.Fatal(err)
-	}
-	defer unix.Close(p[1])
-	if err := c1.Keep("/mp", &Conn{Fd: p[0], Init: []byte("init")}, []byte("note")); err != nil {
-		t.Fatal(err)
-	}
+	p := keepPipe(t, c1)
 	if err := c1.SetState("/mp", []byte("state")); err != nil {
 		t.Fatal(err)
 	}
