@@ -263,8 +263,14 @@ func checkNothingMounted(t *testing.T) {
 		if err != nil {
 			t.Fatal(err)
 		}
+		// Deepest first, so a mount inside another goes before it; each
+		// is detached so that a failing test leaves nothing behind.
+		slices.SortFunc(ms, func(a, b *mountinfo.Info) int { return len(b.Mountpoint) - len(a.Mountpoint) })
 		for _, m := range ms {
 			t.Errorf("left mounted: %s", m.Mountpoint)
+			if err := unix.Unmount(m.Mountpoint, unix.MNT_DETACH); err != nil {
+				t.Errorf("detach %s: %v", m.Mountpoint, err)
+			}
 		}
 	})
 }
@@ -541,7 +547,11 @@ func TestLifecycleReleaseDuringPopulation(t *testing.T) {
 		defer cancel()
 		released <- m.Release(ctx, dir)
 	}()
-	<-reg.cancelled
+	select {
+	case <-reg.cancelled:
+	case <-time.After(20 * time.Second):
+		t.Fatal("Release did not cancel the download")
+	}
 	waitReturnedOrBlocked(t, released, "Release waiting", blockedIn("fs/layer.(*Lazy).endPopulation"))
 	if !exited(ll) {
 		select {
@@ -893,7 +903,11 @@ func TestManagerCloseStopsEverything(t *testing.T) {
 	unwind := reg.holdUnwind(t)
 	closeErr := make(chan error, 1)
 	go func() { closeErr <- m.Close() }()
-	<-reg.cancelled
+	select {
+	case <-reg.cancelled:
+	case <-time.After(20 * time.Second):
+		t.Fatal("Release did not cancel the download")
+	}
 	waitReturnedOrBlocked(t, closeErr, "Close waiting", func(g string) bool {
 		return strings.Contains(g, "sync.(*WaitGroup).Wait(") && strings.Contains(g, "fs/layer.(*Manager).Close(")
 	})
