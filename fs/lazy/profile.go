@@ -159,13 +159,6 @@ func parseProfile(b []byte) (*Profile, error) {
 	return &p, nil
 }
 
-// Profile returns the layer's access profile as recorded so far: the
-// files opened while it was lazy, in first-open order. tocDigest is the
-// layer's TOC digest as the manifest gives it.
-func (l *Layer) Profile() Profile {
-	return Profile{Version: ProfileVersion, Layer: l.desc.Digest, TOC: l.tocDigest, Files: l.Accessed()}
-}
-
 // resolve returns the entries of the regular files with content that the
 // paths name, in the order given, each once, and how many paths it
 // skipped: not in the index, not a regular file, or not a clean relative

@@ -37,7 +37,9 @@ const (
 
 // Layer is what the daemon reports of one layer it holds.
 type Layer struct {
-	Digest   string  `json:"digest"`
+	Digest string `json:"digest"`
+	// TOC is the digest of a lazy layer's TOC, as the manifest gives it.
+	TOC      string  `json:"toc,omitempty"`
 	Snapshot string  `json:"snapshot"`
 	State    string  `json:"state"` // StateLazy, StatePopulating, StateLocal or StateFailed
 	Size     int64   `json:"size"`  // compressed size of the blob, when known
