@@ -147,6 +147,14 @@ func (m *Manager) startTOC(ref string, desc ocispec.Descriptor) {
 		if err == nil {
 			j.rec, err = lazy.ReadTOC(blobReaderAt{ctx: m.ctx, b: blob}, desc, tocDigest)
 		}
+		if err == nil && m.cfg.Lazy.ProfileDir != "" {
+			// The layer's access profile need not wait for its mount.
+			m.wg.Add(1)
+			go func() {
+				defer m.wg.Done()
+				lazy.ReplayAhead(m.ctx, j.rec, blob, desc, tocDigest, m.cfg.Lazy)
+			}()
+		}
 		j.err = err
 		m.mu.Lock()
 		defer m.mu.Unlock()

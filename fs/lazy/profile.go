@@ -17,6 +17,7 @@ import (
 
 	"github.com/containerd/log"
 	"github.com/opencontainers/go-digest"
+	ocispec "github.com/opencontainers/image-spec/specs-go/v1"
 	"golang.org/x/sync/errgroup"
 )
 
@@ -357,4 +358,27 @@ func (l *Layer) loadProfile(ctx context.Context, dir string) {
 		entry.WithField("skipped", skipped).Info("access profile: paths not regular files of the layer skipped")
 	}
 	l.profile = slices.Clip(files)
+}
+
+// ReplayAhead fetches the files of the access profile of the layer desc,
+// if o.ProfileDir holds one, into o.Cache before the layer is mounted:
+// from its footer and TOC read ahead (toc, see ReadTOC), while containerd
+// prepares the image's layers below it. The layer's Mount then finds them
+// cached, or waits for the requests under way. It returns once the replay
+// is over; a failure is logged.
+func ReplayAhead(ctx context.Context, toc *Recorded, blob Blob, desc ocispec.Descriptor, tocDigest digest.Digest, o Options) {
+	if o.ProfileDir == "" || o.Cache == nil {
+		return
+	}
+	if _, err := os.Stat(filepath.Join(o.ProfileDir, ProfileName(desc.Digest))); err != nil {
+		return
+	}
+	o.BlobPath = ""
+	l, err := Open(ctx, toc, blob, desc, tocDigest, o)
+	if err != nil {
+		log.G(ctx).WithError(err).WithField("layer", desc.Digest).Debug("no replay of the access profile ahead of the mount")
+		return
+	}
+	defer l.Close()
+	l.replay(ctx)
 }

@@ -216,3 +216,35 @@ func TestBadProfileIgnored(t *testing.T) {
 		t.Errorf("a truncated profile made %d requests", n)
 	}
 }
+
+// TestReplayAhead: a profile replayed from the TOC read ahead fills the
+// shared chunk cache, so the replay at the layer's mount fetches nothing.
+func TestReplayAhead(t *testing.T) {
+	dir := t.TempDir()
+	var data []byte
+	blob := &testBlob{}
+	first, _ := smallFilesLayer(t, 40, 10<<10, func(d []byte) Blob { data, blob.data = d, d; return blob }, Options{})
+	if err := WriteProfile(dir, Profile{Layer: first.desc.Digest, TOC: first.tocDigest, Files: []string{"f030", "f001"}}); err != nil {
+		t.Fatal(err)
+	}
+	rec, err := ReadTOC(bytes.NewReader(data), first.desc, first.tocDigest)
+	if err != nil {
+		t.Fatal(err)
+	}
+	o := Options{Cache: first.f.cache, ProfileDir: dir}
+	blob.requests.Store(0)
+	ReplayAhead(context.Background(), rec, blob, first.desc, first.tocDigest, o)
+	ahead := blob.requests.Load()
+	if ahead != 2 {
+		t.Errorf("the replay ahead made %d requests, want 2 (f001, f030)", ahead)
+	}
+	l := openLayer(t, data, blob, first.desc, o)
+	t.Cleanup(func() { l.Close() })
+	if len(l.profile) != 2 {
+		t.Fatalf("profile resolved to %d files at the mount", len(l.profile))
+	}
+	l.replay(context.Background())
+	if n := blob.requests.Load() - ahead; n != 0 {
+		t.Errorf("the replay at the mount made %d requests after the replay ahead, want 0", n)
+	}
+}
