@@ -309,16 +309,19 @@ func (l *Layer) replay(ctx context.Context) {
 	}
 	start := time.Now()
 	groups := l.f.replayPlan(l.ix, l.profile)
-	var bytes int64
+	var bytes, gaps int64 // spanned; of those, in no profiled file's streams
 	for _, g := range groups {
 		end := g[0].end
 		for _, c := range g {
+			if c.offset > end {
+				gaps += c.offset - end
+			}
 			end = max(end, c.end)
 		}
 		bytes += end - g[0].offset
 	}
 	entry := log.G(ctx).WithField("layer", l.desc.Digest)
-	entry.WithFields(log.Fields{"files": len(l.profile), "requests": len(groups), "bytes": bytes}).Info("replaying the access profile")
+	entry.WithFields(log.Fields{"files": len(l.profile), "requests": len(groups), "bytes": bytes, "gaps": gaps}).Info("replaying the access profile")
 	g, gctx := errgroup.WithContext(ctx)
 	g.SetLimit(maxParallel)
 	for _, cs := range groups {
