@@ -39,6 +39,9 @@ type fetcher struct {
 	timeout time.Duration // how long a read waits while the registry sends nothing
 	maxSpan int64         // largest merged request
 	partial *partialBlob  // local copy of the blob, filled as bytes arrive; may be nil
+	// fetchedAhead, for a layer without a blob copy, keeps what it fetched
+	// for the layer's mount (see ReplayAhead); may be nil.
+	fetchedAhead *Recorded
 	ix      *index        // for the chunks next to a read's in the blob
 	minSpan int64         // an on-demand request covers at least this much of the blob
 
@@ -423,6 +426,9 @@ func (f *fetcher) read(ctx context.Context, s span) ([]byte, error) {
 // again, not at every read.
 func (f *fetcher) keep(ctx context.Context, b []byte, off int64) {
 	if f.partial == nil {
+		if f.fetchedAhead != nil {
+			f.fetchedAhead.add(b, off)
+		}
 		return
 	}
 	err := f.partial.WriteAt(b, off)

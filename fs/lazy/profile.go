@@ -370,20 +370,34 @@ func (l *Layer) loadProfile(ctx context.Context, dir string) {
 // from its footer and TOC read ahead (toc, see ReadTOC), while containerd
 // prepares the image's layers below it. The layer's Mount then finds them
 // cached, or waits for the requests under way. It returns once the replay
-// is over; a failure is logged.
-func ReplayAhead(ctx context.Context, toc *Recorded, blob Blob, desc ocispec.Descriptor, tocDigest digest.Digest, o Options) {
+// is over (a failure is logged), with the compressed bytes it fetched (up
+// to 64 MiB), for the mounted layer's blob copy (Layer.Keep), or nil.
+func ReplayAhead(ctx context.Context, toc *Recorded, blob Blob, desc ocispec.Descriptor, tocDigest digest.Digest, o Options) *Recorded {
 	if o.ProfileDir == "" || o.Cache == nil {
-		return
+		return nil
 	}
 	if _, err := os.Stat(filepath.Join(o.ProfileDir, ProfileName(desc.Digest))); err != nil {
-		return
+		return nil
 	}
 	o.BlobPath = ""
 	l, err := Open(ctx, toc, blob, desc, tocDigest, o)
 	if err != nil {
 		log.G(ctx).WithError(err).WithField("layer", desc.Digest).Debug("no replay of the access profile ahead of the mount")
-		return
+		return nil
 	}
 	defer l.Close()
+	l.f.fetchedAhead = &Recorded{}
 	l.replay(ctx)
+	return l.f.fetchedAhead
+}
+
+// Keep writes the bytes of the blob in r (what ReplayAhead fetched) into
+// the layer's blob copy, so that population need not fetch them again.
+func (l *Layer) Keep(ctx context.Context, r *Recorded) {
+	r.mu.Lock()
+	ranges := r.ranges
+	r.mu.Unlock()
+	for _, rg := range ranges {
+		l.f.keep(ctx, rg.b, rg.off)
+	}
 }

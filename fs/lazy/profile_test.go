@@ -233,7 +233,7 @@ func TestReplayAhead(t *testing.T) {
 	}
 	o := Options{Cache: first.f.cache, ProfileDir: dir}
 	blob.requests.Store(0)
-	ReplayAhead(context.Background(), rec, blob, first.desc, first.tocDigest, o)
+	kept := ReplayAhead(context.Background(), rec, blob, first.desc, first.tocDigest, o)
 	ahead := blob.requests.Load()
 	if ahead != 2 {
 		t.Errorf("the replay ahead made %d requests, want 2 (f001, f030)", ahead)
@@ -246,5 +246,18 @@ func TestReplayAhead(t *testing.T) {
 	l.replay(context.Background())
 	if n := blob.requests.Load() - ahead; n != 0 {
 		t.Errorf("the replay at the mount made %d requests after the replay ahead, want 0", n)
+	}
+	// What the replay ahead fetched goes into the layer's blob copy, for
+	// population.
+	if kept == nil {
+		t.Fatal("ReplayAhead returned no bytes")
+	}
+	l.Keep(context.Background(), kept)
+	for _, name := range []string{"f001", "f030"} {
+		for _, c := range chunksOf(t, l, name) {
+			if !l.f.partial.has(span{c.offset, c.end}) {
+				t.Errorf("the blob copy lacks the bytes of %s the replay ahead fetched", name)
+			}
+		}
 	}
 }
