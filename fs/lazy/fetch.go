@@ -39,9 +39,6 @@ type fetcher struct {
 	timeout time.Duration // how long a read waits while the registry sends nothing
 	maxSpan int64         // largest merged request
 	partial *partialBlob  // local copy of the blob, filled as bytes arrive; may be nil
-	// fetchedAhead, for a layer without a blob copy, keeps what it fetched
-	// for the layer's mount (see ReplayAhead); may be nil.
-	fetchedAhead *Recorded
 	ix      *index        // for the chunks next to a read's in the blob
 	minSpan int64         // an on-demand request covers at least this much of the blob
 
@@ -56,6 +53,10 @@ type fetcher struct {
 
 	failMu   sync.Mutex
 	failures map[digest.Digest]failure // chunks of reads that timed out lately; guarded by failMu
+
+	// fetchedAhead, for a layer without a blob copy, keeps what it fetched
+	// for the layer's mount (see ReplayAhead); may be nil.
+	fetchedAhead *Recorded
 }
 
 // Activity tracks the on-demand requests of all the lazy layers that share
