@@ -37,9 +37,7 @@ const (
 
 // Layer is what the daemon reports of one layer it holds.
 type Layer struct {
-	Digest string `json:"digest"`
-	// TOC is the digest of a lazy layer's TOC, as the manifest gives it.
-	TOC      string  `json:"toc,omitempty"`
+	Digest   string  `json:"digest"`
 	Snapshot string  `json:"snapshot"`
 	State    string  `json:"state"` // StateLazy, StatePopulating, StateLocal or StateFailed
 	Size     int64   `json:"size"`  // compressed size of the blob, when known
@@ -76,6 +74,9 @@ type Layer struct {
 	// Accessed lists the files opened while the layer was lazy, in
 	// first-open order; only when asked for.
 	Accessed []string `json:"accessed,omitempty"`
+	// TOC is the digest of a lazy layer's TOC, as the manifest gives it:
+	// with Digest, the key of the layer's access profile.
+	TOC string `json:"toc,omitempty"`
 }
 
 // Staging is what layers fetched ahead of containerd's requests hold.
