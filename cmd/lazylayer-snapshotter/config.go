@@ -104,8 +104,8 @@ type lazyConfig struct {
 	FDStore string `toml:"fd_store"`
 	// ProfileDir is a directory of access profiles (`lazylayer profile
 	// save` writes them, one file per layer): a lazy layer whose profile
-	// is there fetches the files it names right after the mount. "" (the
-	// default) reads none.
+	// is there fetches the files it names during the pull, as soon as
+	// its TOC is read. "" (the default) reads none.
 	ProfileDir string `toml:"profile_dir"`
 }
 
