@@ -323,6 +323,10 @@ func (l *Layer) replay(ctx context.Context) {
 		bytes += end - g[0].offset
 	}
 	entry := log.G(ctx).WithField("layer", l.desc.Digest)
+	if len(groups) == 0 {
+		entry.Debug("the files of the access profile are cached already")
+		return
+	}
 	entry.WithFields(log.Fields{"files": len(l.profile), "requests": len(groups), "bytes": bytes, "gaps": gaps}).Info("replaying the access profile")
 	g, gctx := errgroup.WithContext(ctx)
 	g.SetLimit(maxParallel)
