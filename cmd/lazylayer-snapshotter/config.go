@@ -5,6 +5,7 @@ import (
 	"errors"
 	"fmt"
 	"os"
+	"path/filepath"
 	"strings"
 	"time"
 
@@ -101,6 +102,11 @@ type lazyConfig struct {
 	// holder process), "systemd" (the store whenever run by systemd) or
 	// "holder".
 	FDStore string `toml:"fd_store"`
+	// ProfileDir is a directory of access profiles (`lazylayer profile
+	// save` writes them, one file per layer): a lazy layer whose profile
+	// is there fetches the files it names during the pull, as soon as
+	// its TOC is read. "" (the default) reads none.
+	ProfileDir string `toml:"profile_dir"`
 }
 
 type fetchConfig struct {
@@ -264,6 +270,7 @@ type lazyOptions struct {
 	swapGrace           time.Duration
 	native              bool
 	fdStore             string // auto, systemd or holder
+	profileDir          string // "" for none
 }
 
 func (l lazyConfig) parse() (lazyOptions, error) {
@@ -320,7 +327,10 @@ func (l lazyConfig) parse() (lazyOptions, error) {
 	default:
 		return lazyOptions{}, fmt.Errorf("lazy.fd_store %q: want \"auto\", \"systemd\" or \"holder\"", l.FDStore)
 	}
-	return lazyOptions{fdStore: l.FDStore, enabled: l.Enabled, cacheSize: size, readTimeout: to, minRequest: minReq, populateConcurrency: l.PopulateConcurrency,
+	if l.ProfileDir != "" && !filepath.IsAbs(l.ProfileDir) {
+		return lazyOptions{}, fmt.Errorf("lazy.profile_dir %q: want an absolute path", l.ProfileDir)
+	}
+	return lazyOptions{profileDir: l.ProfileDir, fdStore: l.FDStore, enabled: l.Enabled, cacheSize: size, readTimeout: to, minRequest: minReq, populateConcurrency: l.PopulateConcurrency,
 		populateRangeSize: popRange,
 		policy:            policy, populateDelay: delay, populateBandwidth: bw, swapGrace: grace, native: native}, nil
 }

@@ -151,7 +151,7 @@ func run(ctx context.Context, args []string) error {
 			log.G(ctx).WithField("reason", why).Warn("FUSE passthrough unavailable: local layers of running lazy containers are read through the daemon")
 		}
 		layerCfg.Lazy = lazy.Options{Cache: chunks, ReadTimeout: lazyOpts.readTimeout, MinRequest: lazyOpts.minRequest,
-			Passthrough: passthrough, Activity: new(lazy.Activity), Metrics: m, Handover: held}
+			Passthrough: passthrough, Activity: new(lazy.Activity), Metrics: m, Handover: held, ProfileDir: lazyOpts.profileDir}
 		layerCfg.Populate = lazy.PopulateOptions{Concurrency: lazyOpts.populateConcurrency, RangeSize: lazyOpts.populateRangeSize}
 		if lazyOpts.populateBandwidth > 0 {
 			layerCfg.Populate.Limit = rate.NewLimiter(rate.Limit(lazyOpts.populateBandwidth), int(min(lazyOpts.populateBandwidth, lazyOpts.populateRangeSize)))

@@ -116,6 +116,7 @@ func TestConfigErrors(t *testing.T) {
 		{"[fetch]\n  timeout = \"soon\"\n", "fetch.timeout"},
 		{"[lazy]\n  populate_bandwidth = \"fast\"\n", "lazy.populate_bandwidth"},
 		{"[lazy]\n  cache_size = \"-1\"\n", "lazy.cache_size"},
+		{"[lazy]\n  profile_dir = \"profiles\"\n", "lazy.profile_dir"},
 		{"root = [\n", "config"},
 		{"[cri]\n  credential_ttl = \"forever\"\n", "cri.credential_ttl"},
 		{"[cri]\n  address = \"/run/x.sock\"\n  containerd_address = \"\"\n", "cri.containerd_address"},

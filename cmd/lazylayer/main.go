@@ -45,6 +45,7 @@ type command struct {
 func (c *cli) commands() map[string]command {
 	return map[string]command{
 		"convert":  {c.convert, "convert an image's layers to eStargz or zstd:chunked and push it"},
+		"profile":  {c.profile, "save the files containers opened from lazy layers, for other nodes to fetch at once"},
 		"status":   {c.status, "list the layers the daemon holds: state, bytes fetched, FUSE mounts"},
 		"populate": {c.populate, "start the background download of lazy layers now (--wait: until local)"},
 	}

@@ -86,7 +86,8 @@ func (m *Manager) mountLazy(ctx context.Context, dir, ref string, desc ocispec.D
 	}
 	start := time.Now()
 	var l *lazy.Layer
-	if rec := m.claimTOC(ctx, desc.Digest); rec != nil {
+	rec, ahead := m.claimTOC(ctx, desc.Digest)
+	if rec != nil {
 		l, err = lazy.Open(ctx, rec, blob, desc, tocDigest, m.lazyOptions(dir))
 		if err != nil {
 			log.G(ctx).WithError(err).WithField("layer", desc.Digest).Warn("the TOC read ahead does not open; reading it again")
@@ -113,6 +114,22 @@ func (m *Manager) mountLazy(ctx context.Context, dir, ref string, desc ocispec.D
 	if err != nil {
 		return nil, err
 	}
+	if ahead != nil && ahead.ahead != nil {
+		// What the profile's replay fetched before the mount belongs in
+		// the blob copy, or population fetches it again.
+		m.wg.Add(1)
+		go func() {
+			defer m.wg.Done()
+			select {
+			case <-ahead.ahead:
+			case <-ll.ctx.Done():
+				return
+			}
+			if ahead.fetchedAhead != nil {
+				l.Keep(ll.ctx, ahead.fetchedAhead)
+			}
+		}()
+	}
 	log.G(ctx).WithFields(log.Fields{
 		"layer": desc.Digest, "entries": l.Entries(), "elapsed": time.Since(start).Round(time.Millisecond),
 	}).Info("layer mounted lazily")
@@ -127,6 +144,11 @@ type tocJob struct {
 	rec    *lazy.Recorded
 	err    error
 	expire *time.Timer // forgets an unclaimed TOC; guarded by Manager.mu
+	// ahead, if not nil, is closed when the replay of the layer's access
+	// profile from the TOC read ahead is over; fetchedAhead is then what
+	// it fetched, for the mounted layer's blob copy.
+	ahead        chan struct{}
+	fetchedAhead *lazy.Recorded
 }
 
 // startTOC starts reading the TOC of desc unless that is under way.
@@ -147,6 +169,16 @@ func (m *Manager) startTOC(ref string, desc ocispec.Descriptor) {
 		if err == nil {
 			j.rec, err = lazy.ReadTOC(blobReaderAt{ctx: m.ctx, b: blob}, desc, tocDigest)
 		}
+		if err == nil && m.cfg.Lazy.ProfileDir != "" {
+			// The layer's access profile need not wait for its mount.
+			j.ahead = make(chan struct{})
+			m.wg.Add(1)
+			go func() {
+				defer m.wg.Done()
+				defer close(j.ahead)
+				j.fetchedAhead = lazy.ReplayAhead(m.ctx, j.rec, blob, desc, tocDigest, m.cfg.Lazy)
+			}()
+		}
 		j.err = err
 		m.mu.Lock()
 		defer m.mu.Unlock()
@@ -164,8 +196,9 @@ func (m *Manager) startTOC(ref string, desc ocispec.Descriptor) {
 
 // claimTOC returns the TOC of layer d read ahead, waiting for it if the
 // read is under way, or nil if there is none or it failed: the caller
-// then reads it itself, and meets the failure with its own context.
-func (m *Manager) claimTOC(ctx context.Context, d digest.Digest) *lazy.Recorded {
+// then reads it itself, and meets the failure with its own context. It
+// also returns the read's job, if there was one, for its replay ahead.
+func (m *Manager) claimTOC(ctx context.Context, d digest.Digest) (*lazy.Recorded, *tocJob) {
 	m.mu.Lock()
 	j, ok := m.tocs[d]
 	if ok {
@@ -176,18 +209,18 @@ func (m *Manager) claimTOC(ctx context.Context, d digest.Digest) *lazy.Recorded 
 	}
 	m.mu.Unlock()
 	if !ok {
-		return nil
+		return nil, nil
 	}
 	select {
 	case <-j.done:
 	case <-ctx.Done():
-		return nil
+		return nil, nil
 	}
 	if j.err != nil {
 		log.G(ctx).WithError(j.err).WithField("layer", d).Debug("reading the TOC ahead failed")
-		return nil
+		return nil, nil
 	}
-	return j.rec
+	return j.rec, j
 }
 
 // lazyOptions are the options of the lazy layer in snapshot directory dir.

@@ -7,6 +7,7 @@ import (
 	"github.com/moby/sys/mountinfo"
 
 	"github.com/lazylayer/lazylayer/fs/layer/layerstatus"
+	"github.com/lazylayer/lazylayer/fs/lazy"
 )
 
 // Stat fills in what the Manager knows of the layer in snapshot directory
@@ -24,6 +25,9 @@ func (m *Manager) Stat(dir string, st *layerstatus.Layer, accessed bool) {
 	p := ll.layer.Progress()
 	st.State = ll.state.Load().(string)
 	st.Size = ll.desc.Size
+	if toc, ok := lazy.Capable(ll.desc); ok {
+		st.TOC = toc.String()
+	}
 	st.Fetched = s.FetchedBytes + p.Fetched
 	st.Held = p.Held
 	if p.Elapsed > 0 {

@@ -53,6 +53,10 @@ type fetcher struct {
 
 	failMu   sync.Mutex
 	failures map[digest.Digest]failure // chunks of reads that timed out lately; guarded by failMu
+
+	// fetchedAhead, for a layer without a blob copy, keeps what it fetched
+	// for the layer's mount (see ReplayAhead); may be nil.
+	fetchedAhead *Recorded
 }
 
 // Activity tracks the on-demand requests of all the lazy layers that share
@@ -134,6 +138,12 @@ const retryWindow = time.Second
 // registry answered that it does not have the blob; a chunk that failed
 // verification is fetched again up to verifyRetries times.
 func (f *fetcher) load(ctx context.Context, cs []chunk) ([][]byte, error) {
+	return f.loadWith(ctx, cs, f.fetch)
+}
+
+// loadWith is load with get fetching the missing chunks of cs (f.fetch
+// plans its own requests; a replay's groups are fetched whole).
+func (f *fetcher) loadWith(ctx context.Context, cs []chunk, get func(context.Context, []chunk, []digest.Digest) (map[digest.Digest][]byte, error)) ([][]byte, error) {
 	ds := make([]digest.Digest, len(cs))
 	for i := range cs {
 		ds[i] = cs[i].dgst()
@@ -142,7 +152,7 @@ func (f *fetcher) load(ctx context.Context, cs []chunk) ([][]byte, error) {
 		if err := f.recentlyFailed(missing); err != nil {
 			return nil, err
 		}
-		return f.fetch(ctx, cs, missing)
+		return get(ctx, cs, missing)
 	}
 	wctx, stop := f.watch(ctx)
 	defer stop()
@@ -417,6 +427,9 @@ func (f *fetcher) read(ctx context.Context, s span) ([]byte, error) {
 // again, not at every read.
 func (f *fetcher) keep(ctx context.Context, b []byte, off int64) {
 	if f.partial == nil {
+		if f.fetchedAhead != nil {
+			f.fetchedAhead.add(b, off)
+		}
 		return
 	}
 	err := f.partial.WriteAt(b, off)
@@ -529,10 +542,14 @@ func (f *fetcher) readAt(ctx context.Context, cs []chunk, size int64, p []byte, 
 	for j < len(cs) && cs[j].fileOff < end+ahead {
 		j++
 	}
-	want := f.plan(cs, i, j)
-	if n, ok := f.readCached(cs[i:need], want, p, off, end); ok {
+	// A read whose chunks are all here costs no round trip: what a read
+	// brings along (see plan) is worth its bytes only in a request the
+	// read makes anyway. Files an access profile fetched (see replay)
+	// are read so, whatever their neighbours.
+	if n, ok := f.readCached(cs[i:need], cs[i:need], p, off, end); ok {
 		return n, nil
 	}
+	want := f.plan(cs, i, j)
 	bufs, err := f.load(ctx, want)
 	if errors.Is(err, errRetrying) && len(want) > need-i {
 		// The chunks that timed out a moment ago may be only the ones

@@ -71,6 +71,10 @@ type Options struct {
 	// daemon, and gives back one the last daemon served at the same
 	// mountpoint.
 	Handover Handover
+	// ProfileDir, if set, is a directory of access profiles (see Profile,
+	// one file per layer named ProfileName): when it holds the layer's,
+	// the files it names are fetched right after the mount.
+	ProfileDir string
 }
 
 // Handover keeps FUSE connections while the daemon restarts or after it
@@ -105,10 +109,12 @@ func Capable(desc ocispec.Descriptor) (digest.Digest, bool) {
 
 // Layer is a layer served lazily over FUSE from its TOC.
 type Layer struct {
-	desc ocispec.Descriptor
-	ix   *index
-	f    *fetcher
-	toc  *Recorded // footer and TOC bytes as read, to save for restarts
+	desc      ocispec.Descriptor
+	tocDigest digest.Digest
+	profile   []uint32 // files of the access profile to replay at Mount, in first-open order
+	ix        *index
+	f         *fetcher
+	toc       *Recorded // footer and TOC bytes as read, to save for restarts
 
 	reads        atomic.Int64           // FUSE read requests served
 	fuseRequests atomic.Int64           // FUSE requests of every kind answered
@@ -200,6 +206,7 @@ func Open(ctx context.Context, ra io.ReaderAt, blob Blob, desc ocispec.Descripto
 	}
 	l := &Layer{
 		desc:        desc,
+		tocDigest:   tocDigest,
 		ix:          ix,
 		toc:         rec,
 		passthrough: o.Passthrough,
@@ -225,6 +232,9 @@ func Open(ctx context.Context, ra io.ReaderAt, blob Blob, desc ocispec.Descripto
 	// them again.
 	for _, rg := range rec.ranges {
 		l.f.keep(ctx, rg.b, rg.off)
+	}
+	if o.ProfileDir != "" {
+		l.loadProfile(ctx, o.ProfileDir)
 	}
 	return l, nil
 }
@@ -443,7 +453,8 @@ func (l *Layer) Stats() Stats {
 const entryTimeout = time.Hour
 
 // Mount serves the layer read-only at mountpoint and starts fetching the
-// files eStargz prioritized.
+// files of its access profile (Options.ProfileDir), then those eStargz
+// prioritized.
 func (l *Layer) Mount(ctx context.Context, mountpoint string) error {
 	return l.mount(ctx, mountpoint, "", false)
 }
@@ -549,6 +560,7 @@ func (l *Layer) mount(ctx context.Context, mountpoint, prefix string, resumeOnly
 	l.cancel, l.prefetched = cancel, prefetched
 	go func() {
 		defer close(prefetched)
+		l.replay(bg)
 		l.prefetch(bg)
 	}()
 	return nil

@@ -110,3 +110,21 @@ func LoadRecorded(path string) (*Recorded, error) {
 	}
 	return r, nil
 }
+
+// maxAhead bounds the bytes a Recorded keeps through add.
+const maxAhead = 64 << 20
+
+// add keeps a copy of b, read at off, while the ranges kept stay within
+// maxAhead bytes.
+func (r *Recorded) add(b []byte, off int64) {
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	n := int64(len(b))
+	for _, rg := range r.ranges {
+		n += int64(len(rg.b))
+	}
+	if n > maxAhead {
+		return
+	}
+	r.ranges = append(r.ranges, recordedRange{off: off, b: append([]byte(nil), b...)})
+}

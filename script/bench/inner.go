@@ -84,6 +84,11 @@ func runInner(ctx context.Context, o options, ns string) error {
 				return err
 			}
 		}
+		if slices.Contains(catalogue(name).modes(o), "lazylayer-profiled") {
+			if err := ensureProfiles(ctx, o, t, regc, direct, catalogue(name), rec); err != nil {
+				return err
+			}
+		}
 		if slices.Contains(catalogue(name).modes(o), "soci") {
 			if err := ensureSOCI(ctx, o, regc, catalogue(name), &rec); err != nil {
 				return err

@@ -55,7 +55,21 @@ func ensurePrioritized(ctx context.Context, o options, t tools, reg registryClie
 
 // traceAccessed runs img's workload from its converted image and returns
 // the files lazylayer saw opened, one per line.
-func traceAccessed(ctx context.Context, o options, t tools, reg registryClient, hostsDir string, img benchImage) (_ string, err error) {
+func traceAccessed(ctx context.Context, o options, t tools, reg registryClient, hostsDir string, img benchImage) (string, error) {
+	return traceRun(ctx, o, t, reg, hostsDir, img, func(sock string) (string, error) {
+		out, err := exec.CommandContext(ctx, t.cli, "status", "--address", sock, "--accessed").Output()
+		if err != nil {
+			return "", fmt.Errorf("lazylayer status --accessed: %w", err)
+		}
+		return string(out), nil
+	})
+}
+
+// traceRun runs img's workload from its converted image through a
+// lazylayer of its own (state under the work directory, registry reached
+// directly) and returns what after, given the daemon's socket, returns
+// once the workload printed its first line.
+func traceRun(ctx context.Context, o options, t tools, reg registryClient, hostsDir string, img benchImage, after func(sock string) (string, error)) (_ string, err error) {
 	dir := filepath.Join(o.work, "trace-"+img.name)
 	st, err := startStack(ctx, t, dir, filepath.Join(o.work, "logs", "trace-"+img.name), hostsDir, "", "")
 	if err != nil {
@@ -82,9 +96,5 @@ func traceAccessed(ctx context.Context, o options, t tools, reg registryClient, 
 	if first.text != "hi" {
 		return "", fmt.Errorf("first output line %q, want %q", first.text, "hi")
 	}
-	out, err := exec.CommandContext(ctx, t.cli, "status", "--address", st.lazySock, "--accessed").Output()
-	if err != nil {
-		return "", fmt.Errorf("lazylayer status --accessed: %w", err)
-	}
-	return string(out), nil
+	return after(st.lazySock)
 }

@@ -60,6 +60,9 @@ type mode struct {
 	// "manual"): the container started lazily is measured while every
 	// layer is lazy, then population is released.
 	held bool
+	// profiled runs lazylayer with the access profiles a first run of
+	// the workload recorded (lazy.profile_dir; see ensureProfiles).
+	profiled bool
 }
 
 // heldConfig is lazylayer's configuration in a held mode.
@@ -75,6 +78,8 @@ func allModes() []mode {
 			about: "lazylayer, the image converted by `lazylayer convert` (eStargz): layers mounted lazily"},
 		{name: "lazylayer-prioritized", snapshotter: "lazylayer", tag: tagPrioritized,
 			about: "lazylayer, converted again with `--prioritize` the files a first run opened (`lazylayer status --accessed`): they arrive right after the mount"},
+		{name: "lazylayer-profiled", snapshotter: "lazylayer", tag: tagConverted, profiled: true,
+			about: "lazylayer, the same eStargz image as lazylayer-estargz, with the access profiles (`lazylayer profile save`) of a first run on another daemon in `lazy.profile_dir`: the files it opened are fetched right after the mount"},
 		{name: "stargz", snapshotter: "stargz", tag: tagConverted,
 			about: "stargz-snapshotter " + stargzVersion + " (its daemon wired from its library, default configuration), the same eStargz image as lazylayer-estargz: layers mounted lazily"},
 		{name: "soci", snapshotter: "soci", tag: tagSOCI,
@@ -162,6 +167,9 @@ func (b *bench) measure(ctx context.Context, img benchImage, prof profile, m mod
 	lazyCfg := ""
 	if m.held {
 		lazyCfg = heldConfig
+	}
+	if m.profiled {
+		lazyCfg = profiledConfig(b.o, img)
 	}
 	peer := ""
 	if isPeer(m.snapshotter) {

@@ -74,6 +74,9 @@ type Layer struct {
 	// Accessed lists the files opened while the layer was lazy, in
 	// first-open order; only when asked for.
 	Accessed []string `json:"accessed,omitempty"`
+	// TOC is the digest of a lazy layer's TOC, as the manifest gives it:
+	// with Digest, the key of the layer's access profile.
+	TOC string `json:"toc,omitempty"`
 }
 
 // Staging is what layers fetched ahead of containerd's requests hold.
