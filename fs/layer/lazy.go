@@ -78,7 +78,7 @@ func (m *Manager) lazyCapable(desc ocispec.Descriptor) bool {
 
 // mountLazy reads the layer's TOC from the registry, saves it in dir and
 // mounts the layer at dir/lazy.
-func (m *Manager) mountLazy(ctx context.Context, dir, ref string, desc ocispec.Descriptor) (*Lazy, error) {
+func (m *Manager) mountLazy(ctx context.Context, dir, ref string, desc ocispec.Descriptor, ph phases) (*Lazy, error) {
 	tocDigest, _ := lazy.Capable(desc)
 	blob, err := m.reg.Ranges(ctx, ref, desc)
 	if err != nil {
@@ -87,16 +87,24 @@ func (m *Manager) mountLazy(ctx context.Context, dir, ref string, desc ocispec.D
 	start := time.Now()
 	var l *lazy.Layer
 	if rec := m.claimTOC(ctx, desc.Digest); rec != nil {
+		ph.since("claim", start)
+		t := time.Now()
 		l, err = lazy.Open(ctx, rec, blob, desc, tocDigest, m.lazyOptions(dir))
 		if err != nil {
 			log.G(ctx).WithError(err).WithField("layer", desc.Digest).Warn("the TOC read ahead does not open; reading it again")
 		}
+		ph.since("open", t)
 	}
 	if l == nil {
-		if l, err = lazy.Open(ctx, blobReaderAt{ctx: ctx, b: blob}, blob, desc, tocDigest, m.lazyOptions(dir)); err != nil {
+		t := time.Now()
+		ra := &timedReaderAt{r: blobReaderAt{ctx: ctx, b: blob}}
+		if l, err = lazy.Open(ctx, ra, blob, desc, tocDigest, m.lazyOptions(dir)); err != nil {
 			return nil, err
 		}
+		ph.since("open", t)
+		ph["fetch"], ph["requests"] = ra.spent.Round(time.Millisecond), ra.n
 	}
+	t := time.Now()
 	if err := l.TOC().Save(filepath.Join(dir, lazyTOCFile)); err != nil {
 		l.Close()
 		return nil, err
@@ -109,13 +117,13 @@ func (m *Manager) mountLazy(ctx context.Context, dir, ref string, desc ocispec.D
 		l.Close()
 		return nil, err
 	}
-	ll, err := m.mount(ctx, dir, ref, desc, l)
+	ph.since("save", t)
+	ll, err := m.mount(ctx, dir, ref, desc, l, ph)
 	if err != nil {
 		return nil, err
 	}
-	log.G(ctx).WithFields(log.Fields{
-		"layer": desc.Digest, "entries": l.Entries(), "elapsed": time.Since(start).Round(time.Millisecond),
-	}).Info("layer mounted lazily")
+	ph["layer"], ph["entries"], ph["elapsed"] = desc.Digest, l.Entries(), time.Since(start).Round(time.Millisecond)
+	log.G(ctx).WithFields(log.Fields(ph)).Info("layer mounted lazily")
 	return ll, nil
 }
 
@@ -199,10 +207,10 @@ func (m *Manager) lazyOptions(dir string) lazy.Options {
 
 // mount serves l at dir/lazy, with its metadata tree when native metadata
 // is on. Its population starts with Start.
-func (m *Manager) mount(ctx context.Context, dir, ref string, desc ocispec.Descriptor, l *lazy.Layer) (*Lazy, error) {
+func (m *Manager) mount(ctx context.Context, dir, ref string, desc ocispec.Descriptor, l *lazy.Layer, ph phases) (*Lazy, error) {
 	native := m.cfg.Native
 	if native {
-		if err := m.mountNative(ctx, dir, l); err != nil {
+		if err := m.mountNative(ctx, dir, l, ph); err != nil {
 			log.G(ctx).WithError(err).WithField("layer", desc.Digest).
 				Warn("cannot serve the layer with native metadata; containers read its metadata through FUSE")
 			native = false
@@ -265,7 +273,7 @@ func (m *Manager) Restore(ctx context.Context, dir string, _ map[string]string) 
 	if err != nil {
 		return nil, err
 	}
-	return m.mount(ctx, dir, saved.Ref, saved.Descriptor, l)
+	return m.mount(ctx, dir, saved.Ref, saved.Descriptor, l, nil)
 }
 
 // Release implements snapshot.FileSystem: it stops the population of the
@@ -381,6 +389,32 @@ func (r blobReaderAt) ReadAt(p []byte, off int64) (int, error) {
 	}
 	defer rc.Close()
 	return io.ReadFull(rc, p)
+}
+
+// phases are the times the steps of a layer's mount took, logged with
+// it. A nil phases records nothing.
+type phases log.Fields
+
+// since records that the step name took from start until now.
+func (ph phases) since(name string, start time.Time) {
+	if ph != nil {
+		ph[name] = time.Since(start).Round(time.Millisecond)
+	}
+}
+
+// timedReaderAt counts the reads of r and the time they took.
+type timedReaderAt struct {
+	r     io.ReaderAt
+	n     int
+	spent time.Duration
+}
+
+func (t *timedReaderAt) ReadAt(p []byte, off int64) (int, error) {
+	start := time.Now()
+	n, err := t.r.ReadAt(p, off)
+	t.n++
+	t.spent += time.Since(start)
+	return n, err
 }
 
 // serveRetiring serves again the FUSE connection the last daemon kept for

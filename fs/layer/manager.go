@@ -229,10 +229,13 @@ func (m *Manager) Prepare(ctx context.Context, dir string, parents []string, lab
 	if err != nil {
 		return nil, fmt.Errorf("label %s: %w", labelLayer, err)
 	}
+	start := time.Now()
 	manifest, err := m.manifest(ctx, ref, mdgst)
 	if err != nil {
 		return nil, err
 	}
+	ph := phases{}
+	ph.since("manifest", start)
 	desc, ok := findLayer(manifest, ldgst)
 	if !ok {
 		return nil, fmt.Errorf("layer %s is not in manifest %s of %s", ldgst, mdgst, ref)
@@ -248,7 +251,7 @@ func (m *Manager) Prepare(ctx context.Context, dir string, parents []string, lab
 		}
 	}
 	if m.lazyCapable(desc) {
-		l, err := m.mountLazy(ctx, dir, ref, desc)
+		l, err := m.mountLazy(ctx, dir, ref, desc, ph)
 		if err == nil {
 			return l, nil
 		}

@@ -86,7 +86,7 @@ func (m *Manager) buildMeta(ctx context.Context, dir string, l *lazy.Layer) erro
 
 // mountNative mounts l for native metadata: its metadata tree and its data
 // mount, built at once. On error neither is left.
-func (m *Manager) mountNative(ctx context.Context, dir string, l *lazy.Layer) error {
+func (m *Manager) mountNative(ctx context.Context, dir string, l *lazy.Layer, ph phases) error {
 	// The place is known before the mount is served: a connection the
 	// last daemon left gets at once the requests it left unanswered, and
 	// an open of a file it served from the place must be served from
@@ -97,9 +97,30 @@ func (m *Manager) mountNative(ctx context.Context, dir string, l *lazy.Layer) er
 	}
 	l.SetPlaced(m.placeDir(dir))
 	built := make(chan error, 1)
-	go func() { built <- m.buildMeta(ctx, dir, l) }()
+	var metaTime time.Duration
+	start := time.Now()
+	go func() {
+		err := m.buildMeta(ctx, dir, l)
+		metaTime = time.Since(start)
+		built <- err
+	}()
 	mountErr := l.MountData(ctx, filepath.Join(dir, lazyMount), meta.RedirectRoot+"/"+layerID(dir))
+	ph.since("datamount", start)
+	// containerd reads these from the container's root before it starts
+	// (users and groups of the process): local first, they are never
+	// bound to FUSE. They are fetched while the tree is built, which
+	// takes longer; if the tree then fails, the files placed stay, as
+	// verified files population would place.
+	var placeErr error
+	if mountErr == nil {
+		t := time.Now()
+		placeErr = l.PlaceNow(ctx, m.cfg.Staging, earlyFiles...)
+		ph.since("place", t)
+	}
 	buildErr := <-built
+	if ph != nil {
+		ph["meta"] = metaTime.Round(time.Millisecond)
+	}
 	if mountErr == nil && buildErr != nil {
 		if done, err := l.Unmount(); err == nil {
 			<-done
@@ -115,11 +136,8 @@ func (m *Manager) mountNative(ctx context.Context, dir string, l *lazy.Layer) er
 	if mountErr != nil {
 		return mountErr
 	}
-	// containerd reads these from the container's root before it starts
-	// (users and groups of the process): local first, they are never
-	// bound to FUSE.
-	if err := l.PlaceNow(ctx, m.cfg.Staging, earlyFiles...); err != nil {
-		log.G(ctx).WithError(err).WithField("layer", layerID(dir)).Warn("cannot place the files containerd reads first; containers read them through FUSE")
+	if placeErr != nil {
+		log.G(ctx).WithError(placeErr).WithField("layer", layerID(dir)).Warn("cannot place the files containerd reads first; containers read them through FUSE")
 	}
 	return nil
 }
