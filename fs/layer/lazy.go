@@ -47,6 +47,10 @@ type Lazy struct {
 	// native: containers see the layer through its metadata tree, and
 	// population places files in the data directory (native.go).
 	native bool
+	// metaDone is closed once the metadata tree of a native layer is
+	// built or given up (at once for others); metaBuilt says which.
+	metaDone  chan struct{}
+	metaBuilt atomic.Bool
 
 	ctx    context.Context // population and retiring; cancelled by Release
 	cancel context.CancelFunc
@@ -118,7 +122,7 @@ func (m *Manager) mountLazy(ctx context.Context, dir, ref string, desc ocispec.D
 		return nil, err
 	}
 	ph.since("save", t)
-	ll, err := m.mount(ctx, dir, ref, desc, l, ph)
+	ll, err := m.mount(ctx, dir, ref, desc, l, ph, true)
 	if err != nil {
 		return nil, err
 	}
@@ -206,8 +210,10 @@ func (m *Manager) lazyOptions(dir string) lazy.Options {
 }
 
 // mount serves l at dir/lazy, with its metadata tree when native metadata
-// is on. Its population starts with Start.
-func (m *Manager) mount(ctx context.Context, dir, ref string, desc ocispec.Descriptor, l *lazy.Layer, ph phases) (*Lazy, error) {
+// is on: built before mount returns, or, when later is true, after
+// (mounts of the layer wait for it, see WaitPresent). Its population
+// starts with Start.
+func (m *Manager) mount(ctx context.Context, dir, ref string, desc ocispec.Descriptor, l *lazy.Layer, ph phases, later bool) (*Lazy, error) {
 	native := m.cfg.Native
 	if native {
 		if err := m.mountNative(ctx, dir, l, ph); err != nil {
@@ -225,13 +231,25 @@ func (m *Manager) mount(ctx context.Context, dir, ref string, desc ocispec.Descr
 	popCtx, cancel := context.WithCancel(m.ctx)
 	ll := &Lazy{
 		m: m, dir: dir, ref: ref, desc: desc, layer: l, native: native,
-		ctx: popCtx, cancel: cancel,
+		ctx: popCtx, cancel: cancel, metaDone: make(chan struct{}),
 		begin: make(chan struct{}), local: make(chan struct{}), failed: make(chan struct{}),
 	}
 	ll.state.Store(stateLazy)
 	m.mu.Lock()
 	m.lazy[dir] = ll
+	building := native && !m.closed
+	if building {
+		m.wg.Add(1)
+	}
 	m.mu.Unlock()
+	switch {
+	case building && later:
+		go m.finishNative(ll)
+	case building:
+		m.finishNative(ll)
+	default:
+		close(ll.metaDone)
+	}
 	return ll, nil
 }
 
@@ -273,7 +291,7 @@ func (m *Manager) Restore(ctx context.Context, dir string, _ map[string]string) 
 	if err != nil {
 		return nil, err
 	}
-	return m.mount(ctx, dir, saved.Ref, saved.Descriptor, l, nil)
+	return m.mount(ctx, dir, saved.Ref, saved.Descriptor, l, nil, false)
 }
 
 // Release implements snapshot.FileSystem: it stops the population of the
@@ -313,9 +331,15 @@ func (ll *Lazy) stop(ctx context.Context) error {
 	return err
 }
 
-// endPopulation cancels ll's population and waits for it to return.
+// endPopulation cancels ll's population and the building of its metadata
+// tree, and waits for them to return.
 func (ll *Lazy) endPopulation(ctx context.Context) error {
 	ll.cancel()
+	select {
+	case <-ll.metaDone:
+	case <-ctx.Done():
+		return ctx.Err()
+	}
 	ll.mu.Lock()
 	exited := ll.exited
 	ll.mu.Unlock()
@@ -466,11 +490,13 @@ func (m *Manager) serveRetiring(ctx context.Context, dir string) (bool, error) {
 	ctx2, cancel := context.WithCancel(m.ctx)
 	ll := &Lazy{
 		m: m, dir: dir, ref: saved.Ref, desc: saved.Descriptor, layer: l, native: native,
-		ctx: ctx2, cancel: cancel,
+		ctx: ctx2, cancel: cancel, metaDone: make(chan struct{}),
 		begin: make(chan struct{}), local: make(chan struct{}), failed: make(chan struct{}),
 		exited: make(chan struct{}),
 	}
 	ll.state.Store(stateLocal)
+	ll.metaBuilt.Store(native)
+	close(ll.metaDone)
 	ll.started, ll.released = true, true
 	close(ll.begin)
 	close(ll.local)

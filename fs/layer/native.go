@@ -52,9 +52,14 @@ func (m *Manager) Present(dir string, lazyLayer bool) Presentation {
 	if lazyLayer {
 		p := Presentation{Lower: filepath.Join(dir, lazyMount)}
 		if ll != nil && ll.native {
+			// The data mount's subtree is the whole layer: what
+			// containers see until its metadata tree is built, or if
+			// it cannot be.
 			p.Lower = filepath.Join(p.Lower, meta.RedirectRoot, layerID(dir))
-			p.Meta = filepath.Join(dir, metaDir)
-			p.Data = []string{m.cfg.DataDir, filepath.Join(dir, lazyMount)}
+			if ll.metaBuilt.Load() {
+				p.Meta = filepath.Join(dir, metaDir)
+				p.Data = []string{m.cfg.DataDir, filepath.Join(dir, lazyMount)}
+			}
 		}
 		return p
 	}
@@ -80,12 +85,12 @@ func (m *Manager) buildMeta(ctx context.Context, dir string, l *lazy.Layer) erro
 	}
 	log.G(ctx).WithFields(log.Fields{
 		"layer": layerID(dir), "entries": l.Entries(), "elapsed": time.Since(start).Round(time.Millisecond),
-	}).Debug("metadata tree built")
+	}).Debug("metadata tree written")
 	return nil
 }
 
-// mountNative mounts l for native metadata: its metadata tree and its data
-// mount, built at once. On error neither is left.
+// mountNative makes the data mount of l for native metadata; its metadata
+// tree is built afterwards (finishNative). On error nothing is left.
 func (m *Manager) mountNative(ctx context.Context, dir string, l *lazy.Layer, ph phases) error {
 	// The place is known before the mount is served: a connection the
 	// last daemon left gets at once the requests it left unanswered, and
@@ -96,50 +101,71 @@ func (m *Manager) mountNative(ctx context.Context, dir string, l *lazy.Layer, ph
 		return err
 	}
 	l.SetPlaced(m.placeDir(dir))
-	built := make(chan error, 1)
-	var metaTime time.Duration
 	start := time.Now()
-	go func() {
-		err := m.buildMeta(ctx, dir, l)
-		metaTime = time.Since(start)
-		built <- err
-	}()
-	mountErr := l.MountData(ctx, filepath.Join(dir, lazyMount), meta.RedirectRoot+"/"+layerID(dir))
+	if err := l.MountData(ctx, filepath.Join(dir, lazyMount), meta.RedirectRoot+"/"+layerID(dir)); err != nil {
+		l.SetPlaced("")
+		return err
+	}
 	ph.since("datamount", start)
+	return nil
+}
+
+// finishNative builds the metadata tree of ll, a layer with a data mount,
+// and places the files containerd reads first, then closes ll.metaDone.
+// It runs after the layer's Prepare returned: a pull need not wait for
+// thousands of files to be created, and mounts of the layer wait for it
+// (WaitPresent). If the tree cannot be built, containers see the layer
+// through its data mount, whose subtree holds the whole layer; population
+// still places its files, so the layer turns local all the same.
+func (m *Manager) finishNative(ll *Lazy) {
+	defer m.wg.Done()
+	defer close(ll.metaDone)
+	ctx := log.WithLogger(ll.ctx, log.G(ll.ctx).WithField("layer", ll.desc.Digest))
+	start := time.Now()
+	built := make(chan error, 1)
+	go func() { built <- m.buildMeta(ctx, ll.dir, ll.layer) }()
 	// containerd reads these from the container's root before it starts
 	// (users and groups of the process): local first, they are never
 	// bound to FUSE. They are fetched while the tree is built, which
-	// takes longer; if the tree then fails, the files placed stay, as
-	// verified files population would place.
-	var placeErr error
-	if mountErr == nil {
-		t := time.Now()
-		placeErr = l.PlaceNow(ctx, m.cfg.Staging, earlyFiles...)
-		ph.since("place", t)
-	}
-	buildErr := <-built
-	if ph != nil {
-		ph["meta"] = metaTime.Round(time.Millisecond)
-	}
-	if mountErr == nil && buildErr != nil {
-		if done, err := l.Unmount(); err == nil {
-			<-done
-		}
-	}
-	if buildErr != nil || mountErr != nil {
-		l.SetPlaced("")
-		os.RemoveAll(filepath.Join(dir, metaDir))
-	}
-	if buildErr != nil {
-		return fmt.Errorf("metadata tree: %w", buildErr)
-	}
-	if mountErr != nil {
-		return mountErr
+	// takes longer.
+	placeErr := ll.layer.PlaceNow(ctx, m.cfg.Staging, earlyFiles...)
+	placed := time.Since(start)
+	err := <-built
+	if ctx.Err() != nil {
+		return // released or closing: nothing mounts the layer any more
 	}
 	if placeErr != nil {
-		log.G(ctx).WithError(placeErr).WithField("layer", layerID(dir)).Warn("cannot place the files containerd reads first; containers read them through FUSE")
+		log.G(ctx).WithError(placeErr).Warn("cannot place the files containerd reads first; containers read them through FUSE")
 	}
-	return nil
+	if err != nil {
+		os.RemoveAll(filepath.Join(ll.dir, metaDir))
+		log.G(ctx).WithError(err).Warn("cannot build the layer's metadata tree; containers read its metadata through FUSE")
+		return
+	}
+	ll.metaBuilt.Store(true)
+	log.G(ctx).WithFields(log.Fields{
+		"entries": ll.layer.Entries(), "place": placed.Round(time.Millisecond),
+		"elapsed": time.Since(start).Round(time.Millisecond),
+	}).Info("metadata tree built")
+}
+
+// WaitPresent implements snapshot.NativeFileSystem: it waits until the
+// lazy layer of dir is shown to overlay as it stays while lazy: its
+// metadata tree built (or given up) and the files containerd reads first
+// placed.
+func (m *Manager) WaitPresent(ctx context.Context, dir string) error {
+	m.mu.Lock()
+	ll := m.lazy[dir]
+	m.mu.Unlock()
+	if ll == nil {
+		return nil
+	}
+	select {
+	case <-ll.metaDone:
+		return nil
+	case <-ctx.Done():
+		return fmt.Errorf("metadata tree of layer %s: %w", ll.desc.Digest, ctx.Err())
+	}
 }
 
 // earlyFiles are what containerd reads of an image's root itself.
