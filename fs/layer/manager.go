@@ -127,7 +127,11 @@ type Manager struct {
 	cancel context.CancelFunc
 	wg     sync.WaitGroup
 	sem    chan struct{} // slots for layers fetched ahead
-	group  singleflight.Group
+	// building is the slot for building a metadata tree: one at a time,
+	// as when each layer's Prepare built its own, so that the trees of
+	// an image's many layers do not hold their entries all at once.
+	building chan struct{}
+	group    singleflight.Group
 
 	mu        sync.Mutex
 	closed    bool                               // guarded by mu
@@ -180,6 +184,7 @@ func New(ctx context.Context, reg Registry, cfg Config) (*Manager, error) {
 		ctx:       bg,
 		cancel:    cancel,
 		sem:       make(chan struct{}, cfg.ConcurrentLayers),
+		building:  make(chan struct{}, 1),
 		jobs:      map[digest.Digest]*job{},
 		dropped:   map[digest.Digest]bool{},
 		tocs:      map[digest.Digest]*tocJob{},

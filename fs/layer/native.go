@@ -123,7 +123,16 @@ func (m *Manager) finishNative(ll *Lazy) {
 	ctx := log.WithLogger(ll.ctx, log.G(ll.ctx).WithField("layer", ll.desc.Digest))
 	start := time.Now()
 	built := make(chan error, 1)
-	go func() { built <- m.buildMeta(ctx, ll.dir, ll.layer) }()
+	go func() {
+		select {
+		case m.building <- struct{}{}:
+		case <-ctx.Done():
+			built <- ctx.Err()
+			return
+		}
+		defer func() { <-m.building }()
+		built <- m.buildMeta(ctx, ll.dir, ll.layer)
+	}()
 	// containerd reads these from the container's root before it starts
 	// (users and groups of the process): local first, they are never
 	// bound to FUSE. They are fetched while the tree is built, which
