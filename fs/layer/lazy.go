@@ -30,7 +30,10 @@ const (
 	// lazyReleasedFile records that the layer's population was released,
 	// so that the next daemon resumes it at once, whatever its Policy.
 	lazyReleasedFile = "populate"
-	lazyMount        = "lazy"
+	// noMetaFile records that the layer is served with a data mount but
+	// without a metadata tree, which could not be built (native.go).
+	noMetaFile = "nometa"
+	lazyMount  = "lazy"
 )
 
 // Lazy is a layer the Manager serves lazily at dir/lazy. Once Start is
@@ -477,7 +480,12 @@ func (m *Manager) serveRetiring(ctx context.Context, dir string) (bool, error) {
 	}
 	tree, prefix := filepath.Join(dir, "fs"), ""
 	native := false
-	if st, err := os.Stat(filepath.Join(dir, metaDir)); err == nil && st.IsDir() && m.cfg.DataDir != "" {
+	built := false
+	if st, err := os.Stat(filepath.Join(dir, metaDir)); err == nil && st.IsDir() {
+		built = true
+	}
+	_, err = os.Stat(filepath.Join(dir, noMetaFile))
+	if (built || err == nil) && m.cfg.DataDir != "" {
 		native, tree, prefix = true, m.placeDir(dir), meta.RedirectRoot+"/"+layerID(dir)
 	}
 	l.SetLocal(tree)
@@ -495,7 +503,7 @@ func (m *Manager) serveRetiring(ctx context.Context, dir string) (bool, error) {
 		exited: make(chan struct{}),
 	}
 	ll.state.Store(stateLocal)
-	ll.metaBuilt.Store(native)
+	ll.metaBuilt.Store(native && built)
 	close(ll.metaDone)
 	ll.started, ll.released = true, true
 	close(ll.begin)

@@ -149,6 +149,11 @@ func (m *Manager) finishNative(ll *Lazy) {
 	if err != nil {
 		os.RemoveAll(filepath.Join(ll.dir, metaDir))
 		log.G(ctx).WithError(err).Warn("cannot build the layer's metadata tree; containers read its metadata through FUSE")
+		// A daemon that takes over the layer's FUSE mount once it is
+		// local needs to know the mount is a data mount (serveRetiring).
+		if err := os.WriteFile(filepath.Join(ll.dir, noMetaFile), nil, 0o600); err != nil {
+			log.G(ctx).WithError(err).Warn("cannot record that the layer has no metadata tree: a restarted daemon cannot serve its FUSE mount again once it is local")
+		}
 		return
 	}
 	ll.metaBuilt.Store(true)

@@ -138,3 +138,38 @@ func TestNativeReleaseWhileBuilding(t *testing.T) {
 		t.Errorf("WaitPresent of a released layer: %v", err)
 	}
 }
+
+// TestNativeTreeRefused: a layer whose metadata tree cannot be built (it
+// holds the reserved top-level .lazylayer) is shown through its data
+// mount's subtree, which holds the whole layer, and says so for a daemon
+// that takes its mount over.
+func TestNativeTreeRefused(t *testing.T) {
+	needFUSE(t)
+	noLeaks(t)
+	reg := newGatedRegistry()
+	desc := reg.addEstargz(t, meta.RedirectRoot+"/x", "refused")
+	m := newLifecycleManager(t, reg, Config{Policy: PolicyManual, Native: true, DataDir: t.TempDir()}, true)
+	_, dir := prepareLazy(t, m, desc)
+	if err := m.WaitPresent(context.Background(), dir); err != nil {
+		t.Fatal(err)
+	}
+	p := m.Present(dir, true)
+	if p.Meta != "" || len(p.Data) != 0 {
+		t.Fatalf("a layer without a metadata tree is presented as %+v", p)
+	}
+	if b, err := os.ReadFile(filepath.Join(p.Lower, meta.RedirectRoot, "x")); err != nil || string(b) != "refused" {
+		t.Errorf("through its lower directory the layer's file reads %q, %v", b, err)
+	}
+	if _, err := os.Stat(filepath.Join(dir, noMetaFile)); err != nil {
+		t.Errorf("no record of the missing tree: %v", err)
+	}
+	if st := stat(m, dir); st.Native {
+		t.Error("status says native without a metadata tree")
+	}
+	if _, err := os.Stat(filepath.Join(dir, metaDir)); err == nil {
+		t.Error("a metadata tree was left")
+	}
+	if err := m.Release(context.Background(), dir); err != nil {
+		t.Fatal(err)
+	}
+}
