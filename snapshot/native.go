@@ -1,6 +1,7 @@
 package snapshot
 
 import (
+	"context"
 	"errors"
 	"fmt"
 	"os"
@@ -35,6 +36,10 @@ type NativeFileSystem interface {
 	// Present says how the committed layer in dir is shown: lazy tells
 	// whether the snapshotter holds it lazy.
 	Present(dir string, lazy bool) Presentation
+	// WaitPresent waits until the lazy layer of dir is presented as it
+	// stays while lazy (its metadata tree may still be being built when
+	// its Prepare returns), or ctx is done. Mounts wait for it.
+	WaitPresent(ctx context.Context, dir string) error
 	// Remove deletes what the layer of dir keeps outside dir, once its
 	// snapshot is removed (after Release).
 	Remove(dir string) error

@@ -290,7 +290,7 @@ func (s *Snapshotter) localFunc(id, name string) func(context.Context) error {
 // of a local one. For a layer being obtained again after a restart it
 // waits until it is back.
 func (s *Snapshotter) lowerPaths(ctx context.Context, ids []string) ([]string, error) {
-	ls, err := s.lowers(ctx, ids)
+	ls, err := s.lowers(ctx, ids, false)
 	if err != nil {
 		return nil, err
 	}
@@ -302,8 +302,10 @@ func (s *Snapshotter) lowerPaths(ctx context.Context, ids []string) ([]string, e
 }
 
 // lowers returns how the committed layers ids are shown to overlay,
-// waiting for layers that are being obtained again (see lowerPaths).
-func (s *Snapshotter) lowers(ctx context.Context, ids []string) ([]lower, error) {
+// waiting for layers that are being obtained again (see lowerPaths) and,
+// when settled is true, for lazy layers to be presented as they stay
+// (NativeFileSystem.WaitPresent): what a mount needs.
+func (s *Snapshotter) lowers(ctx context.Context, ids []string, settled bool) ([]lower, error) {
 	ls := make([]lower, len(ids))
 	for i, id := range ids {
 		for {
@@ -311,6 +313,11 @@ func (s *Snapshotter) lowers(ctx context.Context, ids []string) ([]lower, error)
 			h := s.held[id]
 			s.mu.Unlock()
 			if h == nil || h.ready == nil {
+				if nfs, ok := s.fs.(NativeFileSystem); ok && h != nil && settled {
+					if err := nfs.WaitPresent(ctx, s.snapshotDir(id)); err != nil {
+						return nil, err
+					}
+				}
 				ls[i] = s.present(id, h != nil)
 				break
 			}

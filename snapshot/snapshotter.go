@@ -382,7 +382,7 @@ func (s *Snapshotter) mounts(ctx context.Context, snap storage.Snapshot, _ snaps
 	if m, ok, err := s.mountedNative(snap.ID, !active); ok || err != nil {
 		return m, err
 	}
-	lowers, err := s.lowers(ctx, snap.ParentIDs)
+	lowers, err := s.lowers(ctx, snap.ParentIDs, true)
 	if err != nil {
 		return nil, err
 	}

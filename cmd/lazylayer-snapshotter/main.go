@@ -216,6 +216,10 @@ func (f fileSystem) Present(dir string, lazy bool) snapshot.Presentation {
 	return snapshot.Presentation(f.Manager.Present(dir, lazy))
 }
 
+func (f fileSystem) WaitPresent(ctx context.Context, dir string) error {
+	return f.Manager.WaitPresent(ctx, dir)
+}
+
 var _ snapshot.NativeFileSystem = fileSystem{}
 
 // lazyLayer keeps a nil *layer.Lazy a nil interface.

@@ -30,7 +30,10 @@ const (
 	// lazyReleasedFile records that the layer's population was released,
 	// so that the next daemon resumes it at once, whatever its Policy.
 	lazyReleasedFile = "populate"
-	lazyMount        = "lazy"
+	// noMetaFile records that the layer is served with a data mount but
+	// without a metadata tree, which could not be built (native.go).
+	noMetaFile = "nometa"
+	lazyMount  = "lazy"
 )
 
 // Lazy is a layer the Manager serves lazily at dir/lazy. Once Start is
@@ -47,6 +50,10 @@ type Lazy struct {
 	// native: containers see the layer through its metadata tree, and
 	// population places files in the data directory (native.go).
 	native bool
+	// metaDone is closed once the metadata tree of a native layer is
+	// built or given up (at once for others); metaBuilt says which.
+	metaDone  chan struct{}
+	metaBuilt atomic.Bool
 
 	ctx    context.Context // population and retiring; cancelled by Release
 	cancel context.CancelFunc
@@ -78,7 +85,7 @@ func (m *Manager) lazyCapable(desc ocispec.Descriptor) bool {
 
 // mountLazy reads the layer's TOC from the registry, saves it in dir and
 // mounts the layer at dir/lazy.
-func (m *Manager) mountLazy(ctx context.Context, dir, ref string, desc ocispec.Descriptor) (*Lazy, error) {
+func (m *Manager) mountLazy(ctx context.Context, dir, ref string, desc ocispec.Descriptor, ph phases) (*Lazy, error) {
 	tocDigest, _ := lazy.Capable(desc)
 	blob, err := m.reg.Ranges(ctx, ref, desc)
 	if err != nil {
@@ -88,16 +95,24 @@ func (m *Manager) mountLazy(ctx context.Context, dir, ref string, desc ocispec.D
 	var l *lazy.Layer
 	rec, ahead := m.claimTOC(ctx, desc.Digest)
 	if rec != nil {
+		ph.since("claim", start)
+		t := time.Now()
 		l, err = lazy.Open(ctx, rec, blob, desc, tocDigest, m.lazyOptions(dir))
 		if err != nil {
 			log.G(ctx).WithError(err).WithField("layer", desc.Digest).Warn("the TOC read ahead does not open; reading it again")
 		}
+		ph.since("open", t)
 	}
 	if l == nil {
-		if l, err = lazy.Open(ctx, blobReaderAt{ctx: ctx, b: blob}, blob, desc, tocDigest, m.lazyOptions(dir)); err != nil {
+		t := time.Now()
+		ra := &timedReaderAt{r: blobReaderAt{ctx: ctx, b: blob}}
+		if l, err = lazy.Open(ctx, ra, blob, desc, tocDigest, m.lazyOptions(dir)); err != nil {
 			return nil, err
 		}
+		ph.since("open", t)
+		ph["fetch"], ph["requests"] = ra.spent.Round(time.Millisecond), ra.n
 	}
+	t := time.Now()
 	if err := l.TOC().Save(filepath.Join(dir, lazyTOCFile)); err != nil {
 		l.Close()
 		return nil, err
@@ -110,7 +125,8 @@ func (m *Manager) mountLazy(ctx context.Context, dir, ref string, desc ocispec.D
 		l.Close()
 		return nil, err
 	}
-	ll, err := m.mount(ctx, dir, ref, desc, l)
+	ph.since("save", t)
+	ll, err := m.mount(ctx, dir, ref, desc, l, ph, true)
 	if err != nil {
 		return nil, err
 	}
@@ -130,9 +146,8 @@ func (m *Manager) mountLazy(ctx context.Context, dir, ref string, desc ocispec.D
 			}
 		}()
 	}
-	log.G(ctx).WithFields(log.Fields{
-		"layer": desc.Digest, "entries": l.Entries(), "elapsed": time.Since(start).Round(time.Millisecond),
-	}).Info("layer mounted lazily")
+	ph["layer"], ph["entries"], ph["elapsed"] = desc.Digest, l.Entries(), time.Since(start).Round(time.Millisecond)
+	log.G(ctx).WithFields(log.Fields(ph)).Info("layer mounted lazily")
 	return ll, nil
 }
 
@@ -231,11 +246,13 @@ func (m *Manager) lazyOptions(dir string) lazy.Options {
 }
 
 // mount serves l at dir/lazy, with its metadata tree when native metadata
-// is on. Its population starts with Start.
-func (m *Manager) mount(ctx context.Context, dir, ref string, desc ocispec.Descriptor, l *lazy.Layer) (*Lazy, error) {
+// is on: built before mount returns, or, when later is true, after
+// (mounts of the layer wait for it, see WaitPresent). Its population
+// starts with Start.
+func (m *Manager) mount(ctx context.Context, dir, ref string, desc ocispec.Descriptor, l *lazy.Layer, ph phases, later bool) (*Lazy, error) {
 	native := m.cfg.Native
 	if native {
-		if err := m.mountNative(ctx, dir, l); err != nil {
+		if err := m.mountNative(ctx, dir, l, ph); err != nil {
 			log.G(ctx).WithError(err).WithField("layer", desc.Digest).
 				Warn("cannot serve the layer with native metadata; containers read its metadata through FUSE")
 			native = false
@@ -250,13 +267,25 @@ func (m *Manager) mount(ctx context.Context, dir, ref string, desc ocispec.Descr
 	popCtx, cancel := context.WithCancel(m.ctx)
 	ll := &Lazy{
 		m: m, dir: dir, ref: ref, desc: desc, layer: l, native: native,
-		ctx: popCtx, cancel: cancel,
+		ctx: popCtx, cancel: cancel, metaDone: make(chan struct{}),
 		begin: make(chan struct{}), local: make(chan struct{}), failed: make(chan struct{}),
 	}
 	ll.state.Store(stateLazy)
 	m.mu.Lock()
 	m.lazy[dir] = ll
+	building := native && !m.closed
+	if building {
+		m.wg.Add(1)
+	}
 	m.mu.Unlock()
+	switch {
+	case building && later:
+		go m.finishNative(ll)
+	case building:
+		m.finishNative(ll)
+	default:
+		close(ll.metaDone)
+	}
 	return ll, nil
 }
 
@@ -298,7 +327,7 @@ func (m *Manager) Restore(ctx context.Context, dir string, _ map[string]string) 
 	if err != nil {
 		return nil, err
 	}
-	return m.mount(ctx, dir, saved.Ref, saved.Descriptor, l)
+	return m.mount(ctx, dir, saved.Ref, saved.Descriptor, l, nil, false)
 }
 
 // Release implements snapshot.FileSystem: it stops the population of the
@@ -338,9 +367,15 @@ func (ll *Lazy) stop(ctx context.Context) error {
 	return err
 }
 
-// endPopulation cancels ll's population and waits for it to return.
+// endPopulation cancels ll's population and the building of its metadata
+// tree, and waits for them to return.
 func (ll *Lazy) endPopulation(ctx context.Context) error {
 	ll.cancel()
+	select {
+	case <-ll.metaDone:
+	case <-ctx.Done():
+		return ctx.Err()
+	}
 	ll.mu.Lock()
 	exited := ll.exited
 	ll.mu.Unlock()
@@ -416,6 +451,32 @@ func (r blobReaderAt) ReadAt(p []byte, off int64) (int, error) {
 	return io.ReadFull(rc, p)
 }
 
+// phases are the times the steps of a layer's mount took, logged with
+// it. A nil phases records nothing.
+type phases log.Fields
+
+// since records that the step name took from start until now.
+func (ph phases) since(name string, start time.Time) {
+	if ph != nil {
+		ph[name] = time.Since(start).Round(time.Millisecond)
+	}
+}
+
+// timedReaderAt counts the reads of r and the time they took.
+type timedReaderAt struct {
+	r     io.ReaderAt
+	n     int
+	spent time.Duration
+}
+
+func (t *timedReaderAt) ReadAt(p []byte, off int64) (int, error) {
+	start := time.Now()
+	n, err := t.r.ReadAt(p, off)
+	t.n++
+	t.spent += time.Since(start)
+	return n, err
+}
+
 // serveRetiring serves again the FUSE connection the last daemon kept for
 // the local layer of dir, whose mount had not retired (overlays of
 // containers started lazily still use it), and retires it as that daemon
@@ -452,7 +513,12 @@ func (m *Manager) serveRetiring(ctx context.Context, dir string) (bool, error) {
 	}
 	tree, prefix := filepath.Join(dir, "fs"), ""
 	native := false
-	if st, err := os.Stat(filepath.Join(dir, metaDir)); err == nil && st.IsDir() && m.cfg.DataDir != "" {
+	built := false
+	if st, err := os.Stat(filepath.Join(dir, metaDir)); err == nil && st.IsDir() {
+		built = true
+	}
+	_, err = os.Stat(filepath.Join(dir, noMetaFile))
+	if (built || err == nil) && m.cfg.DataDir != "" {
 		native, tree, prefix = true, m.placeDir(dir), meta.RedirectRoot+"/"+layerID(dir)
 	}
 	l.SetLocal(tree)
@@ -465,11 +531,13 @@ func (m *Manager) serveRetiring(ctx context.Context, dir string) (bool, error) {
 	ctx2, cancel := context.WithCancel(m.ctx)
 	ll := &Lazy{
 		m: m, dir: dir, ref: saved.Ref, desc: saved.Descriptor, layer: l, native: native,
-		ctx: ctx2, cancel: cancel,
+		ctx: ctx2, cancel: cancel, metaDone: make(chan struct{}),
 		begin: make(chan struct{}), local: make(chan struct{}), failed: make(chan struct{}),
 		exited: make(chan struct{}),
 	}
 	ll.state.Store(stateLocal)
+	ll.metaBuilt.Store(native && built)
+	close(ll.metaDone)
 	ll.started, ll.released = true, true
 	close(ll.begin)
 	close(ll.local)

@@ -127,7 +127,11 @@ type Manager struct {
 	cancel context.CancelFunc
 	wg     sync.WaitGroup
 	sem    chan struct{} // slots for layers fetched ahead
-	group  singleflight.Group
+	// building is the slot for building a metadata tree: one at a time,
+	// as when each layer's Prepare built its own, so that the trees of
+	// an image's many layers do not hold their entries all at once.
+	building chan struct{}
+	group    singleflight.Group
 
 	mu        sync.Mutex
 	closed    bool                               // guarded by mu
@@ -180,6 +184,7 @@ func New(ctx context.Context, reg Registry, cfg Config) (*Manager, error) {
 		ctx:       bg,
 		cancel:    cancel,
 		sem:       make(chan struct{}, cfg.ConcurrentLayers),
+		building:  make(chan struct{}, 1),
 		jobs:      map[digest.Digest]*job{},
 		dropped:   map[digest.Digest]bool{},
 		tocs:      map[digest.Digest]*tocJob{},
@@ -229,10 +234,13 @@ func (m *Manager) Prepare(ctx context.Context, dir string, parents []string, lab
 	if err != nil {
 		return nil, fmt.Errorf("label %s: %w", labelLayer, err)
 	}
+	start := time.Now()
 	manifest, err := m.manifest(ctx, ref, mdgst)
 	if err != nil {
 		return nil, err
 	}
+	ph := phases{}
+	ph.since("manifest", start)
 	desc, ok := findLayer(manifest, ldgst)
 	if !ok {
 		return nil, fmt.Errorf("layer %s is not in manifest %s of %s", ldgst, mdgst, ref)
@@ -248,7 +256,7 @@ func (m *Manager) Prepare(ctx context.Context, dir string, parents []string, lab
 		}
 	}
 	if m.lazyCapable(desc) {
-		l, err := m.mountLazy(ctx, dir, ref, desc)
+		l, err := m.mountLazy(ctx, dir, ref, desc, ph)
 		if err == nil {
 			return l, nil
 		}

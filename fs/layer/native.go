@@ -52,9 +52,14 @@ func (m *Manager) Present(dir string, lazyLayer bool) Presentation {
 	if lazyLayer {
 		p := Presentation{Lower: filepath.Join(dir, lazyMount)}
 		if ll != nil && ll.native {
+			// The data mount's subtree is the whole layer: what
+			// containers see until its metadata tree is built, or if
+			// it cannot be.
 			p.Lower = filepath.Join(p.Lower, meta.RedirectRoot, layerID(dir))
-			p.Meta = filepath.Join(dir, metaDir)
-			p.Data = []string{m.cfg.DataDir, filepath.Join(dir, lazyMount)}
+			if ll.metaBuilt.Load() {
+				p.Meta = filepath.Join(dir, metaDir)
+				p.Data = []string{m.cfg.DataDir, filepath.Join(dir, lazyMount)}
+			}
 		}
 		return p
 	}
@@ -80,13 +85,13 @@ func (m *Manager) buildMeta(ctx context.Context, dir string, l *lazy.Layer) erro
 	}
 	log.G(ctx).WithFields(log.Fields{
 		"layer": layerID(dir), "entries": l.Entries(), "elapsed": time.Since(start).Round(time.Millisecond),
-	}).Debug("metadata tree built")
+	}).Debug("metadata tree written")
 	return nil
 }
 
-// mountNative mounts l for native metadata: its metadata tree and its data
-// mount, built at once. On error neither is left.
-func (m *Manager) mountNative(ctx context.Context, dir string, l *lazy.Layer) error {
+// mountNative makes the data mount of l for native metadata; its metadata
+// tree is built afterwards (finishNative). On error nothing is left.
+func (m *Manager) mountNative(ctx context.Context, dir string, l *lazy.Layer, ph phases) error {
 	// The place is known before the mount is served: a connection the
 	// last daemon left gets at once the requests it left unanswered, and
 	// an open of a file it served from the place must be served from
@@ -96,32 +101,85 @@ func (m *Manager) mountNative(ctx context.Context, dir string, l *lazy.Layer) er
 		return err
 	}
 	l.SetPlaced(m.placeDir(dir))
-	built := make(chan error, 1)
-	go func() { built <- m.buildMeta(ctx, dir, l) }()
-	mountErr := l.MountData(ctx, filepath.Join(dir, lazyMount), meta.RedirectRoot+"/"+layerID(dir))
-	buildErr := <-built
-	if mountErr == nil && buildErr != nil {
-		if done, err := l.Unmount(); err == nil {
-			<-done
-		}
-	}
-	if buildErr != nil || mountErr != nil {
+	start := time.Now()
+	if err := l.MountData(ctx, filepath.Join(dir, lazyMount), meta.RedirectRoot+"/"+layerID(dir)); err != nil {
 		l.SetPlaced("")
-		os.RemoveAll(filepath.Join(dir, metaDir))
+		return err
 	}
-	if buildErr != nil {
-		return fmt.Errorf("metadata tree: %w", buildErr)
-	}
-	if mountErr != nil {
-		return mountErr
-	}
+	ph.since("datamount", start)
+	return nil
+}
+
+// finishNative builds the metadata tree of ll, a layer with a data mount,
+// and places the files containerd reads first, then closes ll.metaDone.
+// It runs after the layer's Prepare returned: a pull need not wait for
+// thousands of files to be created, and mounts of the layer wait for it
+// (WaitPresent). If the tree cannot be built, containers see the layer
+// through its data mount, whose subtree holds the whole layer; population
+// still places its files, so the layer turns local all the same.
+func (m *Manager) finishNative(ll *Lazy) {
+	defer m.wg.Done()
+	defer close(ll.metaDone)
+	ctx := log.WithLogger(ll.ctx, log.G(ll.ctx).WithField("layer", ll.desc.Digest))
+	start := time.Now()
+	built := make(chan error, 1)
+	go func() {
+		select {
+		case m.building <- struct{}{}:
+		case <-ctx.Done():
+			built <- ctx.Err()
+			return
+		}
+		defer func() { <-m.building }()
+		built <- m.buildMeta(ctx, ll.dir, ll.layer)
+	}()
 	// containerd reads these from the container's root before it starts
 	// (users and groups of the process): local first, they are never
-	// bound to FUSE.
-	if err := l.PlaceNow(ctx, m.cfg.Staging, earlyFiles...); err != nil {
-		log.G(ctx).WithError(err).WithField("layer", layerID(dir)).Warn("cannot place the files containerd reads first; containers read them through FUSE")
+	// bound to FUSE. They are fetched while the tree is built, which
+	// takes longer.
+	placeErr := ll.layer.PlaceNow(ctx, m.cfg.Staging, earlyFiles...)
+	placed := time.Since(start)
+	err := <-built
+	if ctx.Err() != nil {
+		return // released or closing: nothing mounts the layer any more
 	}
-	return nil
+	if placeErr != nil {
+		log.G(ctx).WithError(placeErr).Warn("cannot place the files containerd reads first; containers read them through FUSE")
+	}
+	if err != nil {
+		os.RemoveAll(filepath.Join(ll.dir, metaDir))
+		log.G(ctx).WithError(err).Warn("cannot build the layer's metadata tree; containers read its metadata through FUSE")
+		// A daemon that takes over the layer's FUSE mount once it is
+		// local needs to know the mount is a data mount (serveRetiring).
+		if err := os.WriteFile(filepath.Join(ll.dir, noMetaFile), nil, 0o600); err != nil {
+			log.G(ctx).WithError(err).Warn("cannot record that the layer has no metadata tree: a restarted daemon cannot serve its FUSE mount again once it is local")
+		}
+		return
+	}
+	ll.metaBuilt.Store(true)
+	log.G(ctx).WithFields(log.Fields{
+		"entries": ll.layer.Entries(), "place": placed.Round(time.Millisecond),
+		"elapsed": time.Since(start).Round(time.Millisecond),
+	}).Info("metadata tree built")
+}
+
+// WaitPresent implements snapshot.NativeFileSystem: it waits until the
+// lazy layer of dir is shown to overlay as it stays while lazy: its
+// metadata tree built (or given up) and the files containerd reads first
+// placed.
+func (m *Manager) WaitPresent(ctx context.Context, dir string) error {
+	m.mu.Lock()
+	ll := m.lazy[dir]
+	m.mu.Unlock()
+	if ll == nil {
+		return nil
+	}
+	select {
+	case <-ll.metaDone:
+		return nil
+	case <-ctx.Done():
+		return fmt.Errorf("metadata tree of layer %s: %w", ll.desc.Digest, ctx.Err())
+	}
 }
 
 // earlyFiles are what containerd reads of an image's root itself.

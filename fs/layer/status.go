@@ -35,7 +35,7 @@ func (m *Manager) Stat(dir string, st *layerstatus.Layer, accessed bool) {
 	}
 	st.Requests = s.Requests
 	st.Reads = s.Reads
-	st.Native = ll.native
+	st.Native = ll.native && ll.metaBuilt.Load()
 	st.FUSERequests = s.FUSERequests
 	st.FUSEBound = s.Bound
 	st.Entries = ll.layer.Entries()

@@ -29,45 +29,54 @@ func hardlinkAttrs(dec estargz.Decompressor, blob io.ReaderAt, size int64) (map[
 	if err != nil {
 		return nil, err
 	}
+	return linkAttrsOf(len(toc.Entries), func(i int) *tocEntry {
+		e := toc.Entries[i]
+		te := &tocEntry{Name: clean(e.Name), Type: e.Type, LinkName: e.LinkName, Mode: e.Mode, UID: e.UID, GID: e.GID, Xattrs: e.Xattrs}
+		te.ModTime, _ = time.Parse(time.RFC3339, e.ModTime3339)
+		return te
+	}), nil
+}
+
+// linkAttrsOf is hardlinkAttrs of the n TOC entries at returns, in tar
+// order (names clean, link names as in the TOC).
+func linkAttrsOf(n int, at func(i int) *tocEntry) map[string]*linkAttrs {
 	targets := map[string]bool{}
-	for _, e := range toc.Entries {
-		if e.Type == "hardlink" {
+	for i := range n {
+		if e := at(i); e.Type == "hardlink" {
 			targets[clean(e.LinkName)] = true
 		}
 	}
 	if len(targets) == 0 {
-		return nil, nil
+		return nil
 	}
 	out := map[string]*linkAttrs{}
 	alias := map[string]string{} // hard link name → the inode's first name
-	for _, e := range toc.Entries {
-		name := clean(e.Name)
+	for i := range n {
+		e := at(i)
 		switch {
 		case e.Type == "hardlink":
 			first := clean(e.LinkName)
 			if a, ok := alias[first]; ok {
 				first = a
 			}
-			alias[name] = first
+			alias[e.Name] = first
 			a, ok := out[first]
 			if !ok {
 				continue // links to a name that is not a file; buildIndex reports it
 			}
-			a.mode, a.uid, a.gid = e.Mode, e.UID, e.GID
-			a.mtime, _ = time.Parse(time.RFC3339, e.ModTime3339)
+			a.mode, a.uid, a.gid, a.mtime = e.Mode, e.UID, e.GID, e.ModTime
 			for k, v := range e.Xattrs {
 				a.xattrs[k] = v
 			}
-		case targets[name] && e.Type != "chunk":
-			a := &linkAttrs{mode: e.Mode, uid: e.UID, gid: e.GID, xattrs: map[string][]byte{}}
-			a.mtime, _ = time.Parse(time.RFC3339, e.ModTime3339)
+		case targets[e.Name] && e.Type != "chunk":
+			a := &linkAttrs{mode: e.Mode, uid: e.UID, gid: e.GID, mtime: e.ModTime, xattrs: map[string][]byte{}}
 			for k, v := range e.Xattrs {
 				a.xattrs[k] = v
 			}
-			out[name] = a
+			out[e.Name] = a
 		}
 	}
-	return out, nil
+	return out
 }
 
 // readTOC parses the TOC again in its original order.

@@ -122,7 +122,8 @@ func (ix *index) lookup(e *entry, name string) (uint32, bool) {
 // lower layer.
 //
 // Hard-linked files take the attributes links reports; it is called only
-// when the layer has hard links, since it parses the TOC again.
+// when the layer has hard links, since for estargz's Reader it parses the
+// TOC again (a tocTree has the entries at hand).
 //
 // exact, when not nil, is the layer's verified exact record: names, link
 // targets and mtimes are taken from it where the TOC cannot say them.

@@ -325,6 +325,10 @@ func openTOC(ra io.ReaderAt, desc ocispec.Descriptor, tocDigest digest.Digest) (
 // says why it could not be read).
 func indexTOC[K comparable](r tocSource[K], desc ocispec.Descriptor, exactOff int64, exactDigest digest.Digest, hasExact bool, exactErr error, dec estargz.Decompressor, rec io.ReaderAt) (*index, error) {
 	links := func() (map[string]*linkAttrs, error) { return hardlinkAttrs(dec, rec, desc.Size) }
+	if t, ok := any(r).(*tocTree); ok {
+		// The tree has every entry in tar order: no second parse.
+		links = func() (map[string]*linkAttrs, error) { return t.hardlinkAttrs(), nil }
+	}
 	var (
 		exact map[string]*exactInfo
 		view  string

@@ -102,8 +102,15 @@ type tocTree struct {
 	lastPath string
 	lastReg  int // -1 before the first regular file
 	pending  []uint32
+	added    uint32 // entries added from the TOC, before implicit directories (after finish)
 	ra       io.ReaderAt
 	dec      estargz.Decompressor
+}
+
+// hardlinkAttrs is hardlinkAttrs of the TOC the tree was built from, from
+// its entries as added, without reading the TOC again.
+func (t *tocTree) hardlinkAttrs() map[string]*linkAttrs {
+	return linkAttrsOf(int(t.added), func(i int) *tocEntry { return t.entry(uint32(i)) })
 }
 
 type treeKid struct {
@@ -167,6 +174,7 @@ func (t *tocTree) finish(end int64) error {
 	}
 	t.pending = nil
 	n0 := t.n
+	t.added = n0
 	for i := uint32(0); i < n0; i++ {
 		if t.entry(i).Type == "chunk" {
 			continue

@@ -3,7 +3,9 @@ package lazy
 import (
 	"bytes"
 	"compress/gzip"
+	"crypto/rand"
 	"encoding/json"
+	"fmt"
 	"os"
 	"path/filepath"
 	"reflect"
@@ -96,6 +98,46 @@ func TestTreeIndex(t *testing.T) {
 		_, ix, _, err := openTOC(bytes.NewReader(data), desc, "")
 		if err == nil || ix != nil {
 			t.Errorf("a TOC not of the manifest's digest was indexed")
+		}
+	})
+	t.Run("hard links", func(t *testing.T) {
+		// Each hard link's header sets the shared inode's attributes
+		// again (the last wins), also through a link to a link.
+		d := digest.FromString("abc")
+		toc := fmt.Sprintf(`{"version":1,"entries":[
+			{"name":"d/","type":"dir","mode":493,"modtime":"2020-01-01T00:00:00Z"},
+			{"name":"d/a","type":"reg","size":3,"offset":10,"mode":420,"uid":1,"gid":1,"modtime":"2020-01-01T00:00:00Z","digest":%[1]q,"chunkDigest":%[1]q},
+			{"name":"d/b","type":"hardlink","linkName":"d/a","mode":384,"uid":2,"gid":3,"modtime":"2021-01-01T00:00:00Z","xattrs":{"user.x":"eQ=="}},
+			{"name":"d/z","type":"hardlink","linkName":"d/b","mode":448,"uid":4,"gid":5,"modtime":"2022-01-01T00:00:00Z"}]}`, d)
+		// As blobOfTOC, with data that does not compress: the TOC is
+		// then streamed into a tocTree.
+		var jtoc estargz.JTOC
+		if err := json.Unmarshal([]byte(toc), &jtoc); err != nil {
+			t.Fatal(err)
+		}
+		var blob bytes.Buffer
+		zw := gzip.NewWriter(&blob)
+		noise := make([]byte, 4096)
+		rand.Read(noise)
+		zw.Write(noise)
+		zw.Close()
+		tocDigest, err := estargz.NewGzipCompressor().WriteTOCAndFooter(&blob, int64(blob.Len()), &jtoc, nil)
+		if err != nil {
+			t.Fatal(err)
+		}
+		data := blob.Bytes()
+		desc := ocispec.Descriptor{MediaType: ocispec.MediaTypeImageLayerGzip, Digest: digest.FromBytes(data), Size: int64(len(data))}
+		if _, _, err := openTree(bytes.NewReader(data), desc.Size, new(estargz.GzipDecompressor)); err != nil {
+			t.Fatalf("the TOC is not streamed into a tree: %v", err)
+		}
+		sameIndex(t, data, desc)
+		_, ix, _, err := openTOC(bytes.NewReader(data), desc, tocDigest)
+		if err != nil {
+			t.Fatal(err)
+		}
+		num, ok := ix.lookupPath("d/a")
+		if e := &ix.entries[num]; !ok || e.mode&0o7777 != 0o700 || e.uid != 4 || e.gid != 5 || string(ix.xattrs[num]["user.x"]) != "y" {
+			t.Errorf("d/a: found %v, mode %o, owner %d:%d, xattrs %q; want the last link's 700, 4:5 and the xattr of the first", ok, e.mode&0o7777, e.uid, e.gid, ix.xattrs[num])
 		}
 	})
 	files, err := filepath.Glob("testdata/fuzz/FuzzOpen/*")
