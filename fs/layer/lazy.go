@@ -143,6 +143,8 @@ func (m *Manager) startTOC(ref string, desc ocispec.Descriptor) {
 	go func() {
 		defer m.wg.Done()
 		defer close(j.done)
+		// Part of the pull: population yields to it.
+		defer m.cfg.Lazy.Activity.Begin()()
 		blob, err := m.reg.Ranges(m.ctx, ref, desc)
 		if err == nil {
 			j.rec, err = lazy.ReadTOC(blobReaderAt{ctx: m.ctx, b: blob}, desc, tocDigest)

@@ -50,6 +50,9 @@ func (m *Manager) Present(dir string, lazyLayer bool) Presentation {
 	ll := m.lazy[dir]
 	m.mu.Unlock()
 	if lazyLayer {
+		// A container is about to start on the layer: population waits
+		// until its reads have been quiet for a while.
+		m.cfg.Lazy.Activity.Touch()
 		p := Presentation{Lower: filepath.Join(dir, lazyMount)}
 		if ll != nil && ll.native {
 			p.Lower = filepath.Join(p.Lower, meta.RedirectRoot, layerID(dir))

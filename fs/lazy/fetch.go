@@ -86,6 +86,25 @@ func (a *Activity) readUntilRequest(r io.Reader, b []byte, since int64) (int, er
 	return n, nil
 }
 
+// Begin marks the start of on-demand work other than a read of a lazy
+// layer's data, such as the pull of an image (reading its layers' TOCs,
+// mounting them, fetching its plain layers): population yields the link
+// and the CPUs to it as to a read, and a background request under way
+// stops at once. The returned end marks it over; call it once.
+func (a *Activity) Begin() (end func()) {
+	a.start()
+	a.requests.Add(1)
+	var once sync.Once
+	return func() { once.Do(a.done) }
+}
+
+// Touch marks an instant of on-demand work, such as a container about to
+// start on a lazy layer: population waits until it has been quiet again,
+// and a background request under way stops at once.
+func (a *Activity) Touch() {
+	a.Begin()()
+}
+
 func (a *Activity) start() {
 	a.inflight.Add(1)
 	a.last.Store(time.Now().UnixNano())
