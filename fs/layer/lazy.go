@@ -97,7 +97,7 @@ func (m *Manager) mountLazy(ctx context.Context, dir, ref string, desc ocispec.D
 			return nil, err
 		}
 	}
-	if err := l.TOC().Save(filepath.Join(dir, lazyTOCFile)); err != nil {
+	if err := l.SaveTOC(filepath.Join(dir, lazyTOCFile)); err != nil {
 		l.Close()
 		return nil, err
 	}
