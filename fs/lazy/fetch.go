@@ -98,11 +98,15 @@ func (a *Activity) Begin() (end func()) {
 	return func() { once.Do(a.done) }
 }
 
-// Touch marks an instant of on-demand work, such as a container about to
-// start on a lazy layer: population waits until it has been quiet again,
-// and a background request under way stops at once.
-func (a *Activity) Touch() {
+// Hold marks a container about to start on a lazy layer: a background
+// request under way stops at once, and population waits until d has
+// passed and then the quiet time, unless the container's reads take over
+// before (each of them counts as usual). Setting up a container (runc,
+// mounts) takes a while before its first read, during which population
+// would otherwise take the link and the CPUs.
+func (a *Activity) Hold(d time.Duration) {
 	a.Begin()()
+	a.last.Store(time.Now().Add(d).UnixNano())
 }
 
 func (a *Activity) start() {

@@ -373,3 +373,24 @@ func TestPopulateYieldsToAPull(t *testing.T) {
 		t.Errorf("data/big after population: %v", err)
 	}
 }
+
+// TestHoldForAStartingContainer: Hold keeps population waiting past the
+// quiet time, until the held time passed or the container's reads took
+// over and went quiet.
+func TestHoldForAStartingContainer(t *testing.T) {
+	act := new(Activity)
+	cancelled, cancel := context.WithCancel(context.Background())
+	cancel()
+	if err := act.waitQuiet(cancelled, time.Nanosecond); err != nil {
+		t.Fatalf("a fresh activity is not quiet: %v", err)
+	}
+	act.Hold(time.Hour)
+	if err := act.waitQuiet(cancelled, time.Nanosecond); err == nil {
+		t.Error("population found the link quiet while a container was starting")
+	}
+	act.start() // the container's first read
+	act.done()
+	if err := act.waitQuiet(context.Background(), time.Nanosecond); err != nil {
+		t.Errorf("after the container's reads went quiet: %v", err)
+	}
+}
