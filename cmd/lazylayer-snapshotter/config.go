@@ -70,12 +70,15 @@ type lazyConfig struct {
 	// fetches only what reads need.
 	MinRequest string `toml:"min_request"`
 	// Populate says when lazy layers download in the background until
-	// they are local: "auto" (populate_delay after the mount) or "manual"
+	// they are local: "auto" (at the mount, after populate_delay if set,
+	// yielding to pulls and on-demand reads) or "manual"
 	// (when `lazylayer populate` says). true and false, from earlier
 	// versions, mean "auto" and "manual".
 	Populate any `toml:"populate"`
 	// PopulateDelay is how long after a layer is mounted its background
-	// download starts under "auto", e.g. "1s".
+	// download may start under "auto", e.g. "1s"; "0" (the default) lets
+	// it start at once. Either way it waits while images are pulled and
+	// containers read lazily.
 	PopulateDelay string `toml:"populate_delay"`
 	// PopulateConcurrency is the number of ranged requests in flight per
 	// layer while it downloads in the background.
@@ -152,7 +155,7 @@ func defaultConfig() config {
 			ReadTimeout:         "30s",
 			MinRequest:          "64KiB",
 			Populate:            "auto",
-			PopulateDelay:       "1s",
+			PopulateDelay:       "0s",
 			PopulateConcurrency: 4,
 			PopulateRangeSize:   "1MiB",
 			PopulateBandwidth:   "0",

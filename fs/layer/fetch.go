@@ -160,6 +160,9 @@ func (m *Manager) run(j *job, ref string) {
 		j.err = ctx.Err()
 		return
 	}
+	// Part of the pull: population yields to it.
+	end := m.cfg.Lazy.Activity.Begin()
+	defer end()
 	start := time.Now()
 	dir, err := os.MkdirTemp(m.cfg.Staging, "layer-")
 	if err == nil {

@@ -113,7 +113,7 @@ func (m *Manager) mountLazy(ctx context.Context, dir, ref string, desc ocispec.D
 		ph["fetch"], ph["requests"] = ra.spent.Round(time.Millisecond), ra.n
 	}
 	t := time.Now()
-	if err := l.TOC().Save(filepath.Join(dir, lazyTOCFile)); err != nil {
+	if err := l.SaveTOC(filepath.Join(dir, lazyTOCFile)); err != nil {
 		l.Close()
 		return nil, err
 	}
@@ -180,6 +180,8 @@ func (m *Manager) startTOC(ref string, desc ocispec.Descriptor) {
 	go func() {
 		defer m.wg.Done()
 		defer close(j.done)
+		// Part of the pull: population yields to it.
+		defer m.cfg.Lazy.Activity.Begin()()
 		blob, err := m.reg.Ranges(m.ctx, ref, desc)
 		if err == nil {
 			j.rec, err = lazy.ReadTOC(blobReaderAt{ctx: m.ctx, b: blob}, desc, tocDigest)

@@ -78,7 +78,9 @@ type Config struct {
 	// Policy says when a lazy layer's background download starts.
 	Policy Policy
 	// PopulateDelay is how long after a lazy layer is committed its
-	// background download starts under PolicyAuto.
+	// background download may start under PolicyAuto (0: at once). It
+	// starts no earlier than Lazy.Activity has been quiet for
+	// Populate.Quiet: pulls (Prepare) and on-demand reads go first.
 	PopulateDelay time.Duration
 	// PopulateAttempts bounds the downloads of a layer whose blob proves
 	// wrong (default 3); the layer then stays lazy, served from verified
@@ -106,7 +108,7 @@ type Policy int
 
 const (
 	// PolicyAuto starts a layer's download PopulateDelay after its
-	// snapshot is committed.
+	// snapshot is committed, once no pull or on-demand read is under way.
 	PolicyAuto Policy = iota
 	// PolicyManual holds every layer lazy until Populate releases it.
 	PolicyManual
@@ -162,6 +164,11 @@ func New(ctx context.Context, reg Registry, cfg Config) (*Manager, error) {
 	}
 	if cfg.SwapGrace <= 0 {
 		cfg.SwapGrace = 30 * time.Second
+	}
+	if cfg.Lazy.Activity == nil {
+		// One for all layers: each layer's population yields to the
+		// pull and the reads of every layer.
+		cfg.Lazy.Activity = new(lazy.Activity)
 	}
 	if err := os.RemoveAll(cfg.Staging); err != nil {
 		return nil, fmt.Errorf("clear staging directory: %w", err)
@@ -223,8 +230,10 @@ func (m *Manager) Close() error {
 
 // Prepare implements snapshot.FileSystem: it mounts the layer the labels
 // name lazily at dir/lazy when it can, and returns it; otherwise it fills
-// dir/fs with its verified tree and returns nil.
+// dir/fs with its verified tree and returns nil. While it works, the
+// population of lazy layers yields to it: a pull is on-demand work.
 func (m *Manager) Prepare(ctx context.Context, dir string, parents []string, labels map[string]string) (*Lazy, error) {
+	defer m.cfg.Lazy.Activity.Begin()()
 	ref := labels[labelImageRef]
 	mdgst, err := digest.Parse(labels[labelManifest])
 	if err != nil {

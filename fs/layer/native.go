@@ -44,12 +44,20 @@ func (m *Manager) placeDir(dir string) string {
 	return filepath.Join(m.cfg.DataDir, meta.RedirectRoot, layerID(dir))
 }
 
+// containerStart is how long after a container was handed a lazy layer's
+// mounts population waits for its first reads (see lazy.Activity.Hold).
+const containerStart = time.Second
+
 // Present implements snapshot.NativeFileSystem.
 func (m *Manager) Present(dir string, lazyLayer bool) Presentation {
 	m.mu.Lock()
 	ll := m.lazy[dir]
 	m.mu.Unlock()
 	if lazyLayer {
+		// A container is about to start on the layer: population
+		// waits until it has started reading, and its reads have been
+		// quiet for a while.
+		m.cfg.Lazy.Activity.Hold(containerStart)
 		p := Presentation{Lower: filepath.Join(dir, lazyMount)}
 		if ll != nil && ll.native {
 			// The data mount's subtree is the whole layer: what

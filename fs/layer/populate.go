@@ -26,7 +26,9 @@ const (
 
 // Start implements snapshot.LazyLayer: the layer's snapshot is committed,
 // and local records the layer local. Population starts when the Manager's
-// Policy says: PopulateDelay from now, or when Populate releases it; at
+// Policy says: PopulateDelay from now (then once pulls and on-demand reads
+// leave it the link; see lazy.PopulateOptions.Quiet), or when Populate
+// releases it; at
 // once for a layer whose population an earlier daemon had started, so that
 // a restart interrupts it only.
 func (ll *Lazy) Start(local func(context.Context) error) {

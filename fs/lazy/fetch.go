@@ -90,6 +90,29 @@ func (a *Activity) readUntilRequest(r io.Reader, b []byte, since int64) (int, er
 	return n, nil
 }
 
+// Begin marks the start of on-demand work other than a read of a lazy
+// layer's data, such as the pull of an image (reading its layers' TOCs,
+// mounting them, fetching its plain layers): population yields the link
+// and the CPUs to it as to a read, and a background request under way
+// stops at once. The returned end marks it over; call it once.
+func (a *Activity) Begin() (end func()) {
+	a.start()
+	a.requests.Add(1)
+	var once sync.Once
+	return func() { once.Do(a.done) }
+}
+
+// Hold marks a container about to start on a lazy layer: a background
+// request under way stops at once, and population waits until d has
+// passed and then the quiet time, unless the container's reads take over
+// before (each of them counts as usual). Setting up a container (runc,
+// mounts) takes a while before its first read, during which population
+// would otherwise take the link and the CPUs.
+func (a *Activity) Hold(d time.Duration) {
+	a.Begin()()
+	a.last.Store(time.Now().Add(d).UnixNano())
+}
+
 func (a *Activity) start() {
 	a.inflight.Add(1)
 	a.last.Store(time.Now().UnixNano())

@@ -61,7 +61,7 @@ func TestHeldAfterRestart(t *testing.T) {
 			}
 			held := l.Progress().Held
 			path := filepath.Join(t.TempDir(), "toc")
-			if err := l.TOC().Save(path); err != nil {
+			if err := l.SaveTOC(path); err != nil {
 				t.Fatal(err)
 			}
 			if !tc.crash {

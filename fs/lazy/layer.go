@@ -114,7 +114,8 @@ type Layer struct {
 	profile   []uint32 // files of the access profile to replay at Mount, in first-open order
 	ix        *index
 	f         *fetcher
-	toc       *Recorded // footer and TOC bytes as read, to save for restarts
+	tocMu     sync.Mutex
+	toc       *Recorded // footer and TOC bytes as read, until SaveTOC; guarded by tocMu
 
 	reads        atomic.Int64           // FUSE read requests served
 	fuseRequests atomic.Int64           // FUSE requests of every kind answered
@@ -278,7 +279,12 @@ func openTOC(ra io.ReaderAt, desc ocispec.Descriptor, tocDigest digest.Digest) (
 		dec = new(zstdchunked.Decompressor)
 		opts = append(opts, estargz.WithDecompressors(dec))
 	}
-	rec := &Recorded{src: ra}
+	// A record complete already (ReadTOC's, or a saved one) serves as it
+	// is: recording it again would hold a second copy of the TOC.
+	rec, ok := ra.(*Recorded)
+	if !ok || !rec.complete() {
+		rec = &Recorded{src: ra}
+	}
 	exactOff, exactDigest, hasExact := exactOffset(desc)
 	var exactErr error
 	if hasExact {
@@ -426,8 +432,21 @@ const ViewExact = "exact"
 // record was verified and used) or approximate, and why.
 func (l *Layer) View() string { return l.ix.view }
 
-// TOC returns the footer and TOC bytes Open read, for Open after a restart.
-func (l *Layer) TOC() *Recorded { return l.toc }
+// SaveTOC writes the footer and TOC bytes Open read to path (see
+// Recorded.Save), for Open after a restart, and forgets them: a layer of
+// many files keeps megabytes in them. It fails once it succeeded.
+func (l *Layer) SaveTOC(path string) error {
+	l.tocMu.Lock()
+	defer l.tocMu.Unlock()
+	if l.toc == nil {
+		return errors.New("the TOC was saved already")
+	}
+	if err := l.toc.Save(path); err != nil {
+		return err
+	}
+	l.toc = nil
+	return nil
+}
 
 // Entries is the number of inodes in the layer.
 func (l *Layer) Entries() int { return len(l.ix.entries) }

@@ -428,7 +428,7 @@ func TestPrefetchAndRestore(t *testing.T) {
 	}
 	// What Open read is enough to open the layer again without the blob.
 	path := filepath.Join(t.TempDir(), "toc")
-	if err := f.layer.TOC().Save(path); err != nil {
+	if err := f.layer.SaveTOC(path); err != nil {
 		t.Fatal(err)
 	}
 	rec, err := LoadRecorded(path)

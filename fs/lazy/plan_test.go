@@ -333,3 +333,64 @@ func TestPopulateLeavesTheLinkToReads(t *testing.T) {
 		t.Errorf("data/big after population: %v", err)
 	}
 }
+
+// TestPopulateYieldsToAPull: on-demand work that is not a read (the pull of
+// another image, marked with Activity.Begin by the layer manager) stops a
+// population request under way, holds population while it lasts, and lets
+// it finish once it ended.
+func TestPopulateYieldsToAPull(t *testing.T) {
+	data, desc, files := buildLayer(t)
+	act := new(Activity) // shared with the manager and the other layers
+	blob := &pausingBlob{testBlob: testBlob{data: data}, paused: make(chan struct{}), release: make(chan struct{})}
+	l := openLayer(t, data, blob, desc, Options{Activity: act})
+	t.Cleanup(func() { l.Close() })
+	tree := t.TempDir()
+	done := make(chan error, 1)
+	go func() {
+		done <- l.Populate(context.Background(), tree, PopulateOptions{Concurrency: 1, RangeSize: 64 << 20, Quiet: time.Nanosecond})
+	}()
+	<-blob.paused
+	end := act.Begin() // a Prepare starts
+	close(blob.release)
+	// While the pull lasts, population makes no request: a cancelled
+	// second population of a held activity returns without one.
+	ctx, cancel := context.WithCancel(context.Background())
+	cancel()
+	if err := l.f.act.waitQuiet(ctx, time.Nanosecond); err == nil {
+		t.Error("population found the link quiet while a pull was under way")
+	}
+	end()
+	if err := <-done; err != nil {
+		t.Fatal(err)
+	}
+	blob.mu.Lock()
+	offsets := blob.offsets
+	blob.mu.Unlock()
+	if len(offsets) < 2 || offsets[1] <= offsets[0] {
+		t.Errorf("population's requests started at %v: want its first one stopped by the pull and the rest fetched after", offsets)
+	}
+	if b, err := os.ReadFile(filepath.Join(tree, "data/big")); err != nil || !bytes.Equal(b, files["data/big"]) {
+		t.Errorf("data/big after population: %v", err)
+	}
+}
+
+// TestHoldForAStartingContainer: Hold keeps population waiting past the
+// quiet time, until the held time passed or the container's reads took
+// over and went quiet.
+func TestHoldForAStartingContainer(t *testing.T) {
+	act := new(Activity)
+	cancelled, cancel := context.WithCancel(context.Background())
+	cancel()
+	if err := act.waitQuiet(cancelled, time.Nanosecond); err != nil {
+		t.Fatalf("a fresh activity is not quiet: %v", err)
+	}
+	act.Hold(time.Hour)
+	if err := act.waitQuiet(cancelled, time.Nanosecond); err == nil {
+		t.Error("population found the link quiet while a container was starting")
+	}
+	act.start() // the container's first read
+	act.done()
+	if err := act.waitQuiet(context.Background(), time.Nanosecond); err != nil {
+		t.Errorf("after the container's reads went quiet: %v", err)
+	}
+}

@@ -50,6 +50,14 @@ func (r *Recorded) ReadAt(p []byte, off int64) (int, error) {
 	return n, err
 }
 
+// complete reports whether recording is over: r reads nothing more from
+// its source.
+func (r *Recorded) complete() bool {
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	return r.src == nil
+}
+
 // Save writes the recorded ranges to path (via a temporary file and a
 // rename).
 func (r *Recorded) Save(path string) error {

@@ -5,6 +5,7 @@ import (
 	"context"
 	"errors"
 	"io"
+	"path/filepath"
 	"reflect"
 	"runtime"
 	"testing"
@@ -139,4 +140,48 @@ func TestOpenMemory(t *testing.T) {
 	if perEntry > 2000 {
 		t.Errorf("Open allocated %.0f bytes per entry, want at most 2000", perEntry)
 	}
+}
+
+// TestOpenKeepsOneCopyOfTheTOC: Open of a TOC read ahead (ReadTOC) keeps
+// that record instead of recording its bytes again, SaveTOC writes and
+// forgets it, and what it wrote opens the layer again.
+func TestOpenKeepsOneCopyOfTheTOC(t *testing.T) {
+	data, desc, _ := buildLayer(t)
+	tocDigest, _ := Capable(desc)
+	rec, err := ReadTOC(bytes.NewReader(data), desc, tocDigest)
+	if err != nil {
+		t.Fatal(err)
+	}
+	c, err := cache.Open(context.Background(), t.TempDir(), 0)
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { c.Close() })
+	l, err := Open(context.Background(), rec, &testBlob{data: data}, desc, tocDigest, Options{Cache: c})
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { l.Close() })
+	if l.toc != rec {
+		t.Error("Open recorded the TOC read ahead a second time")
+	}
+	path := filepath.Join(t.TempDir(), "toc")
+	if err := l.SaveTOC(path); err != nil {
+		t.Fatal(err)
+	}
+	if l.toc != nil {
+		t.Error("the layer keeps its TOC bytes after SaveTOC")
+	}
+	if err := l.SaveTOC(path); err == nil {
+		t.Error("a second SaveTOC succeeded with nothing to save")
+	}
+	saved, err := LoadRecorded(path)
+	if err != nil {
+		t.Fatal(err)
+	}
+	again, err := Open(context.Background(), saved, &testBlob{data: data}, desc, tocDigest, Options{Cache: c})
+	if err != nil {
+		t.Fatalf("open from the saved TOC: %v", err)
+	}
+	again.Close()
 }

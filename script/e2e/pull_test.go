@@ -107,10 +107,11 @@ func TestFidelity(t *testing.T) {
 }
 
 // TestRestart: stopping and starting the daemon leaves snapshots and running
-// containers intact, and a new container needs no fetch.
+// containers intact, and a new container needs no fetch. Population is held
+// (manual policy): a background download would fetch blobs whenever it ran.
 func TestRestart(t *testing.T) {
 	reg, proxy := startRegistry(t)
-	e := newEnv(t, reg.Addr(), proxy.Addr())
+	e := newEnv(t, reg.Addr(), proxy.Addr(), manualPopulation)
 	img := push(t, reg.Addr(), "e2e/restart:1", sampleImage("restart"))
 	if out, err := e.pull("lazylayer", img.ref); err != nil {
 		t.Fatalf("pull: %v\n%s", err, out)
