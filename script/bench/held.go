@@ -61,6 +61,20 @@ func statusReport(ctx context.Context, st *stack) (layerstatus.Report, error) {
 	return r, nil
 }
 
+// allLocal reports whether r holds at least layers layers and all of them
+// are local.
+func allLocal(r layerstatus.Report, layers int) bool {
+	if len(r.Layers) < layers {
+		return false
+	}
+	for _, l := range r.Layers {
+		if l.State != layerstatus.StateLocal {
+			return false
+		}
+	}
+	return true
+}
+
 // fuseCount is what the daemon's layers' FUSE mounts answered so far.
 type fuseCount struct {
 	byLayer map[string]int64

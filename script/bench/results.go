@@ -83,7 +83,7 @@ type sample struct {
 	Pull      float64 // pull done
 	ColdStart float64 // first output line of the container
 	Local     float64 // image fully local
-	LocalFrom string  // "status" (lazylayer status), "pull" (the pull's end) or "released" (a held mode: after the release)
+	LocalFrom string  // "status" (lazylayer status after the first output), "status at pull" (the daemon's status socket right after the pull), "pull" (the pull's end) or "released" (a held mode: after the release)
 
 	FirstBytes    int64 // bytes the link delivered to clients before the first output
 	FirstRequests int64 // requests the registry side received by then
