@@ -1,7 +1,6 @@
 package lazy
 
 import (
-	"encoding/hex"
 	"fmt"
 	"path"
 	"slices"
@@ -173,8 +172,8 @@ func buildIndexFrom[K comparable](r tocSource[K], exact map[string]*exactInfo, l
 				continue
 			}
 			e := &b.ix.entries[n]
-			e.mode = e.mode&syscall.S_IFMT | uint32(a.mode&0o777) | modeBits(a.mode)
-			e.uid, e.gid, e.mtime = uint32(a.uid), uint32(a.gid), unixNano(a.mtime)
+			e.mode = e.mode&syscall.S_IFMT | a.mode&0o777 | modeBits(a.mode)
+			e.uid, e.gid, e.mtime = a.uid, a.gid, unixNano(a.mtime)
 			if x := b.exact[name]; x != nil && x.mtime != 0 {
 				e.mtime = x.mtime
 			}
@@ -200,13 +199,13 @@ type builder[K comparable] struct {
 func (b *builder[K]) fill(n uint32, k K) error {
 	te := b.r.entry(k)
 	e := entry{
-		uid:   uint32(te.UID),
-		gid:   uint32(te.GID),
+		uid:   te.UID,
+		gid:   te.GID,
 		nlink: b.ix.entries[n].nlink, // counted by dir for hard links
 		size:  te.Size,
 		mtime: b.mtime(te),
 	}
-	perm := uint32(te.Mode&0o777) | modeBits(te.Mode)
+	perm := te.Mode&0o777 | modeBits(te.Mode)
 	switch te.Type {
 	case "dir":
 		e.mode = syscall.S_IFDIR | perm
@@ -226,7 +225,7 @@ func (b *builder[K]) fill(n uint32, k K) error {
 		if te.Type == "block" {
 			e.mode = syscall.S_IFBLK | perm
 		}
-		b.ix.rdevs[n] = uint32(unix.Mkdev(uint32(te.DevMajor), uint32(te.DevMinor)))
+		b.ix.rdevs[n] = uint32(unix.Mkdev(te.DevMajor, te.DevMinor))
 	case "fifo":
 		e.mode = syscall.S_IFIFO | perm
 	default:
@@ -312,8 +311,8 @@ func (b *builder[K]) dir(n uint32, dk K) error {
 	for i, k := range kids {
 		kte := b.r.entry(k.k)
 		if k.wh {
-			numbers[i] = b.add(entry{mode: syscall.S_IFCHR, uid: uint32(kte.UID),
-				gid: uint32(kte.GID), nlink: 1, mtime: b.mtime(kte)})
+			numbers[i] = b.add(entry{mode: syscall.S_IFCHR, uid: kte.UID,
+				gid: kte.GID, nlink: 1, mtime: b.mtime(kte)})
 			continue
 		}
 		if m, ok := b.seen[k.k]; ok {
@@ -365,18 +364,15 @@ func (b *builder[K]) fileChunks(e *entry, te *tocEntry) error {
 		if !ok || ce.ChunkOffset != off || ce.ChunkSize <= 0 {
 			return fmt.Errorf("TOC entry %q: no chunk at offset %d", te.Name, off)
 		}
-		hexDigest, ok := strings.CutPrefix(ce.ChunkDigest, "sha256:")
-		if !ok || len(hexDigest) != 2*len(chunk{}.digest) {
-			return fmt.Errorf("TOC entry %q: chunk at offset %d: digest %q: want sha256", te.Name, off, ce.ChunkDigest)
+		if !ce.chunkDigest.ok {
+			return fmt.Errorf("TOC entry %q: chunk at offset %d: digest %q: want sha256", te.Name, off, ce.chunkDigest)
 		}
 		end := ce.End
 		if ce.Offset <= 0 || end <= ce.Offset || ce.InnerOffset < 0 {
 			return fmt.Errorf("TOC entry %q: chunk at offset %d: bad blob range %d-%d", te.Name, off, ce.Offset, end)
 		}
-		c := chunk{offset: ce.Offset, end: end, inner: ce.InnerOffset, fileOff: off, size: ce.ChunkSize}
-		if _, err := hex.Decode(c.digest[:], []byte(hexDigest)); err != nil {
-			return fmt.Errorf("TOC entry %q: chunk digest %q: %w", te.Name, ce.ChunkDigest, err)
-		}
+		c := chunk{offset: ce.Offset, end: end, inner: ce.InnerOffset, fileOff: off, size: ce.ChunkSize,
+			digest: ce.chunkDigest.sha256}
 		b.ix.chunks = append(b.ix.chunks, c)
 		off += ce.ChunkSize
 	}
@@ -385,7 +381,7 @@ func (b *builder[K]) fileChunks(e *entry, te *tocEntry) error {
 }
 
 // modeBits returns the setuid, setgid and sticky bits of a tar mode.
-func modeBits(tarMode int64) uint32 {
+func modeBits(tarMode uint32) uint32 {
 	var m uint32
 	if tarMode&04000 != 0 {
 		m |= syscall.S_ISUID

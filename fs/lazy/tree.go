@@ -2,6 +2,7 @@ package lazy
 
 import (
 	"bytes"
+	"encoding/hex"
 	"fmt"
 	"io"
 	"path"
@@ -23,21 +24,68 @@ import (
 // stream as estargz's Reader does, so that the index is the same
 // (TestTreeIndex, FuzzOpen).
 
-// tocEntry is what the index reads of a TOC entry.
+// tocEntry is what the index reads of a TOC entry: a tocTree keeps one
+// per entry while the index is built, so it is kept small (192 bytes).
 type tocEntry struct {
 	Name, Type, LinkName string
-	Mode                 int64
-	UID, GID             int
+	Mode                 uint32 // the tar mode's permission, setuid, setgid and sticky bits
+	UID, GID             uint32 // as the index keeps them
+	DevMajor, DevMinor   uint32
 	Size                 int64
 	ModTime              time.Time
-	DevMajor, DevMinor   int
 	Xattrs               map[string][]byte
 
 	// Regular files and their chunks: the chunk at ChunkOffset in the
 	// file, of ChunkSize bytes, starts InnerOffset bytes into the
 	// compressed stream at Offset, which ends at End.
 	Offset, InnerOffset, ChunkOffset, ChunkSize, End int64
-	ChunkDigest                                      string
+	chunkDigest                                      tocDigest
+}
+
+// tocDigest is a TOC entry's chunkDigest: a sha256 as its 32 bytes (as a
+// "sha256:..." string it would take 96), any other as its string, which
+// buildIndex refuses.
+type tocDigest struct {
+	sha256 [32]byte
+	ok     bool    // sha256 holds the digest
+	other  *string // the digest as the TOC says it, when not a sha256 (nil when empty)
+}
+
+func parseTOCDigest(s string) tocDigest {
+	var d tocDigest
+	if h, ok := strings.CutPrefix(s, "sha256:"); ok && len(h) == 2*len(d.sha256) {
+		var enc [64]byte // not []byte(h): that allocates
+		copy(enc[:], h)
+		if _, err := hex.Decode(d.sha256[:], enc[:]); err == nil {
+			d.ok = true
+			return d
+		}
+	}
+	if s != "" {
+		other := s // declared here, so that only this case allocates
+		d.other = &other
+	}
+	return d
+}
+
+// String is the digest as the TOC says it.
+func (d tocDigest) String() string {
+	switch {
+	case d.ok:
+		return "sha256:" + hex.EncodeToString(d.sha256[:])
+	case d.other != nil:
+		return *d.other
+	}
+	return ""
+}
+
+// newTOCEntry is te as a tocEntry, its name cleaned; chunks' names and
+// sizes, mtimes and ends are left to the caller.
+func newTOCEntry(te *estargz.TOCEntry) tocEntry {
+	return tocEntry{Name: clean(te.Name), Type: te.Type, LinkName: te.LinkName, Mode: uint32(te.Mode & 0o7777),
+		UID: uint32(te.UID), GID: uint32(te.GID), Size: te.Size, DevMajor: uint32(te.DevMajor), DevMinor: uint32(te.DevMinor),
+		Xattrs: te.Xattrs, Offset: te.Offset, InnerOffset: te.InnerOffset, ChunkOffset: te.ChunkOffset,
+		ChunkSize: te.ChunkSize, chunkDigest: parseTOCDigest(te.ChunkDigest)}
 }
 
 // tocSource is a TOC's tree: estargz's Reader or a tocTree. K identifies
@@ -59,10 +107,9 @@ type readerSource struct{ r *estargz.Reader }
 func (s readerSource) lookup(name string) (*estargz.TOCEntry, bool) { return s.r.Lookup(name) }
 
 func (s readerSource) entry(te *estargz.TOCEntry) *tocEntry {
-	return &tocEntry{Name: te.Name, Type: te.Type, LinkName: te.LinkName, Mode: te.Mode, UID: te.UID, GID: te.GID,
-		Size: te.Size, ModTime: te.ModTime(), DevMajor: te.DevMajor, DevMinor: te.DevMinor, Xattrs: te.Xattrs,
-		Offset: te.Offset, InnerOffset: te.InnerOffset, ChunkOffset: te.ChunkOffset, ChunkSize: te.ChunkSize,
-		End: te.NextOffset(), ChunkDigest: te.ChunkDigest}
+	e := newTOCEntry(te)
+	e.Name, e.ModTime, e.End = te.Name, te.ModTime(), te.NextOffset()
+	return &e
 }
 
 func (s readerSource) forEachChild(te *estargz.TOCEntry, f func(string, *estargz.TOCEntry) bool) {
@@ -128,10 +175,7 @@ func (t *tocTree) add(te *estargz.TOCEntry) error {
 		return fmt.Errorf("TOC has too many entries")
 	}
 	i := t.n
-	e := tocEntry{Name: clean(te.Name), Type: te.Type, LinkName: te.LinkName, Mode: te.Mode, UID: te.UID, GID: te.GID,
-		Size: te.Size, DevMajor: te.DevMajor, DevMinor: te.DevMinor, Xattrs: te.Xattrs,
-		Offset: te.Offset, InnerOffset: te.InnerOffset, ChunkOffset: te.ChunkOffset, ChunkSize: te.ChunkSize,
-		ChunkDigest: te.ChunkDigest}
+	e := newTOCEntry(te)
 	// A compressed stream ends where the next one starts.
 	if e.Offset != 0 && e.InnerOffset == 0 {
 		for _, p := range t.pending {
