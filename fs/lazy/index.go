@@ -140,8 +140,19 @@ func buildIndexFrom[K comparable](r tocSource[K], exact map[string]*exactInfo, l
 		r:     r,
 		exact: exact,
 		ix:    &index{links: map[uint32]string{}, rdevs: map[uint32]uint32{}, xattrs: map[uint32]map[string][]byte{}, opaque: map[uint32]bool{}},
-		seen:  map[K]uint32{},
 	}
+	// Sized once from the tree's counts, the index's lists never grow
+	// (which would hold the old and new arrays at once, next to the tree)
+	// and are rarely cloned below; without hard links no entry is reached
+	// twice, and seen (a map entry per TOC entry) is not needed.
+	sz := r.sizes()
+	if sz.links {
+		b.seen = map[K]uint32{}
+	}
+	b.ix.entries = make([]entry, 0, sz.entries)
+	b.ix.chunks = make([]chunk, 0, sz.chunks)
+	b.ix.children = make([]uint32, 0, sz.children)
+	b.ix.names = make([]string, 0, sz.children)
 	if lm, ok := r.lookup(estargz.PrefetchLandmark); ok {
 		b.ix.prefetchEnd = r.entry(lm).Offset
 	}
@@ -152,8 +163,8 @@ func buildIndexFrom[K comparable](r tocSource[K], exact map[string]*exactInfo, l
 	}
 	// The index stays for as long as the layer is lazy: drop what
 	// appending left spare.
-	b.ix.entries, b.ix.chunks = slices.Clone(b.ix.entries), slices.Clone(b.ix.chunks)
-	b.ix.children, b.ix.names = slices.Clone(b.ix.children), slices.Clone(b.ix.names)
+	b.ix.entries, b.ix.chunks = trim(b.ix.entries), trim(b.ix.chunks)
+	b.ix.children, b.ix.names = trim(b.ix.children), trim(b.ix.names)
 	b.ix.byOffset = make([]uint32, len(b.ix.chunks))
 	for i := range b.ix.byOffset {
 		b.ix.byOffset[i] = uint32(i)
@@ -187,11 +198,20 @@ func buildIndexFrom[K comparable](r tocSource[K], exact map[string]*exactInfo, l
 	return b.ix, nil
 }
 
+// trim returns s without spare capacity, cloning it only when that is
+// more than an eighth of it.
+func trim[S ~[]E, E any](s S) S {
+	if cap(s)-len(s) <= cap(s)/8 {
+		return s
+	}
+	return slices.Clone(s)
+}
+
 type builder[K comparable] struct {
 	r      tocSource[K]
 	exact  map[string]*exactInfo // the verified exact record, by TOC name; nil without
 	ix     *index
-	seen   map[K]uint32      // hard links: TOC entry → entry number
+	seen   map[K]uint32      // hard links: TOC entry → entry number; nil when the TOC has none
 	linked map[uint32]string // hard-linked entries → their first name
 }
 
@@ -325,7 +345,9 @@ func (b *builder[K]) dir(n uint32, dk K) error {
 			continue
 		}
 		numbers[i] = b.add(entry{nlink: 1})
-		b.seen[k.k] = numbers[i]
+		if b.seen != nil {
+			b.seen[k.k] = numbers[i]
+		}
 		fills = append(fills, i)
 	}
 	b.ix.children = append(b.ix.children, numbers...)

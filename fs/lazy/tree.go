@@ -99,6 +99,16 @@ type tocSource[K comparable] interface {
 	chunkAt(name string, off int64) (*tocEntry, bool)
 	// readFile returns the first size bytes of the regular file name.
 	readFile(name string, size int64) ([]byte, error)
+	// sizes says how large the index of the tree may get.
+	sizes() treeSizes
+}
+
+// treeSizes bounds the lists of an index built from a tree; links says
+// whether an entry may be reached by more than one name (hard links).
+// Zeros say nothing: the lists grow as needed.
+type treeSizes struct {
+	entries, chunks, children int
+	links                     bool
 }
 
 // readerSource is estargz's Reader as a tocSource.
@@ -111,6 +121,8 @@ func (s readerSource) entry(te *estargz.TOCEntry) *tocEntry {
 	e.Name, e.ModTime, e.End = te.Name, te.ModTime(), te.NextOffset()
 	return &e
 }
+
+func (s readerSource) sizes() treeSizes { return treeSizes{links: true} }
 
 func (s readerSource) forEachChild(te *estargz.TOCEntry, f func(string, *estargz.TOCEntry) bool) {
 	te.ForeachChild(f)
@@ -150,6 +162,9 @@ type tocTree struct {
 	lastReg  int // -1 before the first regular file
 	pending  []uint32
 	added    uint32 // entries added from the TOC, before implicit directories (after finish)
+	nChunks  int    // "chunk" entries added
+	nRegs    int    // "reg" entries added
+	hasLinks bool   // a "hardlink" entry was added
 	ra       io.ReaderAt
 	dec      estargz.Decompressor
 }
@@ -183,8 +198,14 @@ func (t *tocTree) add(te *estargz.TOCEntry) error {
 		}
 		t.pending = t.pending[:0]
 	}
-	if e.Type == "reg" {
+	switch e.Type {
+	case "reg":
 		t.lastReg = int(i)
+		t.nRegs++
+	case "chunk":
+		t.nChunks++
+	case "hardlink":
+		t.hasLinks = true
 	}
 	if e.Type == "chunk" {
 		e.Name = t.lastPath
@@ -219,6 +240,7 @@ func (t *tocTree) finish(end int64) error {
 	t.pending = nil
 	n0 := t.n
 	t.added = n0
+	t.kids = make([]treeKid, 0, int(n0)-t.nChunks+16) // implicit directories may add a few more
 	for i := uint32(0); i < n0; i++ {
 		if t.entry(i).Type == "chunk" {
 			continue
@@ -325,6 +347,13 @@ func (t *tocTree) source(n uint32) (uint32, error) {
 		n = org
 	}
 	return n, nil
+}
+
+// sizes: an index has at most an entry per TOC entry that is not a chunk
+// (and its root), a chunk per regular file and "chunk" entry, and a child
+// per kid.
+func (t *tocTree) sizes() treeSizes {
+	return treeSizes{entries: int(t.n) - t.nChunks + 1, chunks: t.nRegs + t.nChunks, children: len(t.kids), links: t.hasLinks}
 }
 
 func (t *tocTree) lookup(name string) (uint32, bool) {
