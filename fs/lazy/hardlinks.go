@@ -107,6 +107,12 @@ func readTOC(dec estargz.Decompressor, blob io.ReaderAt, size int64) (*estargz.J
 	return toc, nil
 }
 
+// clean is name as a path from the layer's root, without a leading "/"
+// and never above the root. A name that is so already is returned as it
+// is, not copied: a tocTree keeps one per entry.
 func clean(name string) string {
+	if path.Clean(name) == name && !strings.HasPrefix(name, "/") && name != "." && name != ".." && !strings.HasPrefix(name, "../") {
+		return name
+	}
 	return strings.TrimPrefix(path.Clean("/"+name), "/")
 }
