@@ -18,14 +18,14 @@ import (
 // directory and lookup tables: 480 bytes per entry of a layer of 50,000
 // small files, alive next to the index being built. tocTree is that tree
 // as buildIndex needs it, built from the entries as they are decoded from
-// the stream, each kept as a tocEntry of what the index reads (360 bytes
+// the stream, each kept as a tocEntry of what the index reads (294 bytes
 // per entry of that layer: see BenchmarkOpenPeakHeap); it resolves names,
 // implicit directories, hard links, chunks and the end of each compressed
 // stream as estargz's Reader does, so that the index is the same
 // (TestTreeIndex, FuzzOpen).
 
 // tocEntry is what the index reads of a TOC entry: a tocTree keeps one
-// per entry while the index is built, so it is kept small (192 bytes).
+// per entry while the index is built, so it is kept small (200 bytes).
 type tocEntry struct {
 	Name, Type, LinkName string
 	Mode                 uint32 // the tar mode's permission, setuid, setgid and sticky bits
