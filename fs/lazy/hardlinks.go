@@ -12,8 +12,8 @@ import (
 
 // linkAttrs are the attributes a hard-linked inode ends up with.
 type linkAttrs struct {
-	mode     int64
-	uid, gid int
+	mode     uint32 // permission, setuid, setgid and sticky bits
+	uid, gid uint32
 	mtime    time.Time
 	xattrs   map[string][]byte
 }
@@ -31,7 +31,8 @@ func hardlinkAttrs(dec estargz.Decompressor, blob io.ReaderAt, size int64) (map[
 	}
 	return linkAttrsOf(len(toc.Entries), func(i int) *tocEntry {
 		e := toc.Entries[i]
-		te := &tocEntry{Name: clean(e.Name), Type: e.Type, LinkName: e.LinkName, Mode: e.Mode, UID: e.UID, GID: e.GID, Xattrs: e.Xattrs}
+		te := &tocEntry{Name: clean(e.Name), Type: e.Type, LinkName: e.LinkName, Mode: uint32(e.Mode & 0o7777),
+			UID: uint32(e.UID), GID: uint32(e.GID), Xattrs: e.Xattrs}
 		te.ModTime, _ = time.Parse(time.RFC3339, e.ModTime3339)
 		return te
 	}), nil
@@ -106,6 +107,12 @@ func readTOC(dec estargz.Decompressor, blob io.ReaderAt, size int64) (*estargz.J
 	return toc, nil
 }
 
+// clean is name as a path from the layer's root, without a leading "/"
+// and never above the root. A name that is so already is returned as it
+// is, not copied: a tocTree keeps one per entry.
 func clean(name string) string {
+	if path.Clean(name) == name && !strings.HasPrefix(name, "/") && name != "." && name != ".." && !strings.HasPrefix(name, "../") {
+		return name
+	}
 	return strings.TrimPrefix(path.Clean("/"+name), "/")
 }

@@ -1,7 +1,6 @@
 package lazy
 
 import (
-	"encoding/hex"
 	"fmt"
 	"path"
 	"slices"
@@ -141,8 +140,19 @@ func buildIndexFrom[K comparable](r tocSource[K], exact map[string]*exactInfo, l
 		r:     r,
 		exact: exact,
 		ix:    &index{links: map[uint32]string{}, rdevs: map[uint32]uint32{}, xattrs: map[uint32]map[string][]byte{}, opaque: map[uint32]bool{}},
-		seen:  map[K]uint32{},
 	}
+	// Sized once from the tree's counts, the index's lists never grow
+	// (which would hold the old and new arrays at once, next to the tree)
+	// and are rarely cloned below; without hard links no entry is reached
+	// twice, and seen (a map entry per TOC entry) is not needed.
+	sz := r.sizes()
+	if sz.links {
+		b.seen = map[K]uint32{}
+	}
+	b.ix.entries = make([]entry, 0, sz.entries)
+	b.ix.chunks = make([]chunk, 0, sz.chunks)
+	b.ix.children = make([]uint32, 0, sz.children)
+	b.ix.names = make([]string, 0, sz.children)
 	if lm, ok := r.lookup(estargz.PrefetchLandmark); ok {
 		b.ix.prefetchEnd = r.entry(lm).Offset
 	}
@@ -153,8 +163,8 @@ func buildIndexFrom[K comparable](r tocSource[K], exact map[string]*exactInfo, l
 	}
 	// The index stays for as long as the layer is lazy: drop what
 	// appending left spare.
-	b.ix.entries, b.ix.chunks = slices.Clone(b.ix.entries), slices.Clone(b.ix.chunks)
-	b.ix.children, b.ix.names = slices.Clone(b.ix.children), slices.Clone(b.ix.names)
+	b.ix.entries, b.ix.chunks = trim(b.ix.entries), trim(b.ix.chunks)
+	b.ix.children, b.ix.names = trim(b.ix.children), trim(b.ix.names)
 	b.ix.byOffset = make([]uint32, len(b.ix.chunks))
 	for i := range b.ix.byOffset {
 		b.ix.byOffset[i] = uint32(i)
@@ -173,8 +183,8 @@ func buildIndexFrom[K comparable](r tocSource[K], exact map[string]*exactInfo, l
 				continue
 			}
 			e := &b.ix.entries[n]
-			e.mode = e.mode&syscall.S_IFMT | uint32(a.mode&0o777) | modeBits(a.mode)
-			e.uid, e.gid, e.mtime = uint32(a.uid), uint32(a.gid), unixNano(a.mtime)
+			e.mode = e.mode&syscall.S_IFMT | a.mode&0o777 | modeBits(a.mode)
+			e.uid, e.gid, e.mtime = a.uid, a.gid, unixNano(a.mtime)
 			if x := b.exact[name]; x != nil && x.mtime != 0 {
 				e.mtime = x.mtime
 			}
@@ -188,11 +198,20 @@ func buildIndexFrom[K comparable](r tocSource[K], exact map[string]*exactInfo, l
 	return b.ix, nil
 }
 
+// trim returns s without spare capacity, cloning it only when that is
+// more than an eighth of it.
+func trim[S ~[]E, E any](s S) S {
+	if cap(s)-len(s) <= cap(s)/8 {
+		return s
+	}
+	return slices.Clone(s)
+}
+
 type builder[K comparable] struct {
 	r      tocSource[K]
 	exact  map[string]*exactInfo // the verified exact record, by TOC name; nil without
 	ix     *index
-	seen   map[K]uint32      // hard links: TOC entry → entry number
+	seen   map[K]uint32      // hard links: TOC entry → entry number; nil when the TOC has none
 	linked map[uint32]string // hard-linked entries → their first name
 }
 
@@ -200,13 +219,13 @@ type builder[K comparable] struct {
 func (b *builder[K]) fill(n uint32, k K) error {
 	te := b.r.entry(k)
 	e := entry{
-		uid:   uint32(te.UID),
-		gid:   uint32(te.GID),
+		uid:   te.UID,
+		gid:   te.GID,
 		nlink: b.ix.entries[n].nlink, // counted by dir for hard links
 		size:  te.Size,
 		mtime: b.mtime(te),
 	}
-	perm := uint32(te.Mode&0o777) | modeBits(te.Mode)
+	perm := te.Mode&0o777 | modeBits(te.Mode)
 	switch te.Type {
 	case "dir":
 		e.mode = syscall.S_IFDIR | perm
@@ -226,7 +245,7 @@ func (b *builder[K]) fill(n uint32, k K) error {
 		if te.Type == "block" {
 			e.mode = syscall.S_IFBLK | perm
 		}
-		b.ix.rdevs[n] = uint32(unix.Mkdev(uint32(te.DevMajor), uint32(te.DevMinor)))
+		b.ix.rdevs[n] = uint32(unix.Mkdev(te.DevMajor, te.DevMinor))
 	case "fifo":
 		e.mode = syscall.S_IFIFO | perm
 	default:
@@ -312,8 +331,8 @@ func (b *builder[K]) dir(n uint32, dk K) error {
 	for i, k := range kids {
 		kte := b.r.entry(k.k)
 		if k.wh {
-			numbers[i] = b.add(entry{mode: syscall.S_IFCHR, uid: uint32(kte.UID),
-				gid: uint32(kte.GID), nlink: 1, mtime: b.mtime(kte)})
+			numbers[i] = b.add(entry{mode: syscall.S_IFCHR, uid: kte.UID,
+				gid: kte.GID, nlink: 1, mtime: b.mtime(kte)})
 			continue
 		}
 		if m, ok := b.seen[k.k]; ok {
@@ -326,7 +345,9 @@ func (b *builder[K]) dir(n uint32, dk K) error {
 			continue
 		}
 		numbers[i] = b.add(entry{nlink: 1})
-		b.seen[k.k] = numbers[i]
+		if b.seen != nil {
+			b.seen[k.k] = numbers[i]
+		}
 		fills = append(fills, i)
 	}
 	b.ix.children = append(b.ix.children, numbers...)
@@ -365,18 +386,15 @@ func (b *builder[K]) fileChunks(e *entry, te *tocEntry) error {
 		if !ok || ce.ChunkOffset != off || ce.ChunkSize <= 0 {
 			return fmt.Errorf("TOC entry %q: no chunk at offset %d", te.Name, off)
 		}
-		hexDigest, ok := strings.CutPrefix(ce.ChunkDigest, "sha256:")
-		if !ok || len(hexDigest) != 2*len(chunk{}.digest) {
-			return fmt.Errorf("TOC entry %q: chunk at offset %d: digest %q: want sha256", te.Name, off, ce.ChunkDigest)
+		if !ce.chunkDigest.ok {
+			return fmt.Errorf("TOC entry %q: chunk at offset %d: digest %q: want sha256", te.Name, off, ce.chunkDigest)
 		}
 		end := ce.End
 		if ce.Offset <= 0 || end <= ce.Offset || ce.InnerOffset < 0 {
 			return fmt.Errorf("TOC entry %q: chunk at offset %d: bad blob range %d-%d", te.Name, off, ce.Offset, end)
 		}
-		c := chunk{offset: ce.Offset, end: end, inner: ce.InnerOffset, fileOff: off, size: ce.ChunkSize}
-		if _, err := hex.Decode(c.digest[:], []byte(hexDigest)); err != nil {
-			return fmt.Errorf("TOC entry %q: chunk digest %q: %w", te.Name, ce.ChunkDigest, err)
-		}
+		c := chunk{offset: ce.Offset, end: end, inner: ce.InnerOffset, fileOff: off, size: ce.ChunkSize,
+			digest: ce.chunkDigest.sha256}
 		b.ix.chunks = append(b.ix.chunks, c)
 		off += ce.ChunkSize
 	}
@@ -385,7 +403,7 @@ func (b *builder[K]) fileChunks(e *entry, te *tocEntry) error {
 }
 
 // modeBits returns the setuid, setgid and sticky bits of a tar mode.
-func modeBits(tarMode int64) uint32 {
+func modeBits(tarMode uint32) uint32 {
 	var m uint32
 	if tarMode&04000 != 0 {
 		m |= syscall.S_ISUID

@@ -120,7 +120,7 @@ func TestReadTOCThenOpen(t *testing.T) {
 // nothing in proportion to the TOC's JSON as a whole: estargz.Open's own
 // decoding buffered the whole JSON, 2,900 bytes allocated per entry of
 // this layer against 1,700 decoded as a stream into estargz's Reader and
-// 1,980 into a tocTree (which keeps less: see BenchmarkOpenPeakHeap).
+// 1,210 into a tocTree (which keeps less: see BenchmarkOpenPeakHeap).
 func TestOpenMemory(t *testing.T) {
 	const files = 20000
 	data, tocDigest := manyFiles(t, files)

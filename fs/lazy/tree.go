@@ -2,6 +2,7 @@ package lazy
 
 import (
 	"bytes"
+	"encoding/hex"
 	"fmt"
 	"io"
 	"path"
@@ -17,27 +18,74 @@ import (
 // directory and lookup tables: 480 bytes per entry of a layer of 50,000
 // small files, alive next to the index being built. tocTree is that tree
 // as buildIndex needs it, built from the entries as they are decoded from
-// the stream, each kept as a tocEntry of what the index reads (360 bytes
+// the stream, each kept as a tocEntry of what the index reads (294 bytes
 // per entry of that layer: see BenchmarkOpenPeakHeap); it resolves names,
 // implicit directories, hard links, chunks and the end of each compressed
 // stream as estargz's Reader does, so that the index is the same
 // (TestTreeIndex, FuzzOpen).
 
-// tocEntry is what the index reads of a TOC entry.
+// tocEntry is what the index reads of a TOC entry: a tocTree keeps one
+// per entry while the index is built, so it is kept small (200 bytes).
 type tocEntry struct {
 	Name, Type, LinkName string
-	Mode                 int64
-	UID, GID             int
+	Mode                 uint32 // the tar mode's permission, setuid, setgid and sticky bits
+	UID, GID             uint32 // as the index keeps them
+	DevMajor, DevMinor   uint32
 	Size                 int64
 	ModTime              time.Time
-	DevMajor, DevMinor   int
 	Xattrs               map[string][]byte
 
 	// Regular files and their chunks: the chunk at ChunkOffset in the
 	// file, of ChunkSize bytes, starts InnerOffset bytes into the
 	// compressed stream at Offset, which ends at End.
 	Offset, InnerOffset, ChunkOffset, ChunkSize, End int64
-	ChunkDigest                                      string
+	chunkDigest                                      tocDigest
+}
+
+// tocDigest is a TOC entry's chunkDigest: a sha256 as its 32 bytes (as a
+// "sha256:..." string it would take 96), any other as its string, which
+// buildIndex refuses.
+type tocDigest struct {
+	sha256 [32]byte
+	ok     bool    // sha256 holds the digest
+	other  *string // the digest as the TOC says it, when not a sha256 (nil when empty)
+}
+
+func parseTOCDigest(s string) tocDigest {
+	var d tocDigest
+	if h, ok := strings.CutPrefix(s, "sha256:"); ok && len(h) == 2*len(d.sha256) {
+		var enc [64]byte // not []byte(h): that allocates
+		copy(enc[:], h)
+		if _, err := hex.Decode(d.sha256[:], enc[:]); err == nil {
+			d.ok = true
+			return d
+		}
+	}
+	if s != "" {
+		other := s // declared here, so that only this case allocates
+		d.other = &other
+	}
+	return d
+}
+
+// String is the digest as the TOC says it.
+func (d tocDigest) String() string {
+	switch {
+	case d.ok:
+		return "sha256:" + hex.EncodeToString(d.sha256[:])
+	case d.other != nil:
+		return *d.other
+	}
+	return ""
+}
+
+// newTOCEntry is te as a tocEntry, its name cleaned; chunks' names and
+// sizes, mtimes and ends are left to the caller.
+func newTOCEntry(te *estargz.TOCEntry) tocEntry {
+	return tocEntry{Name: clean(te.Name), Type: te.Type, LinkName: te.LinkName, Mode: uint32(te.Mode & 0o7777),
+		UID: uint32(te.UID), GID: uint32(te.GID), Size: te.Size, DevMajor: uint32(te.DevMajor), DevMinor: uint32(te.DevMinor),
+		Xattrs: te.Xattrs, Offset: te.Offset, InnerOffset: te.InnerOffset, ChunkOffset: te.ChunkOffset,
+		ChunkSize: te.ChunkSize, chunkDigest: parseTOCDigest(te.ChunkDigest)}
 }
 
 // tocSource is a TOC's tree: estargz's Reader or a tocTree. K identifies
@@ -51,6 +99,16 @@ type tocSource[K comparable] interface {
 	chunkAt(name string, off int64) (*tocEntry, bool)
 	// readFile returns the first size bytes of the regular file name.
 	readFile(name string, size int64) ([]byte, error)
+	// sizes says how large the index of the tree may get.
+	sizes() treeSizes
+}
+
+// treeSizes bounds the lists of an index built from a tree; links says
+// whether an entry may be reached by more than one name (hard links).
+// Zeros say nothing: the lists grow as needed.
+type treeSizes struct {
+	entries, chunks, children int
+	links                     bool
 }
 
 // readerSource is estargz's Reader as a tocSource.
@@ -59,11 +117,12 @@ type readerSource struct{ r *estargz.Reader }
 func (s readerSource) lookup(name string) (*estargz.TOCEntry, bool) { return s.r.Lookup(name) }
 
 func (s readerSource) entry(te *estargz.TOCEntry) *tocEntry {
-	return &tocEntry{Name: te.Name, Type: te.Type, LinkName: te.LinkName, Mode: te.Mode, UID: te.UID, GID: te.GID,
-		Size: te.Size, ModTime: te.ModTime(), DevMajor: te.DevMajor, DevMinor: te.DevMinor, Xattrs: te.Xattrs,
-		Offset: te.Offset, InnerOffset: te.InnerOffset, ChunkOffset: te.ChunkOffset, ChunkSize: te.ChunkSize,
-		End: te.NextOffset(), ChunkDigest: te.ChunkDigest}
+	e := newTOCEntry(te)
+	e.Name, e.ModTime, e.End = te.Name, te.ModTime(), te.NextOffset()
+	return &e
 }
+
+func (s readerSource) sizes() treeSizes { return treeSizes{links: true} }
 
 func (s readerSource) forEachChild(te *estargz.TOCEntry, f func(string, *estargz.TOCEntry) bool) {
 	te.ForeachChild(f)
@@ -103,6 +162,9 @@ type tocTree struct {
 	lastReg  int // -1 before the first regular file
 	pending  []uint32
 	added    uint32 // entries added from the TOC, before implicit directories (after finish)
+	nChunks  int    // "chunk" entries added
+	nRegs    int    // "reg" entries added
+	hasLinks bool   // a "hardlink" entry was added
 	ra       io.ReaderAt
 	dec      estargz.Decompressor
 }
@@ -128,10 +190,7 @@ func (t *tocTree) add(te *estargz.TOCEntry) error {
 		return fmt.Errorf("TOC has too many entries")
 	}
 	i := t.n
-	e := tocEntry{Name: clean(te.Name), Type: te.Type, LinkName: te.LinkName, Mode: te.Mode, UID: te.UID, GID: te.GID,
-		Size: te.Size, DevMajor: te.DevMajor, DevMinor: te.DevMinor, Xattrs: te.Xattrs,
-		Offset: te.Offset, InnerOffset: te.InnerOffset, ChunkOffset: te.ChunkOffset, ChunkSize: te.ChunkSize,
-		ChunkDigest: te.ChunkDigest}
+	e := newTOCEntry(te)
 	// A compressed stream ends where the next one starts.
 	if e.Offset != 0 && e.InnerOffset == 0 {
 		for _, p := range t.pending {
@@ -139,8 +198,14 @@ func (t *tocTree) add(te *estargz.TOCEntry) error {
 		}
 		t.pending = t.pending[:0]
 	}
-	if e.Type == "reg" {
+	switch e.Type {
+	case "reg":
 		t.lastReg = int(i)
+		t.nRegs++
+	case "chunk":
+		t.nChunks++
+	case "hardlink":
+		t.hasLinks = true
 	}
 	if e.Type == "chunk" {
 		e.Name = t.lastPath
@@ -175,6 +240,7 @@ func (t *tocTree) finish(end int64) error {
 	t.pending = nil
 	n0 := t.n
 	t.added = n0
+	t.kids = make([]treeKid, 0, int(n0)-t.nChunks+16) // implicit directories may add a few more
 	for i := uint32(0); i < n0; i++ {
 		if t.entry(i).Type == "chunk" {
 			continue
@@ -281,6 +347,13 @@ func (t *tocTree) source(n uint32) (uint32, error) {
 		n = org
 	}
 	return n, nil
+}
+
+// sizes: an index has at most an entry per TOC entry that is not a chunk
+// (and its root), a chunk per regular file and "chunk" entry, and a child
+// per kid.
+func (t *tocTree) sizes() treeSizes {
+	return treeSizes{entries: int(t.n) - t.nChunks + 1, chunks: t.nRegs + t.nChunks, children: len(t.kids), links: t.hasLinks}
 }
 
 func (t *tocTree) lookup(name string) (uint32, bool) {

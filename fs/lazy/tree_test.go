@@ -7,6 +7,7 @@ import (
 	"encoding/json"
 	"fmt"
 	"os"
+	"path"
 	"path/filepath"
 	"reflect"
 	"strconv"
@@ -166,5 +167,17 @@ func TestTreeIndex(t *testing.T) {
 			}
 			sameIndex(t, data, desc)
 		})
+	}
+}
+
+// TestClean: clean gives what cleaning the name below "/" gives, also when
+// it returns the name as it is.
+func TestClean(t *testing.T) {
+	for _, name := range []string{"", ".", "..", "/", "a", "a/b", "/a", "a/", "./a", "../a", "a/../..", "..a", "a/..b",
+		"a//b", "a/./b", "...", "../", "/../a", "a/b/..", ".wh..wh..opq", "usr/lib/d00001/module-000100.py"} {
+		want := strings.TrimPrefix(path.Clean("/"+name), "/")
+		if got := clean(name); got != want {
+			t.Errorf("clean(%q) = %q, want %q", name, got, want)
+		}
 	}
 }
