@@ -282,7 +282,14 @@ func (m *Manager) mount(ctx context.Context, dir, ref string, desc ocispec.Descr
 	m.mu.Unlock()
 	switch {
 	case building && later:
-		go m.finishNative(ll)
+		// The tree is the end of the layer's pull, and a container's
+		// start waits for it: population yields to it as to the
+		// Prepare it follows, from before Prepare returns.
+		end := m.cfg.Lazy.Activity.Begin()
+		go func() {
+			defer end()
+			m.finishNative(ll)
+		}()
 	case building:
 		m.finishNative(ll)
 	default:

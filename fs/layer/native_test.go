@@ -9,6 +9,7 @@ import (
 
 	"golang.org/x/sys/unix"
 
+	"github.com/lazylayer/lazylayer/fs/lazy"
 	"github.com/lazylayer/lazylayer/fs/meta"
 )
 
@@ -90,6 +91,44 @@ func TestNativeTreeAfterPrepare(t *testing.T) {
 	if st := stat(m, dir); !st.Native {
 		t.Error("status says not native once the tree is done")
 	}
+	if err := m.Release(context.Background(), dir); err != nil {
+		t.Fatal(err)
+	}
+}
+
+// TestNativeTreeHoldsPopulation: a lazy layer's metadata tree, built
+// after its Prepare returned, still counts as on-demand work (the end of
+// the pull, which a container's start waits for): population yields to it
+// until it is done. The test holds the tree by taking its building slot.
+func TestNativeTreeHoldsPopulation(t *testing.T) {
+	needFUSE(t)
+	noLeaks(t)
+	reg := newGatedRegistry()
+	desc := reg.addEstargz(t, "etc/passwd", "root:x:0:0::/root:/bin/sh\n")
+	activity := new(lazy.Activity)
+	m := newLifecycleManager(t, reg, Config{
+		Policy: PolicyManual, Native: true, DataDir: t.TempDir(), Lazy: lazy.Options{Activity: activity},
+	}, true)
+	m.building <- struct{}{} // the tree waits for its slot
+	ll, dir := prepareLazy(t, m, desc)
+	if activity.Busy() {
+		// Not yet: the early files may still be fetched (a read).
+		waitFor(t, "etc/passwd placed", func() bool {
+			_, err := os.Stat(filepath.Join(m.placeDir(dir), "etc/passwd"))
+			return err == nil
+		})
+	}
+	if !activity.Busy() {
+		t.Error("on-demand activity is not marked while the layer's tree waits to be built")
+	}
+	<-m.building
+	if err := m.WaitPresent(context.Background(), dir); err != nil {
+		t.Fatal(err)
+	}
+	if !ll.metaBuilt.Load() {
+		t.Fatal("the tree was not built")
+	}
+	waitFor(t, "on-demand activity over once the tree is done", func() bool { return !activity.Busy() })
 	if err := m.Release(context.Background(), dir); err != nil {
 		t.Fatal(err)
 	}

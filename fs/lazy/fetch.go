@@ -123,6 +123,10 @@ func (a *Activity) done() {
 	a.inflight.Add(-1)
 }
 
+// Busy reports whether on-demand work is under way: a lazy read, or work
+// marked by Begin and not yet ended.
+func (a *Activity) Busy() bool { return a.inflight.Load() > 0 }
+
 // quietFor reports whether no on-demand read is under way or started or
 // ended within d.
 func (a *Activity) quietFor(d time.Duration) bool {
