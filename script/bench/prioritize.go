@@ -65,13 +65,18 @@ func traceAccessed(ctx context.Context, o options, t tools, reg registryClient, 
 	})
 }
 
+// traceConfig holds population in the trace run: a file whose data is
+// local before the workload opens it is opened natively, never seen by
+// lazylayer, and would be missing from what the run records.
+const traceConfig = "[lazy]\n  populate = \"manual\"\n"
+
 // traceRun runs img's workload from its converted image through a
 // lazylayer of its own (state under the work directory, registry reached
 // directly) and returns what after, given the daemon's socket, returns
 // once the workload printed its first line.
 func traceRun(ctx context.Context, o options, t tools, reg registryClient, hostsDir string, img benchImage, after func(sock string) (string, error)) (_ string, err error) {
 	dir := filepath.Join(o.work, "trace-"+img.name)
-	st, err := startStack(ctx, t, dir, filepath.Join(o.work, "logs", "trace-"+img.name), hostsDir, "", "")
+	st, err := startStack(ctx, t, dir, filepath.Join(o.work, "logs", "trace-"+img.name), hostsDir, traceConfig, "")
 	if err != nil {
 		return "", err
 	}

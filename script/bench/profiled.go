@@ -18,8 +18,13 @@ func profilesDir(o options, img benchImage) string {
 }
 
 // profilesStamp, in a profiles directory, names the converted image the
-// profiles were recorded from.
+// profiles were recorded from, and how (traceStamp).
 const profilesStamp = "converted"
+
+// traceStamp names the way the trace run records: profiles recorded
+// otherwise are recorded again. "held": population held (traceConfig);
+// profiles recorded while population ran missed files made local first.
+const traceStamp = "held"
 
 // ensureProfiles records the access profiles of img's converted image
 // for the lazylayer-profiled mode, unless the cache holds them for the
@@ -33,7 +38,8 @@ func ensureProfiles(ctx context.Context, o options, t tools, reg registryClient,
 		return fmt.Errorf("mode lazylayer-profiled needs bin/lazylayer")
 	}
 	dir := profilesDir(o, img)
-	if b, err := os.ReadFile(filepath.Join(dir, profilesStamp)); err == nil && strings.TrimSpace(string(b)) == rec.Converted {
+	stamp := rec.Converted + " " + traceStamp
+	if b, err := os.ReadFile(filepath.Join(dir, profilesStamp)); err == nil && strings.TrimSpace(string(b)) == stamp {
 		return nil
 	}
 	if err := os.RemoveAll(dir); err != nil {
@@ -50,7 +56,7 @@ func ensureProfiles(ctx context.Context, o options, t tools, reg registryClient,
 	if err != nil {
 		return fmt.Errorf("record the access profiles of %s: %w", img.name, err)
 	}
-	if err := os.WriteFile(filepath.Join(dir, profilesStamp), []byte(rec.Converted+"\n"), 0o644); err != nil {
+	if err := os.WriteFile(filepath.Join(dir, profilesStamp), []byte(stamp+"\n"), 0o644); err != nil {
 		return err
 	}
 	logf("image %s: access profiles recorded in %s: %s", img.name, time.Since(start).Round(time.Second), strings.Join(strings.Fields(out), " "))
