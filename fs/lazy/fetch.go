@@ -311,11 +311,10 @@ func (f *fetcher) recentlyFailed(missing []digest.Digest) error {
 	return fmt.Errorf("%w: %w", errRetrying, last.err)
 }
 
-// errCorrupt marks a compressed stream that does not decompress.
-var errCorrupt = errors.New("corrupt compressed chunk")
-
-// fetch downloads the chunks among cs whose digests are missing.
-func (f *fetcher) fetch(ctx context.Context, cs []chunk, missing []digest.Digest) (map[digest.Digest][]byte, error) {
+// missingChunks returns the chunks of cs whose digests are among missing,
+// in cs's order, one for each digest (chunks with equal content are
+// fetched once).
+func missingChunks(cs []chunk, missing []digest.Digest) []chunk {
 	want := make(map[digest.Digest]bool, len(missing))
 	for _, d := range missing {
 		want[d] = true
@@ -324,9 +323,18 @@ func (f *fetcher) fetch(ctx context.Context, cs []chunk, missing []digest.Digest
 	for _, c := range cs {
 		if d := c.dgst(); want[d] {
 			todo = append(todo, c)
-			delete(want, d) // one copy of chunks with equal content
+			delete(want, d)
 		}
 	}
+	return todo
+}
+
+// errCorrupt marks a compressed stream that does not decompress.
+var errCorrupt = errors.New("corrupt compressed chunk")
+
+// fetch downloads the chunks among cs whose digests are missing.
+func (f *fetcher) fetch(ctx context.Context, cs []chunk, missing []digest.Digest) (map[digest.Digest][]byte, error) {
+	todo := missingChunks(cs, missing)
 	sort.Slice(todo, func(i, j int) bool {
 		if todo[i].offset != todo[j].offset {
 			return todo[i].offset < todo[j].offset

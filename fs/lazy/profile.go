@@ -274,17 +274,7 @@ func (f *fetcher) replayPlan(ix *index, files []uint32) [][]chunk {
 // fetchWhole fetches the chunks of cs that are missing in one request
 // spanning them all, gaps included: a replay's groups are planned so.
 func (f *fetcher) fetchWhole(ctx context.Context, cs []chunk, missing []digest.Digest) (map[digest.Digest][]byte, error) {
-	want := make(map[digest.Digest]bool, len(missing))
-	for _, d := range missing {
-		want[d] = true
-	}
-	var todo []chunk
-	for _, c := range cs {
-		if d := c.dgst(); want[d] {
-			todo = append(todo, c)
-			delete(want, d)
-		}
-	}
+	todo := missingChunks(cs, missing)
 	out := make(map[digest.Digest][]byte, len(todo))
 	if len(todo) == 0 {
 		return out, nil
