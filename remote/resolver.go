@@ -124,6 +124,25 @@ type hostConfig struct {
 
 type idleCloser interface{ CloseIdleConnections() }
 
+// idleConnsPerHost is how many connections to one registry host stay open
+// between requests. The daemon sends a host many requests at once: each
+// layer fetched in full Concurrency ranged GETs, several layers at a time,
+// population's, a lazy read's parallel spans. containerd's transport keeps
+// Go's default of 2 (and 10 for all hosts), so all but two of a burst's
+// connections were closed after each request, and the next burst paid a
+// TCP handshake (and TLS's) again on each: a round trip or more a request
+// on a link with latency. Idle connections still close after containerd's
+// IdleConnTimeout (30 s).
+const idleConnsPerHost = 32
+
+// keepIdle makes t keep idleConnsPerHost idle connections a host.
+func keepIdle(t *http.Transport) {
+	t.MaxIdleConnsPerHost = max(t.MaxIdleConnsPerHost, idleConnsPerHost)
+	if t.MaxIdleConns != 0 { // 0: no limit
+		t.MaxIdleConns = max(t.MaxIdleConns, 4*idleConnsPerHost)
+	}
+}
+
 // closeIdle closes the idle connections of hc's transports.
 func (hc hostConfig) closeIdle() {
 	for _, t := range hc.transports {
@@ -211,6 +230,9 @@ func (r *Resolver) hostsFor(ctx context.Context, name string) ([]docker.Registry
 		// Called with each client ConfigureHosts makes, before it wraps
 		// the transport of a host it may reach over plain HTTP.
 		UpdateClient: func(c *http.Client) error {
+			if t, ok := c.Transport.(*http.Transport); ok {
+				keepIdle(t)
+			}
 			if t, ok := c.Transport.(idleCloser); ok {
 				transports = append(transports, t)
 			}

@@ -2,6 +2,10 @@ package remote
 
 import (
 	"io"
+	"net"
+	"net/http"
+	"sync"
+	"sync/atomic"
 	"testing"
 	"time"
 
@@ -50,4 +54,70 @@ func TestCloseIdleConnections(t *testing.T) {
 	rc.Close() // the connection goes back to the Resolver's pool
 	r.CloseIdleConnections()
 	noGoroutinesBut(t, ignore)
+}
+
+// TestConnectionsReused: the connections of a burst of parallel reads are
+// kept for the next burst, not only two of them (Go's default, which
+// containerd's transport keeps), so a second burst opens none.
+func TestConnectionsReused(t *testing.T) {
+	reg := newRegistry(t)
+	var opened atomic.Int64
+	reg.srv.Config.ConnState = func(_ net.Conn, s http.ConnState) {
+		if s == http.StateNew {
+			opened.Add(1)
+		}
+	}
+	blob, desc := reg.addBlob(64 << 10)
+	r := NewResolver(testOptions(t))
+	t.Cleanup(r.CloseIdleConnections)
+	b, err := r.Blob(t.Context(), reg.host+"/foo:latest", desc)
+	if err != nil {
+		t.Fatal(err)
+	}
+	const parallel = 8
+	// Every read of a burst waits until all have their reply headers, so
+	// the burst holds parallel connections at once.
+	burst := func() {
+		var started, wg sync.WaitGroup
+		started.Add(parallel)
+		release := make(chan struct{})
+		errs := make(chan error, parallel)
+		for i := range parallel {
+			wg.Add(1)
+			go func() {
+				defer wg.Done()
+				rc, err := b.ReadRange(t.Context(), int64(i)*1024, 1024)
+				started.Done()
+				if err != nil {
+					errs <- err
+					return
+				}
+				defer rc.Close()
+				<-release
+				got, err := io.ReadAll(rc)
+				if err == nil && string(got) != string(blob[i*1024:(i+1)*1024]) {
+					err = io.ErrUnexpectedEOF
+				}
+				if err != nil {
+					errs <- err
+				}
+			}()
+		}
+		started.Wait()
+		close(release)
+		wg.Wait()
+		close(errs)
+		for err := range errs {
+			t.Fatal(err)
+		}
+	}
+	burst()
+	first := opened.Load()
+	if first < parallel {
+		t.Fatalf("first burst of %d reads opened %d connections: the test does not hold them at once", parallel, first)
+	}
+	burst()
+	if n := opened.Load() - first; n != 0 {
+		t.Errorf("second burst of %d reads opened %d new connections, want 0 (the first burst's, kept idle)", parallel, n)
+	}
 }
