@@ -7,7 +7,6 @@ import (
 
 	"gonum.org/v1/plot"
 	"gonum.org/v1/plot/plotter"
-	"gonum.org/v1/plot/plotutil"
 	"gonum.org/v1/plot/text"
 	"gonum.org/v1/plot/vg"
 )
@@ -24,11 +23,27 @@ type barChart struct {
 
 type barSeries struct {
 	name  string
-	color int // plotutil.Color index, so a mode keeps its colour
+	color int // index into palette, so a mode keeps its colour
 
 	values []float64 // one per group; 0 for none
 	lows   []float64 // whisker ends, or nil for none
 	highs  []float64
+}
+
+// palette has a colour for each mode (plotutil's has 7, fewer than the
+// modes, so two modes shared one): plotutil.SoftColors, then a teal, a
+// grey and an olive.
+var palette = []color.Color{
+	color.RGBA{241, 90, 96, 255},
+	color.RGBA{122, 195, 106, 255},
+	color.RGBA{90, 155, 212, 255},
+	color.RGBA{250, 167, 91, 255},
+	color.RGBA{158, 103, 171, 255},
+	color.RGBA{206, 112, 88, 255},
+	color.RGBA{215, 127, 180, 255},
+	color.RGBA{77, 182, 172, 255},
+	color.RGBA{140, 140, 140, 255},
+	color.RGBA{170, 170, 60, 255},
 }
 
 // whiskers are min–max error bars at the bars' centres.
@@ -62,7 +77,7 @@ func (c barChart) save(path string) error {
 			return fmt.Errorf("chart %s: %w", c.title, err)
 		}
 		bars.XMin = (float64(j) - (k-1)/2) * slot
-		bars.Color = plotutil.Color(s.color)
+		bars.Color = palette[s.color%len(palette)]
 		bars.LineStyle.Width = 0
 		p.Add(bars)
 		p.Legend.Add(s.name, bars)

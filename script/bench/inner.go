@@ -206,8 +206,8 @@ func (b *bench) loop(ctx context.Context, res *results, sh shaper, regc registry
 
 // line is a one-line summary of a sample for the log.
 func (s sample) line() string {
-	l := fmt.Sprintf("pull %.2fs, first output %.2fs, local %.2fs; %.1f MB in %d requests before the output; others busy %.0f%%",
-		s.Pull, s.ColdStart, s.Local, mb(s.FirstBytes), s.FirstRequests, s.Busy*100)
+	l := fmt.Sprintf("pull %.2fs, first output %.2fs, local %.2fs; %.1f MB in %d requests (%d connections) before the output; others busy %.0f%%",
+		s.Pull, s.ColdStart, s.Local, mb(s.FirstBytes), s.FirstRequests, s.FirstConns, s.Busy*100)
 	for _, d := range append([]string{"containerd", "lazylayer"}, peerNames...) {
 		u, ok := s.Daemons[d]
 		if !ok {

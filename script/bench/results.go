@@ -87,6 +87,7 @@ type sample struct {
 
 	FirstBytes    int64 // bytes the link delivered to clients before the first output
 	FirstRequests int64 // requests the registry side received by then
+	FirstConns    int64 // connections the link accepted by then
 	LocalBytes    int64 // ... before the image was fully local
 	LocalRequests int64
 

@@ -270,6 +270,7 @@ func (b *bench) coldStart(ctx context.Context, st *stack, img benchImage, m mode
 	}
 	s.ColdStart = since(first.at)
 	s.FirstBytes, s.FirstRequests = served()
+	s.FirstConns = b.link.counters().sub(link0).Conns
 	if first.text != "hi" {
 		return cold, fmt.Errorf("cold start: first output line %q, want %q", first.text, "hi")
 	}
