@@ -81,6 +81,11 @@ func run(ctx context.Context, args []string) error {
 	if err := log.SetLevel(cfg.LogLevel); err != nil {
 		return fmt.Errorf("log level %q: %w", cfg.LogLevel, err)
 	}
+	// Timestamps to the nanosecond, as containerd's own log has them:
+	// the steps of a container's start are milliseconds apart.
+	if err := log.SetFormat(log.TextFormat); err != nil {
+		return err
+	}
 	mem, err := parseMemoryLimit(cfg.MemoryLimit)
 	if err != nil {
 		return err
