@@ -42,6 +42,7 @@ type options struct {
 	prepare  bool          // build and cache the images, measure nothing
 	copyConv bool          // never run `lazylayer convert`
 	quiet    time.Duration // how long to wait for a quiet machine before a run
+	lazyTOML string        // prepended to lazylayer's configuration in measured runs
 	args     []string      // the arguments as given, for the report
 }
 
@@ -62,6 +63,7 @@ func parseOptions(args []string) (options, error) {
 	fs.StringVar(&o.before, "before", "", "an earlier results.json: the report shows its lazily started containers and lazy mounts as the \"before\"")
 	fs.BoolVar(&o.prepare, "prepare", false, "build and push the images, then stop")
 	fs.DurationVar(&o.quiet, "quiet-wait", -1, "before each run, wait up to this long for the CPUs to be less than 25% busy (default 2m; -quick: 20s)")
+	fs.StringVar(&o.lazyTOML, "lazylayer-toml", "", "TOML put at the top of lazylayer's configuration in every measured run, for analysis (e.g. 'log_level = \"trace\"' logs each on-demand request); the report's command line shows it")
 	fs.BoolVar(&o.copyConv, "no-convert", false, "push the gzip images as the converted ones even if bin/lazylayer exists")
 	if err := fs.Parse(args); err != nil {
 		return o, err

@@ -171,6 +171,9 @@ func (b *bench) measure(ctx context.Context, img benchImage, prof profile, m mod
 	if m.profiled {
 		lazyCfg = profiledConfig(b.o, img)
 	}
+	if b.o.lazyTOML != "" {
+		lazyCfg = b.o.lazyTOML + "\n" + lazyCfg
+	}
 	peer := ""
 	if isPeer(m.snapshotter) {
 		peer = m.snapshotter
