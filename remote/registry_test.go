@@ -37,12 +37,23 @@ type testRegistry struct {
 
 func newRegistry(t *testing.T) *testRegistry {
 	t.Helper()
+	return newRegistryWith(t, nil)
+}
+
+// newRegistryWith is newRegistry with configure, if not nil, called on
+// the server before it starts.
+func newRegistryWith(t *testing.T, configure func(*http.Server)) *testRegistry {
+	t.Helper()
 	reg := &testRegistry{
 		blobs:     make(map[digest.Digest][]byte),
 		manifests: make(map[digest.Digest][]byte),
 		seen:      make(map[string]int),
 	}
-	reg.srv = httptest.NewServer(http.HandlerFunc(reg.serve))
+	reg.srv = httptest.NewUnstartedServer(http.HandlerFunc(reg.serve))
+	if configure != nil {
+		configure(reg.srv.Config)
+	}
+	reg.srv.Start()
 	t.Cleanup(reg.srv.Close)
 	reg.host = strings.TrimPrefix(reg.srv.URL, "http://")
 	return reg

@@ -60,13 +60,14 @@ func TestCloseIdleConnections(t *testing.T) {
 // kept for the next burst, not only two of them (Go's default, which
 // containerd's transport keeps), so a second burst opens none.
 func TestConnectionsReused(t *testing.T) {
-	reg := newRegistry(t)
 	var opened atomic.Int64
-	reg.srv.Config.ConnState = func(_ net.Conn, s http.ConnState) {
-		if s == http.StateNew {
-			opened.Add(1)
+	reg := newRegistryWith(t, func(s *http.Server) {
+		s.ConnState = func(_ net.Conn, s http.ConnState) {
+			if s == http.StateNew {
+				opened.Add(1)
+			}
 		}
-	}
+	})
 	blob, desc := reg.addBlob(64 << 10)
 	r := NewResolver(testOptions(t))
 	t.Cleanup(r.CloseIdleConnections)
