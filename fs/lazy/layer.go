@@ -137,6 +137,8 @@ type Layer struct {
 	mountpoint string             // guarded by mu
 	cancel     context.CancelFunc // stops the prefetch of the last Mount; guarded by mu
 	prefetched chan struct{}      // closed when that prefetch has returned; guarded by mu
+	aheadDone  chan struct{}      // closed when the last Mount's directory read-ahead has stopped; guarded by mu
+	dirsAhead  atomic.Int64       // directories queued for read-ahead (dirahead.go)
 
 	accessMu sync.Mutex
 	accessed []string        // files opened while lazy, in first-open order; guarded by accessMu
@@ -413,11 +415,12 @@ func (l *Layer) DropBlob() error {
 // then saves what the local blob copy holds and closes it.
 func (l *Layer) Close() error {
 	l.mu.Lock()
-	cancel, prefetched := l.cancel, l.prefetched
+	cancel, prefetched, aheadDone := l.cancel, l.prefetched, l.aheadDone
 	l.mu.Unlock()
 	if cancel != nil {
 		cancel()
 		<-prefetched
+		<-aheadDone
 	}
 	if l.f.partial == nil {
 		return nil
@@ -579,12 +582,16 @@ func (l *Layer) mount(ctx context.Context, mountpoint, prefix string, resumeOnly
 	}
 	l.server, l.raw, l.conn, l.resumed, l.mountpoint = server, raw, conn, resumed, mountpoint
 	bg, cancel := context.WithCancel(context.WithoutCancel(ctx))
-	prefetched := make(chan struct{})
-	l.cancel, l.prefetched = cancel, prefetched
+	prefetched, aheadDone := make(chan struct{}), make(chan struct{})
+	l.cancel, l.prefetched, l.aheadDone = cancel, prefetched, aheadDone
 	go func() {
 		defer close(prefetched)
 		l.replay(bg)
 		l.prefetch(bg)
+	}()
+	go func() {
+		defer close(aheadDone)
+		l.readDirsAhead(bg, raw.ahead)
 	}()
 	return nil
 }
@@ -646,11 +653,12 @@ func (l *Layer) Unmount() (done <-chan struct{}, err error) {
 	if err := unix.Unmount(l.mountpoint, unix.MNT_DETACH); err != nil && err != unix.EINVAL && err != unix.ENOENT {
 		return nil, fmt.Errorf("unmount %s: %w", l.mountpoint, err)
 	}
-	server, prefetched, conn, mp := l.server, l.prefetched, l.conn, l.mountpoint
+	server, prefetched, aheadDone, conn, mp := l.server, l.prefetched, l.aheadDone, l.conn, l.mountpoint
 	l.server, l.conn = nil, nil
 	go func() {
 		server.Wait()
 		<-prefetched
+		<-aheadDone
 		if l.handover != nil {
 			l.handover.Drop(mp)
 		}

@@ -58,6 +58,12 @@ type rawFS struct {
 	paths   map[uint32]string     // entry paths seen in lookups; guarded by mu
 	allOnce sync.Once
 	all     []string // every entry's path, built once a node id arrives unseen
+
+	// Directory read-ahead (dirahead.go); parents and dirMisses are
+	// guarded by mu.
+	parents   map[uint32]uint32 // directory of each regular file looked up
+	dirMisses map[uint32]uint8  // files of a directory missed, or dirAheadDone
+	ahead     chan dirAheadReq  // directories to read ahead
 }
 
 // nodeState is what rawFS tracks of an entry with open files.
@@ -75,6 +81,7 @@ func newRawFS(l *Layer, prefix []string) *rawFS {
 		l:             l, prefix: prefix, entryIno: uint64(len(l.ix.entries)) + 2,
 		nodes: map[uint32]*nodeState{}, handles: map[uint64]*handle{}, nextFh: 1,
 		lookups: map[uint32]uint64{}, paths: map[uint32]string{0: ""},
+		parents: map[uint32]uint32{}, dirMisses: map[uint32]uint8{}, ahead: make(chan dirAheadReq, dirAheadQueue),
 	}
 }
 
@@ -148,6 +155,9 @@ func (r *rawFS) Lookup(cancel <-chan struct{}, h *fuse.InHeader, name string, ou
 	r.mu.Lock()
 	if _, ok := r.paths[child]; !ok {
 		r.paths[child] = p
+	}
+	if r.l.ix.entries[child].mode&syscall.S_IFMT == syscall.S_IFREG {
+		r.parents[child] = num
 	}
 	if len(r.prefix) > 0 && r.l.ix.entries[child].mode&syscall.S_IFMT == syscall.S_IFREG {
 		if r.lookups[child] == 0 {
@@ -527,6 +537,9 @@ func (h *handle) read(ctx *fuse.Context, dest []byte, off int64) (fuse.ReadResul
 			return nil, fuse.ToStatus(err)
 		}
 		return fuse.ReadResultData(dest[:n]), fuse.OK
+	}
+	if off == 0 {
+		h.r.noteRead(h.num)
 	}
 	// A container reads on demand: population yields to it, whether
 	// this read needs the registry or not.

@@ -318,21 +318,27 @@ func (l *Layer) replay(ctx context.Context) {
 		return
 	}
 	entry.WithFields(log.Fields{"files": len(l.profile), "requests": len(groups), "bytes": bytes, "gaps": gaps}).Info("replaying the access profile")
-	g, gctx := errgroup.WithContext(ctx)
-	g.SetLimit(maxParallel)
-	for _, cs := range groups {
-		g.Go(func() error {
-			_, err := l.f.loadWith(gctx, cs, l.f.fetchWhole)
-			return err
-		})
-	}
-	if err := g.Wait(); err != nil {
+	if err := l.f.fetchGroups(ctx, groups); err != nil {
 		if ctx.Err() == nil {
 			entry.WithError(err).Warn("replaying the access profile failed; its files load on demand")
 		}
 		return
 	}
 	entry.WithField("elapsed", time.Since(start).Round(time.Millisecond)).Info("access profile replayed")
+}
+
+// fetchGroups loads groups of chunks planned by replayPlan, each group in
+// one request, maxParallel at a time.
+func (f *fetcher) fetchGroups(ctx context.Context, groups [][]chunk) error {
+	g, gctx := errgroup.WithContext(ctx)
+	g.SetLimit(maxParallel)
+	for _, cs := range groups {
+		g.Go(func() error {
+			_, err := f.loadWith(gctx, cs, f.fetchWhole)
+			return err
+		})
+	}
+	return g.Wait()
 }
 
 // loadProfile reads the layer's access profile from dir, if there is

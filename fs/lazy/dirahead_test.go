@@ -1,0 +1,112 @@
+package lazy
+
+import (
+	"archive/tar"
+	"bytes"
+	"fmt"
+	"os"
+	"path/filepath"
+	"testing"
+	"time"
+)
+
+// dirsLayer opens a layer holding d/big (512 KiB), then d/f000-d/f029 and
+// e/f000-e/f009 (10 KiB each), random bytes, in that order in the blob.
+func dirsLayer(t *testing.T, o Options) (*Layer, *testBlob, map[string][]byte) {
+	t.Helper()
+	files := map[string][]byte{}
+	entries := []tarEntry{
+		{hdr: tar.Header{Name: "d/", Typeflag: tar.TypeDir, Mode: 0o755}},
+		{hdr: tar.Header{Name: "d/big", Typeflag: tar.TypeReg, Mode: 0o644}, body: randomBytes(1, 512<<10)},
+	}
+	files["d/big"] = entries[1].body
+	add := func(dir string, n int) {
+		for i := range n {
+			name := fmt.Sprintf("%s/f%03d", dir, i)
+			files[name] = randomBytes(int64(len(files)+10), 10<<10)
+			entries = append(entries, tarEntry{hdr: tar.Header{Name: name, Typeflag: tar.TypeReg, Mode: 0o644}, body: files[name]})
+		}
+	}
+	add("d", 30)
+	entries = append(entries, tarEntry{hdr: tar.Header{Name: "e/", Typeflag: tar.TypeDir, Mode: 0o755}})
+	add("e", 10)
+	data, desc := blobOf(t, entries)
+	blob := &testBlob{data: data}
+	return openLayer(t, data, blob, desc, o), blob, files
+}
+
+func readBack(t *testing.T, mnt string, files map[string][]byte, name string) {
+	t.Helper()
+	got, err := os.ReadFile(filepath.Join(mnt, name))
+	if err != nil || !bytes.Equal(got, files[name]) {
+		t.Fatalf("%s: read %d bytes (%v), want its %d", name, len(got), err, len(files[name]))
+	}
+}
+
+// TestDirectoryReadAhead: once reads miss dirAheadMisses files of a
+// directory, the directory's other small files are fetched in the
+// background, and then read without a request; larger files and other
+// directories are not.
+func TestDirectoryReadAhead(t *testing.T) {
+	if os.Getuid() != 0 {
+		t.Skip("mounting FUSE needs root")
+	}
+	// Requests of at most 16 KiB: a read brings at most its file's next
+	// neighbour along, whatever the link's estimate.
+	l, blob, files := dirsLayer(t, Options{MinRequest: 16 << 10, MaxRequest: 16 << 10})
+	mnt := mountLayer(t, l)
+	for i := range dirAheadMisses {
+		if got := l.dirsAhead.Load(); got != 0 {
+			t.Fatalf("%d files of d read: %d directories read ahead, want 0", i, got)
+		}
+		readBack(t, mnt, files, fmt.Sprintf("d/f%03d", 5*i))
+	}
+	if got := l.dirsAhead.Load(); got != 1 {
+		t.Fatalf("%d files of d read: %d directories read ahead, want 1", dirAheadMisses, got)
+	}
+	cached := func(name string) bool { return l.f.cachedFile(chunksOf(t, l, name)) }
+	deadline := time.Now().Add(30 * time.Second)
+	for i := 0; i < 30; i++ {
+		name := fmt.Sprintf("d/f%03d", i)
+		for !cached(name) {
+			if time.Now().After(deadline) {
+				t.Fatalf("%s not cached 30 s after d was queued for read-ahead", name)
+			}
+			time.Sleep(10 * time.Millisecond)
+		}
+	}
+	before := blob.requests.Load()
+	for i := 0; i < 30; i++ {
+		readBack(t, mnt, files, fmt.Sprintf("d/f%03d", i))
+	}
+	if got := blob.requests.Load() - before; got != 0 {
+		t.Errorf("reads of d's small files after its read-ahead made %d requests, want 0", got)
+	}
+	if cached("d/big") {
+		t.Error("d/big (512 KiB) was read ahead: larger files are left to their reads")
+	}
+	if cached("e/f005") {
+		t.Error("e/f005 was read ahead: only d was read from")
+	}
+}
+
+// TestNoDirectoryReadAheadWhenExact: a layer told to fetch only what reads
+// need (MinRequest < 0) reads no directory ahead.
+func TestNoDirectoryReadAheadWhenExact(t *testing.T) {
+	if os.Getuid() != 0 {
+		t.Skip("mounting FUSE needs root")
+	}
+	l, blob, files := dirsLayer(t, Options{MinRequest: -1})
+	mnt := mountLayer(t, l)
+	for i := range dirAheadMisses + 1 {
+		readBack(t, mnt, files, fmt.Sprintf("d/f%03d", 5*i))
+	}
+	if got := l.dirsAhead.Load(); got != 0 {
+		t.Errorf("%d directories read ahead, want 0", got)
+	}
+	before := blob.requests.Load()
+	readBack(t, mnt, files, "d/f021")
+	if blob.requests.Load() == before {
+		t.Error("d/f021 was read without a request: something read it ahead")
+	}
+}
