@@ -18,7 +18,7 @@ import (
 // background, a few requests at once, through the verified path into the
 // chunk cache, as a replay does. Their bytes are kept for population like
 // any fetched bytes, so they are not fetched twice. Layers told to fetch
-// only what reads need (Options.MinRequest < 0) do not read ahead.
+// only what reads need (Options.MinRequest <= 0) do not read ahead.
 const (
 	dirAheadMisses = 3         // files of a directory missed before the rest is fetched
 	dirAheadFile   = 256 << 10 // larger files are left to their own reads
@@ -35,8 +35,8 @@ type dirAheadReq struct {
 // dirAheadDone marks, in rawFS.dirMisses, a directory already read ahead.
 const dirAheadDone = ^uint8(0)
 
-// noteRead is called before the first read of regular file num: if the
-// file's bytes are not all cached, it counts a miss for its directory and
+// noteRead is called before a read at offset 0 of regular file num (how
+// a file's reading starts): if the file's bytes are not all cached, it counts a miss for its directory and
 // queues the directory for read-ahead at its dirAheadMisses-th miss.
 func (r *rawFS) noteRead(num uint32) {
 	l := r.l
