@@ -67,7 +67,8 @@ func (r *rawFS) noteRead(num uint32) {
 	}
 }
 
-// cachedFile reports whether every chunk of a file is in the chunk cache.
+// cachedFile reports whether every chunk of cs (a file's, or a read's) is
+// in the chunk cache.
 func (f *fetcher) cachedFile(cs []chunk) bool {
 	for k := range cs {
 		if !f.cache.Has(cs[k].dgst()) {

@@ -618,10 +618,8 @@ func (f *fetcher) readAt(ctx context.Context, cs []chunk, size int64, p []byte, 
 // went missing meanwhile, is cached with another size than the TOC's, or
 // cannot be read (load reports why).
 func (f *fetcher) readCached(need, want []chunk, p []byte, off, end int64) (n int, ok bool) {
-	for k := range want {
-		if !f.cache.Has(want[k].dgst()) {
-			return 0, false
-		}
+	if !f.cachedFile(want) {
+		return 0, false
 	}
 	for k := range need {
 		c := &need[k]
