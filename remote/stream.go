@@ -97,7 +97,10 @@ func (s *stream) produce(ctx context.Context) {
 		}
 		end := min(off+step, size)
 		if int64(cap(buf)) < end-off {
-			buf = make([]byte, min(step, size))
+			// Pages of a mapped buffer a small blob leaves untouched
+			// take no memory.
+			freeRangeBuf(buf)
+			buf = newRangeBuf(int(step))
 		}
 		p := &part{off: off, end: end, buf: buf[:end-off], done: make(chan struct{})}
 		s.wg.Add(1)
@@ -220,19 +223,22 @@ func (s *stream) Close() error {
 	return nil
 }
 
-// dropBuffers replaces the free buffers with nil, for the garbage collector
-// to take once no stream is open; the next streams allocate them again. A
-// stream opened meanwhile may take a buffer first: then fewer are dropped.
+// dropBuffers frees the free buffers and puts nil in their place once no
+// stream is open; the next streams allocate them again. A stream opened
+// meanwhile may take a buffer first: then fewer are dropped.
 func (r *Resolver) dropBuffers() {
-	n := 0
+	var taken [][]byte
 	for range cap(r.bufs) {
 		select {
-		case <-r.bufs:
-			n++
+		case b := <-r.bufs:
+			taken = append(taken, b)
 		default:
 		}
 	}
-	for range n {
+	for range taken {
 		r.bufs <- nil
+	}
+	for _, b := range taken {
+		freeRangeBuf(b)
 	}
 }
