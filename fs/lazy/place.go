@@ -239,7 +239,8 @@ func (l *Layer) PlaceNow(ctx context.Context, tmp string, names ...string) error
 	if place == "" {
 		return errors.New("place files: the layer has no place for them")
 	}
-	var errs []error
+	var todo []string
+	var nums []uint32
 	for _, name := range names {
 		num, ok := l.ix.lookupPath(name)
 		if !ok {
@@ -252,6 +253,18 @@ func (l *Layer) PlaceNow(ctx context.Context, tmp string, names ...string) error
 		if _, err := os.Lstat(filepath.Join(place, name)); err == nil {
 			continue
 		}
+		todo, nums = append(todo, name), append(nums, num)
+	}
+	// The files' chunks in as few requests as a replay makes (one for
+	// files near each other, as /etc/passwd and /etc/group are), at once;
+	// reading them one after the other took a round trip each. What this
+	// fails to fetch, the reads below fetch again and report.
+	if groups := l.f.replayPlan(l.ix, nums); len(groups) > 0 {
+		_ = l.f.fetchGroups(ctx, groups)
+	}
+	var errs []error
+	for i, name := range todo {
+		e := &l.ix.entries[nums[i]]
 		buf := make([]byte, e.size)
 		n, err := l.f.readAt(ctx, l.ix.fileChunks(e), e.size, buf, 0, 0)
 		if err != nil && n < len(buf) {
