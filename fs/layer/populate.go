@@ -137,9 +137,11 @@ func (m *Manager) populate(ll *Lazy, local func(context.Context) error) {
 		return
 	}
 	bad, noSpace := 0, false
+	var staging string
 	for backoff := time.Second; ; backoff = min(backoff*2, 5*time.Minute) {
 		ll.state.Store(statePopulating)
-		err := m.populateOnce(ctx, ll, local)
+		var err error
+		staging, err = m.populateOnce(ctx, ll, local)
 		if err == nil {
 			break
 		}
@@ -185,6 +187,9 @@ func (m *Manager) populate(ll *Lazy, local func(context.Context) error) {
 			"(first opened before they were local): they read through the daemon until the kernel evicts them, " +
 			"so they need a daemon (a restarted one serves them); every other file reads natively")
 	}
+	if err := os.RemoveAll(staging); err != nil {
+		log.G(ctx).WithError(err).Warn("cannot remove the staging directory of a local layer")
+	}
 	// Containers that were handed the FUSE mount just before the swap may
 	// not have mounted their overlay yet: give them time before detaching.
 	select {
@@ -206,42 +211,51 @@ func (ll *Lazy) fail(err error) {
 
 // populateOnce downloads and verifies ll into a staging tree, moves it into
 // dir/fs and records the layer local.
-func (m *Manager) populateOnce(ctx context.Context, ll *Lazy, local func(context.Context) error) error {
+//
+// On success it returns the staging directory, left for the caller to
+// remove once the layer is reported local: what is left in it (the names
+// of files now placed, emptied directories) took 0.1 s to remove for
+// python's base layer. New clears what a crash leaves there.
+func (m *Manager) populateOnce(ctx context.Context, ll *Lazy, local func(context.Context) error) (_ string, err error) {
 	staging, err := os.MkdirTemp(m.cfg.Staging, "populate-")
 	if err != nil {
-		return err
+		return "", err
 	}
-	defer os.RemoveAll(staging)
+	defer func() {
+		if err != nil {
+			os.RemoveAll(staging)
+		}
+	}()
 	if err := os.Chmod(staging, 0o755); err != nil {
-		return err
+		return "", err
 	}
 	tree := filepath.Join(ll.dir, "fs")
 	if ll.native {
 		if err := ll.layer.PopulateInto(ctx, staging, m.placeDir(ll.dir), m.cfg.Populate); err != nil {
-			return err
+			return "", err
 		}
 		if err := m.linkTree(ll.dir); err != nil {
-			return err
+			return "", err
 		}
 		tree = m.placeDir(ll.dir)
 	} else {
 		if err := ll.layer.Populate(ctx, staging, m.cfg.Populate); err != nil {
-			return err
+			return "", err
 		}
 		// A daemon that died between moving a tree here and recording
 		// the layer local left one: a lazy layer's fs/ is in no
 		// overlay, so it can go.
 		if err := emptyDir(tree); err != nil {
-			return err
+			return "", err
 		}
 		if err := moveTree(staging, tree); err != nil {
-			return err
+			return "", err
 		}
 	}
 	if err := local(ctx); err != nil {
 		// The tree is complete; without the record new containers keep
 		// the FUSE mount, which stays correct.
-		return err
+		return "", err
 	}
 	ll.layer.SetLocal(tree)
 	if err := m.cfg.Lazy.Cache.Delete(ll.layer.Chunks()...); err != nil {
@@ -252,7 +266,7 @@ func (m *Manager) populateOnce(ctx context.Context, ll *Lazy, local func(context
 	}
 	// The TOC stays until the FUSE mount retired: a daemon that follows
 	// a restart or crash serves the mount's connection with it.
-	return nil
+	return staging, nil
 }
 
 // retire detaches a local layer's FUSE mount; its server answers the
