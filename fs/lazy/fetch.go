@@ -382,16 +382,12 @@ const maxParallel = 4
 
 // span returns how many of the sorted chunks cs one request should cover:
 // chunks whose compressed streams touch, up to maxSpan bytes.
-func (f *fetcher) span(cs []chunk) int { return f.spanUpTo(cs, f.maxSpan) }
-
-// spanUpTo is span with limit bytes instead of maxSpan (a first chunk
-// larger than limit is a request of its own).
-func (f *fetcher) spanUpTo(cs []chunk, limit int64) int {
+func (f *fetcher) span(cs []chunk) int {
 	start, end := cs[0].offset, cs[0].end
 	n := 1
 	for ; n < len(cs); n++ {
 		c := cs[n]
-		if c.offset > end || c.end-start > limit {
+		if c.offset > end || c.end-start > f.maxSpan {
 			break
 		}
 		end = max(end, c.end)

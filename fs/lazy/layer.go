@@ -20,7 +20,6 @@ import (
 	"github.com/hanwen/go-fuse/v2/fuse"
 	"github.com/opencontainers/go-digest"
 	ocispec "github.com/opencontainers/image-spec/specs-go/v1"
-	"golang.org/x/sync/errgroup"
 	"golang.org/x/sys/unix"
 
 	"github.com/lazylayer/lazylayer/cache"
@@ -685,18 +684,6 @@ func (l *Layer) Leave() {
 	l.server = nil
 }
 
-// Prefetch pieces: the prioritized files are in the order a container
-// opens them, and a read waits for the whole request that carries its
-// chunks, so they come in pieces of prefetchPiece bytes, in blob order,
-// prefetchDepth requests at a time (the next one asked for while the
-// link is busy with the one before): the files opened first are readable
-// after their piece, not after the whole region, and the container runs
-// while the rest arrives.
-const (
-	prefetchPiece = 1 << 20
-	prefetchDepth = 2
-)
-
 // prefetch fetches the chunks of the files eStargz placed before its
 // prefetch landmark, in blob order.
 func (l *Layer) prefetch(ctx context.Context) {
@@ -711,22 +698,15 @@ func (l *Layer) prefetch(ctx context.Context) {
 	}
 	sort.Slice(cs, func(i, j int) bool { return cs[i].offset < cs[j].offset })
 	start := time.Now()
-	g, gctx := errgroup.WithContext(ctx)
-	g.SetLimit(prefetchDepth)
-	for len(cs) > 0 && gctx.Err() == nil {
-		n := l.f.spanUpTo(cs, min(prefetchPiece, l.f.maxSpan))
-		piece := cs[:n]
-		cs = cs[n:]
-		g.Go(func() error {
-			_, err := l.f.load(gctx, piece)
-			return err
-		})
-	}
-	if err := g.Wait(); err != nil {
-		if ctx.Err() == nil {
-			log.G(ctx).WithError(err).WithField("layer", l.desc.Digest).Warn("prefetch of prioritized files failed")
+	for len(cs) > 0 {
+		n := l.f.span(cs)
+		if _, err := l.f.load(ctx, cs[:n]); err != nil {
+			if ctx.Err() == nil {
+				log.G(ctx).WithError(err).WithField("layer", l.desc.Digest).Warn("prefetch of prioritized files failed")
+			}
+			return
 		}
-		return
+		cs = cs[n:]
 	}
 	log.G(ctx).WithField("layer", l.desc.Digest).WithField("elapsed", time.Since(start).Round(time.Millisecond)).
 		Debug("prioritized files fetched")

@@ -292,7 +292,7 @@ func TestNativeCraftedTOC(t *testing.T) {
 }
 
 // blobOf returns the eStargz blob of a tar of entries and its descriptor.
-func blobOf(t *testing.T, entries []tarEntry, opts ...estargz.Option) ([]byte, ocispec.Descriptor) {
+func blobOf(t *testing.T, entries []tarEntry) ([]byte, ocispec.Descriptor) {
 	t.Helper()
 	var buf bytes.Buffer
 	tw := tar.NewWriter(&buf)
@@ -306,7 +306,7 @@ func blobOf(t *testing.T, entries []tarEntry, opts ...estargz.Option) ([]byte, o
 		tw.Write(e.body)
 	}
 	tw.Close()
-	rc, err := estargz.Build(io.NewSectionReader(bytes.NewReader(buf.Bytes()), 0, int64(buf.Len())), opts...)
+	rc, err := estargz.Build(io.NewSectionReader(bytes.NewReader(buf.Bytes()), 0, int64(buf.Len())))
 	if err != nil {
 		t.Fatal(err)
 	}
