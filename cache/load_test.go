@@ -462,3 +462,30 @@ func BenchmarkLoadHit(b *testing.B) {
 		}
 	}
 }
+
+// TestFetching: a chunk is reported as being fetched while a Load's fetch
+// of it is under way, and not before or after.
+func TestFetching(t *testing.T) {
+	src, ds := newSource(2, 1000)
+	s := openStore(t, t.TempDir(), 0)
+	if s.Fetching(ds[0]) {
+		t.Fatal("a chunk no Load asked for is reported as being fetched")
+	}
+	release, fetcher := blockedFetch(t, s, t.Context(), ds[:1], src.fetch)
+	if !s.Fetching(ds[0]) {
+		t.Error("a chunk whose fetch is under way is not reported as being fetched")
+	}
+	if s.Fetching(ds[1]) {
+		t.Error("a chunk nobody fetches is reported as being fetched")
+	}
+	close(release)
+	if err := <-fetcher; err != nil {
+		t.Fatalf("fetching Load: %v", err)
+	}
+	if s.Fetching(ds[0]) {
+		t.Error("a chunk fetched and stored is still reported as being fetched")
+	}
+	if s.Fetching("sha256:nonsense") {
+		t.Error("a malformed digest is reported as being fetched")
+	}
+}

@@ -343,6 +343,19 @@ func (s *Store) Has(d digest.Digest) bool {
 	return ok
 }
 
+// Fetching reports whether a Load is fetching chunk d now: a Load that
+// asks for it waits until that fetch completes.
+func (s *Store) Fetching(d digest.Digest) bool {
+	k, err := parseKey(d)
+	if err != nil {
+		return false
+	}
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	_, ok := s.inflight[k]
+	return ok
+}
+
 // Delete removes the chunks ds from the store; chunks it does not hold are
 // ignored. If one digest is malformed, nothing is removed. A chunk that a Load
 // is fetching is stored when the fetch completes, even if Delete ran meanwhile.

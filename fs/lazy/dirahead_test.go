@@ -3,6 +3,7 @@ package lazy
 import (
 	"archive/tar"
 	"bytes"
+	"context"
 	"fmt"
 	"os"
 	"path/filepath"
@@ -108,5 +109,59 @@ func TestNoDirectoryReadAheadWhenExact(t *testing.T) {
 	readBack(t, mnt, files, "d/f021")
 	if blob.requests.Load() == before {
 		t.Error("d/f021 was read without a request: something read it ahead")
+	}
+}
+
+// TestReadDoesNotWaitForOthersFetches: a read brings its file's neighbours
+// in the blob along, but not those another load is fetching (a directory
+// read-ahead, say): it returns once its own bytes are here, not when that
+// load's request ends.
+func TestReadDoesNotWaitForOthersFetches(t *testing.T) {
+	// Requests of up to 64 KiB: a read of d/f010 (10 KiB) brings d/f011
+	// and the next few along.
+	l, blob, files := dirsLayer(t, Options{MinRequest: 64 << 10, MaxRequest: 64 << 10})
+	next := chunksOf(t, l, "d/f011")
+	hold := &blobHold{from: next[0].offset, to: next[len(next)-1].end, release: make(chan struct{})}
+	blob.hold.Store(hold)
+	released := false
+	release := func() {
+		if !released {
+			released = true
+			close(hold.release)
+		}
+	}
+	t.Cleanup(release)
+
+	// Another load fetches d/f011: its request waits until released.
+	other := make(chan error, 1)
+	go func() {
+		_, err := l.f.load(context.Background(), next)
+		other <- err
+	}()
+	for !l.f.cache.Fetching(next[0].dgst()) {
+		select {
+		case err := <-other:
+			t.Fatalf("the other load returned before its request was released: %v", err)
+		case <-time.After(time.Millisecond):
+		}
+	}
+
+	own := chunksOf(t, l, "d/f010")
+	want := files["d/f010"]
+	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
+	defer cancel()
+	p := make([]byte, len(want))
+	n, err := l.f.readAt(ctx, own, int64(len(want)), p, 0, 0)
+	if err != nil || !bytes.Equal(p[:n], want) {
+		t.Fatalf("read of d/f010 while d/f011 is being fetched: %d bytes, %v", n, err)
+	}
+	select {
+	case err := <-other:
+		t.Fatalf("the other load returned before its request was released: %v", err)
+	default:
+	}
+	release()
+	if err := <-other; err != nil {
+		t.Fatalf("the other load: %v", err)
 	}
 }

@@ -554,6 +554,26 @@ func (f *fetcher) reach() int64 {
 	return f.act.link.bdp(f.minSpan, max(f.minSpan, min(maxReach, f.maxSpan)))
 }
 
+// notFetching returns want without the chunks past its first n (those a
+// read needs) that another load is fetching: they come anyway, and a read
+// that asked for them would wait for all of that load's request, such as
+// a directory read-ahead's, before it returns.
+func (f *fetcher) notFetching(want []chunk, n int) []chunk {
+	for k := n; k < len(want); k++ {
+		if !f.cache.Fetching(want[k].dgst()) {
+			continue
+		}
+		out := slices.Clone(want[:k])
+		for _, c := range want[k+1:] {
+			if !f.cache.Fetching(c.dgst()) {
+				out = append(out, c)
+			}
+		}
+		return out
+	}
+	return want
+}
+
 // maxWholeFile bounds the compressed size of a file a read fetches whole.
 const maxWholeFile = 4 << 20
 
@@ -584,7 +604,7 @@ func (f *fetcher) readAt(ctx context.Context, cs []chunk, size int64, p []byte, 
 	if n, ok := f.readCached(cs[i:need], cs[i:need], p, off, end); ok {
 		return n, nil
 	}
-	want := f.plan(cs, i, j)
+	want := f.notFetching(f.plan(cs, i, j), need-i)
 	bufs, err := f.load(ctx, want)
 	if errors.Is(err, errRetrying) && len(want) > need-i {
 		// The chunks that timed out a moment ago may be only the ones

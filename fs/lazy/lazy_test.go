@@ -82,21 +82,21 @@ type testBlob struct {
 	served   atomic.Int64
 	down     atomic.Bool // answer every request with an error
 	corrupt  atomic.Bool // flip bytes in what is served past the footer
-	// hold, if set, keeps requests for bytes at or past hold.from waiting
-	// until hold.release is closed.
+	// hold, if set, keeps requests for bytes at or past hold.from (and
+	// before hold.to, if set) waiting until hold.release is closed.
 	hold atomic.Pointer[blobHold]
 }
 
 type blobHold struct {
-	from    int64
-	release chan struct{}
+	from, to int64
+	release  chan struct{}
 }
 
 var errDown = errors.New("registry down (test)")
 
 func (b *testBlob) ReadRange(ctx context.Context, off, n int64) (io.ReadCloser, error) {
 	b.requests.Add(1)
-	if h := b.hold.Load(); h != nil && off+n > h.from {
+	if h := b.hold.Load(); h != nil && off+n > h.from && (h.to == 0 || off < h.to) {
 		select {
 		case <-h.release:
 		case <-ctx.Done():
