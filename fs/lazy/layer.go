@@ -588,6 +588,7 @@ func (l *Layer) mount(ctx context.Context, mountpoint, prefix string, resumeOnly
 		defer close(prefetched)
 		l.replay(bg)
 		l.prefetch(bg)
+		l.fetchStartFiles(bg)
 	}()
 	go func() {
 		defer close(aheadDone)
