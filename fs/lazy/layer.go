@@ -274,7 +274,7 @@ func ReadTOC(ra io.ReaderAt, desc ocispec.Descriptor, tocDigest digest.Digest) (
 // recording what it read.
 func openTOC(ra io.ReaderAt, desc ocispec.Descriptor, tocDigest digest.Digest) (*Recorded, *index, estargz.Decompressor, error) {
 	var (
-		dec  estargz.Decompressor = new(estargz.GzipDecompressor)
+		dec  estargz.Decompressor = new(gzipDecompressor)
 		opts []estargz.OpenOption
 	)
 	if desc.MediaType == ocispec.MediaTypeImageLayerZstd {

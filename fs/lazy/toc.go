@@ -7,6 +7,7 @@ import (
 	"io"
 
 	"github.com/containerd/stargz-snapshotter/estargz"
+	"github.com/klauspost/compress/gzip"
 	"github.com/opencontainers/go-digest"
 )
 
@@ -246,3 +247,13 @@ func (s *streamedTOC) ParseTOC(io.Reader) (*estargz.JTOC, digest.Digest, error) 
 	s.toc = nil // estargz keeps it; this one need not
 	return toc, s.dgst, nil
 }
+
+// gzipDecompressor is estargz's gzip decompressor with its chunk streams
+// read by klauspost/compress's gzip, which takes about a third less CPU
+// time than the standard library's (python's 52 MB base layer: 0.48-0.49 s
+// against 0.68-0.75 s): every lazy read decompresses what it fetches, on
+// the path of a starting container.
+type gzipDecompressor struct{ estargz.GzipDecompressor }
+
+// Reader returns a reader of the gzip stream r.
+func (*gzipDecompressor) Reader(r io.Reader) (io.ReadCloser, error) { return gzip.NewReader(r) }
