@@ -4,6 +4,7 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"sync"
 
 	"github.com/opencontainers/go-digest"
 )
@@ -11,9 +12,16 @@ import (
 // FetchFunc fetches the chunks missing from a store, for Load. It returns the
 // bytes of each chunk by digest; it may merge the chunks into as few requests
 // as it likes. It may return the chunks it got together with an error for the
-// rest. Load verifies every chunk it returns and keeps the slices, so fetch
-// must not reuse them. fetch must return when ctx is done.
-type FetchFunc func(ctx context.Context, missing []digest.Digest) (map[digest.Digest][]byte, error)
+// rest. It may also hand each chunk to deliver as soon as it has its bytes,
+// before it returns (from any goroutine, until it returns): Load then
+// verifies and stores it and wakes the Loads waiting for it at once, instead
+// of when the whole fetch is over. Load verifies every chunk it is given and
+// keeps the slices, so fetch must not reuse them. fetch must return when ctx
+// is done.
+type FetchFunc func(ctx context.Context, missing []digest.Digest, deliver Deliver) (map[digest.Digest][]byte, error)
+
+// Deliver hands a chunk's bytes to Load before its FetchFunc returns.
+type Deliver func(d digest.Digest, b []byte)
 
 // call is a chunk that one Load is fetching and others may wait for. b and
 // err are set before done is closed and never change after.
@@ -58,23 +66,11 @@ var errFetchPanicked = errors.New("fetch panicked")
 // memory, least recently used out first, tries the disk again every 30
 // seconds, and logs once when this starts and once when it ends.
 func (s *Store) Load(ctx context.Context, ds []digest.Digest, fetch FetchFunc) ([][]byte, error) {
-	keys := make([]key, len(ds))
-	for i, d := range ds {
-		k, err := parseKey(d)
-		if err != nil {
-			return nil, fmt.Errorf("load chunks: %w", err)
-		}
-		keys[i] = k
+	keys, pending, err := parseKeys(ds)
+	if err != nil {
+		return nil, err
 	}
 	l := loader{s: s, got: make(map[key][]byte, len(keys))}
-	pending := make([]key, 0, len(keys))
-	seen := make(map[key]struct{}, len(keys))
-	for _, k := range keys {
-		if _, ok := seen[k]; !ok {
-			seen[k] = struct{}{}
-			pending = append(pending, k)
-		}
-	}
 	for len(pending) > 0 {
 		if err := ctx.Err(); err != nil {
 			return nil, fmt.Errorf("load chunks: %w", err)
@@ -95,6 +91,99 @@ func (s *Store) Load(ctx context.Context, ds []digest.Digest, fetch FetchFunc) (
 		out[i] = l.got[k]
 	}
 	return out, nil
+}
+
+// LoadFirst is Load for a caller that needs only the first n chunks of ds
+// now and asks for the others to have them soon: a read that brings along
+// what follows it in the blob, or the rest of its file. It returns once
+// the first n are there, with their bytes (and those of any other chunk of
+// ds that was at hand; nil for the rest), while the chunks it fetches go on
+// arriving: its fetch runs under bg rather than ctx, after LoadFirst
+// returned, and stores them and hands them to the Loads waiting for them
+// as Load does. With fetch delivering chunks as they come (see FetchFunc),
+// a read waits for its own chunks only, not for all of its request.
+func (s *Store) LoadFirst(ctx, bg context.Context, ds []digest.Digest, n int, fetch FetchFunc) ([][]byte, error) {
+	n = min(max(n, 0), len(ds))
+	keys, pending, err := parseKeys(ds)
+	if err != nil {
+		return nil, err
+	}
+	l := loader{s: s, got: make(map[key][]byte, len(keys))}
+	if err := ctx.Err(); err != nil {
+		return nil, fmt.Errorf("load chunks: %w", err)
+	}
+	if err := l.resolve(pending); err != nil {
+		return nil, err
+	}
+	calls := make(map[key]*call, len(l.claims)+len(l.waits))
+	for _, f := range l.waits {
+		calls[f.key] = f.call
+	}
+	for _, f := range l.claims {
+		calls[f.key] = f.call
+	}
+	l.waits = nil
+	if claims := l.claims; len(claims) > 0 {
+		l.claims = nil
+		go s.fetchClaims(bg, claims, fetch)
+	}
+	// The first n: at hand, or awaited; those whose fetch was given up
+	// are loaded again.
+	var again []digest.Digest
+	for _, k := range keys[:n] {
+		if _, ok := l.got[k]; ok {
+			continue
+		}
+		c := calls[k]
+		select {
+		case <-c.done:
+		case <-ctx.Done():
+			return nil, fmt.Errorf("wait for chunk %s: %w", k, ctx.Err())
+		}
+		switch {
+		case c.err == nil:
+			l.got[k] = c.b
+		case errors.Is(c.err, errAbandoned), errors.Is(c.err, errFetchPanicked):
+			again = append(again, k.digest())
+			l.got[k] = nil
+		default:
+			return nil, c.err
+		}
+	}
+	if len(again) > 0 {
+		bufs, err := s.Load(ctx, again, fetch)
+		if err != nil {
+			return nil, err
+		}
+		for i, d := range again {
+			k, _ := parseKey(d)
+			l.got[k] = bufs[i]
+		}
+	}
+	out := make([][]byte, len(keys))
+	for i, k := range keys {
+		out[i] = l.got[k]
+	}
+	return out, nil
+}
+
+// parseKeys returns the keys of ds, and each of them once.
+func parseKeys(ds []digest.Digest) (keys, unique []key, err error) {
+	keys = make([]key, len(ds))
+	unique = make([]key, 0, len(ds))
+	seen := make(map[key]struct{}, len(ds))
+	for i, d := range ds {
+		k, err := parseKey(d)
+		if err != nil {
+			return nil, nil, fmt.Errorf("load chunks: %w", err)
+		}
+		keys[i] = k
+		if _, ok := seen[k]; !ok {
+			seen[k] = struct{}{}
+			unique = append(unique, k)
+		}
+	}
+	return keys, unique, nil
 }
 
 // loader is the state of one Load.
@@ -192,59 +281,99 @@ func (l *loader) release() {
 	l.claims = nil
 }
 
-// fetch fetches the claimed chunks with one call of fetch, verifies and
-// stores what it returns, and completes every claim, also if fetch panics.
-// It returns the error of the first chunk that failed.
+// fetch fetches the claimed chunks with one call of fetch (see fetchClaims)
+// and keeps their bytes. It returns the error of the first chunk that
+// failed.
 func (l *loader) fetch(ctx context.Context, fetch FetchFunc) error {
 	claims := l.claims
 	l.claims = nil
 	if len(claims) == 0 {
 		return nil
 	}
-	missing := make([]digest.Digest, len(claims))
-	for i, c := range claims {
-		missing[i] = c.key.digest()
-	}
-	completed := 0
-	defer func() {
-		for _, c := range claims[completed:] { // fetch panicked
-			l.s.complete(c, nil, errFetchPanicked)
-		}
-	}()
-	got, ferr := fetch(ctx, missing)
-	abandoned := ferr != nil && ctx.Err() != nil
-
+	errs := l.s.fetchClaims(ctx, claims, fetch)
 	var first error
 	for i, c := range claims {
-		b, ok := got[missing[i]]
-		var err, shared error
-		switch {
-		case ok:
-			if err = verify(c.key, b); err == nil {
-				l.s.keep(ctx, c.key, b)
-				l.got[c.key] = b
-			}
-			shared = err
-		case ferr != nil:
+		if errs[i] == nil {
+			l.got[c.key] = c.call.b
+		} else if first == nil {
+			first = errs[i]
+		}
+	}
+	return first
+}
+
+// fetchClaims fetches the chunks claims with one call of fetch, verifies
+// and stores each as fetch delivers or returns it, and completes every
+// claim, also if fetch panics. It returns each claim's error.
+func (s *Store) fetchClaims(ctx context.Context, claims []flight, fetch FetchFunc) []error {
+	missing := make([]digest.Digest, len(claims))
+	index := make(map[digest.Digest]int, len(claims))
+	for i, c := range claims {
+		missing[i] = c.key.digest()
+		index[missing[i]] = i
+	}
+	var mu sync.Mutex
+	errs := make([]error, len(claims))
+	completed := make([]bool, len(claims)) // guarded by mu
+	// finish completes claim i, unless it is already; b is nil if err is
+	// not.
+	finish := func(i int, b []byte, err, shared error) {
+		mu.Lock()
+		defer mu.Unlock()
+		if completed[i] {
+			return
+		}
+		completed[i], errs[i] = true, err
+		s.complete(claims[i], b, shared)
+	}
+	isCompleted := func(i int) bool {
+		mu.Lock()
+		defer mu.Unlock()
+		return completed[i]
+	}
+	// verified verifies and stores the bytes b of claim i and completes it.
+	verified := func(i int, b []byte) {
+		if isCompleted(i) {
+			return
+		}
+		err := verify(claims[i].key, b)
+		if err == nil {
+			s.keep(ctx, claims[i].key, b)
+		} else {
+			b = nil
+		}
+		finish(i, b, err, err)
+	}
+	deliver := func(d digest.Digest, b []byte) {
+		if i, ok := index[d]; ok {
+			verified(i, b)
+		}
+	}
+	defer func() {
+		for i := range claims { // fetch panicked, or the claim is complete
+			finish(i, nil, errFetchPanicked, errFetchPanicked)
+		}
+	}()
+	got, ferr := fetch(ctx, missing, deliver)
+	abandoned := ferr != nil && ctx.Err() != nil
+
+	for i, c := range claims {
+		if b, ok := got[missing[i]]; ok {
+			verified(i, b)
+			continue
+		}
+		err := fmt.Errorf("fetch chunk %s: %w", c.key, errNotReturned)
+		shared := err
+		if ferr != nil {
 			err = fmt.Errorf("fetch chunk %s: %w", c.key, ferr)
 			shared = err
 			if abandoned {
 				shared = errAbandoned
 			}
-		default:
-			err = fmt.Errorf("fetch chunk %s: %w", c.key, errNotReturned)
-			shared = err
 		}
-		if err != nil {
-			b = nil
-		}
-		l.s.complete(c, b, shared)
-		completed++
-		if first == nil {
-			first = err
-		}
+		finish(i, nil, err, shared)
 	}
-	return first
+	return errs
 }
 
 // complete ends a fetch of chunk c.key: it hands b or err to the Loads waiting

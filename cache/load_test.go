@@ -33,7 +33,7 @@ func newSource(n, size int) (*source, []digest.Digest) {
 	return src, ds
 }
 
-func (src *source) fetch(ctx context.Context, missing []digest.Digest) (map[digest.Digest][]byte, error) {
+func (src *source) fetch(ctx context.Context, missing []digest.Digest, _ Deliver) (map[digest.Digest][]byte, error) {
 	src.mu.Lock()
 	defer src.mu.Unlock()
 	src.calls++
@@ -70,7 +70,7 @@ func (src *source) checkLoaded(t testing.TB, ds []digest.Digest, got [][]byte) {
 
 // noFetch is a fetch function that fails the test if called.
 func noFetch(t testing.TB) FetchFunc {
-	return func(_ context.Context, missing []digest.Digest) (map[digest.Digest][]byte, error) {
+	return func(_ context.Context, missing []digest.Digest, _ Deliver) (map[digest.Digest][]byte, error) {
 		t.Errorf("fetch called for %v", missing)
 		return nil, errors.New("unexpected fetch")
 	}
@@ -119,9 +119,9 @@ func TestLoad(t *testing.T) {
 				load = append(load, ds[i])
 			}
 			var asked [][]digest.Digest
-			fetch := func(ctx context.Context, missing []digest.Digest) (map[digest.Digest][]byte, error) {
+			fetch := func(ctx context.Context, missing []digest.Digest, _ Deliver) (map[digest.Digest][]byte, error) {
 				asked = append(asked, missing)
-				return src.fetch(ctx, missing)
+				return src.fetch(ctx, missing, nil)
 			}
 			got, err := s.Load(t.Context(), load, fetch)
 			if err != nil {
@@ -156,9 +156,9 @@ func TestLoadConcurrent(t *testing.T) {
 		mustPut(t, s, ds[i], src.chunks[ds[i]])
 	}
 	// A fetch that takes a while, so that Loads overlap.
-	fetch := func(ctx context.Context, missing []digest.Digest) (map[digest.Digest][]byte, error) {
+	fetch := func(ctx context.Context, missing []digest.Digest, _ Deliver) (map[digest.Digest][]byte, error) {
 		time.Sleep(time.Millisecond)
-		return src.fetch(ctx, missing)
+		return src.fetch(ctx, missing, nil)
 	}
 	start := make(chan struct{})
 	var wg sync.WaitGroup
@@ -228,7 +228,7 @@ func TestLoadBadFetch(t *testing.T) {
 	for _, tt := range tests {
 		t.Run(tt.name, func(t *testing.T) {
 			s := openStore(t, t.TempDir(), 0)
-			fetch := func(_ context.Context, missing []digest.Digest) (map[digest.Digest][]byte, error) {
+			fetch := func(_ context.Context, missing []digest.Digest, _ Deliver) (map[digest.Digest][]byte, error) {
 				return tt.reply(missing)
 			}
 			got, err := s.Load(t.Context(), []digest.Digest{good, bad}, fetch)
@@ -264,16 +264,16 @@ func TestLoadBadFetch(t *testing.T) {
 // closed, then returns reply's answer. It returns once the Load is fetching,
 // and a channel with the Load's error.
 func blockedFetch(t *testing.T, s *Store, ctx context.Context, ds []digest.Digest,
-	reply func(ctx context.Context, missing []digest.Digest) (map[digest.Digest][]byte, error),
+	reply FetchFunc,
 ) (release chan struct{}, result chan error) {
 	t.Helper()
 	release = make(chan struct{})
 	result = make(chan error, 1)
 	fetching := make(chan struct{})
-	fetch := func(ctx context.Context, missing []digest.Digest) (map[digest.Digest][]byte, error) {
+	fetch := func(ctx context.Context, missing []digest.Digest, deliver Deliver) (map[digest.Digest][]byte, error) {
 		close(fetching)
 		<-release
-		return reply(ctx, missing)
+		return reply(ctx, missing, deliver)
 	}
 	go func() {
 		_, err := s.Load(ctx, ds, fetch)
@@ -289,7 +289,7 @@ func TestLoadWaitersShareError(t *testing.T) {
 	src, ds := newSource(2, 1000)
 	s := openStore(t, t.TempDir(), 0)
 	errBoom := errors.New("boom")
-	release, fetcher := blockedFetch(t, s, t.Context(), ds, func(context.Context, []digest.Digest) (map[digest.Digest][]byte, error) {
+	release, fetcher := blockedFetch(t, s, t.Context(), ds, func(context.Context, []digest.Digest, Deliver) (map[digest.Digest][]byte, error) {
 		return nil, errBoom
 	})
 	const waiters = 5
@@ -351,7 +351,7 @@ func TestLoadFetcherGivesUp(t *testing.T) {
 	src, ds := newSource(3, 1000)
 	s := openStore(t, t.TempDir(), 0)
 	ctx, cancel := context.WithCancel(t.Context())
-	release, fetcher := blockedFetch(t, s, ctx, ds[:2], func(ctx context.Context, _ []digest.Digest) (map[digest.Digest][]byte, error) {
+	release, fetcher := blockedFetch(t, s, ctx, ds[:2], func(ctx context.Context, _ []digest.Digest, _ Deliver) (map[digest.Digest][]byte, error) {
 		<-ctx.Done()
 		return nil, ctx.Err()
 	})
@@ -389,7 +389,7 @@ func TestLoadFetchPanics(t *testing.T) {
 	fetching := make(chan struct{})
 	go func() {
 		defer func() { panicked <- recover() }()
-		_, _ = s.Load(t.Context(), ds, func(context.Context, []digest.Digest) (map[digest.Digest][]byte, error) {
+		_, _ = s.Load(t.Context(), ds, func(context.Context, []digest.Digest, Deliver) (map[digest.Digest][]byte, error) {
 			close(fetching)
 			<-release
 			panic("fetch broke")
@@ -487,5 +487,142 @@ func TestFetching(t *testing.T) {
 	}
 	if s.Fetching("sha256:nonsense") {
 		t.Error("a malformed digest is reported as being fetched")
+	}
+}
+
+// TestLoadDelivered checks that a chunk fetch hands over before it returns
+// reaches the Loads waiting for it at once, verified and stored, and that
+// bytes that do not verify reach none of them.
+func TestLoadDelivered(t *testing.T) {
+	src, ds := newSource(3, 1000)
+	s := openStore(t, t.TempDir(), 0)
+	fetching, deliverNow, release := make(chan struct{}), make(chan struct{}), make(chan struct{})
+	fetched := make(chan error, 1)
+	go func() {
+		got, err := s.Load(t.Context(), ds, func(_ context.Context, missing []digest.Digest, deliver Deliver) (map[digest.Digest][]byte, error) {
+			close(fetching)
+			<-deliverNow
+			deliver(ds[0], src.chunks[ds[0]])
+			deliver(ds[1], src.chunks[ds[0]]) // wrong bytes
+			<-release
+			return map[digest.Digest][]byte{ds[1]: src.chunks[ds[1]], ds[2]: src.chunks[ds[2]]}, nil
+		})
+		if err == nil {
+			err = errors.New("the Load succeeded with wrong bytes for a chunk")
+		}
+		if got != nil {
+			t.Errorf("the fetching Load returned %d chunks with its error", len(got))
+		}
+		fetched <- err
+	}()
+	<-fetching
+	type result struct {
+		got [][]byte
+		err error
+	}
+	waiters := make([]chan result, 2)
+	for i := range waiters {
+		waiters[i] = make(chan result, 1)
+		go func() {
+			got, err := s.Load(t.Context(), ds[i:i+1], noFetch(t))
+			waiters[i] <- result{got, err}
+		}()
+	}
+	waitUntil(t, "the Loads wait", misses(s, 3+2))
+	close(deliverNow)
+	for i, w := range waiters {
+		var r result
+		select {
+		case r = <-w:
+		case <-time.After(30 * time.Second):
+			close(release)
+			t.Fatalf("the Load waiting for chunk %d did not return before the fetch did", i)
+		}
+		switch i {
+		case 0:
+			if r.err != nil {
+				t.Fatalf("Load of a delivered chunk: %v", r.err)
+			}
+			src.checkLoaded(t, ds[:1], r.got)
+		case 1:
+			if !errors.Is(r.err, ErrDigestMismatch) {
+				t.Errorf("Load of a chunk delivered with wrong bytes: %v, want %v", r.err, ErrDigestMismatch)
+			}
+		}
+	}
+	checkGet(t, s, ds[0], src.chunks[ds[0]])
+	checkGet(t, s, ds[1], nil)
+	close(release)
+	if err := <-fetched; !errors.Is(err, ErrDigestMismatch) {
+		t.Errorf("the fetching Load: %v, want %v", err, ErrDigestMismatch)
+	}
+	checkGet(t, s, ds[2], src.chunks[ds[2]])
+	checkGet(t, s, ds[1], nil) // its later, right bytes came too late
+	checkDisk(t, s)
+}
+
+// TestLoadFirst checks that LoadFirst returns once its first chunks are
+// there, while the rest of its fetch goes on under bg, also after the
+// caller's ctx is done.
+func TestLoadFirst(t *testing.T) {
+	src, ds := newSource(4, 1000)
+	s := openStore(t, t.TempDir(), 0)
+	mustPut(t, s, ds[3], src.chunks[ds[3]])
+	release := make(chan struct{})
+	var fetchCtx context.Context
+	returned := make(chan struct{})
+	fetch := func(ctx context.Context, missing []digest.Digest, deliver Deliver) (map[digest.Digest][]byte, error) {
+		fetchCtx = ctx
+		deliver(ds[0], src.chunks[ds[0]])
+		<-release
+		defer close(returned)
+		return src.fetch(ctx, missing, nil)
+	}
+	ctx, cancel := context.WithCancel(t.Context())
+	got, err := s.LoadFirst(ctx, t.Context(), ds, 1, fetch)
+	cancel()
+	if err != nil {
+		t.Fatal(err)
+	}
+	if len(got) != len(ds) || !bytes.Equal(got[0], src.chunks[ds[0]]) || got[1] != nil || got[2] != nil ||
+		!bytes.Equal(got[3], src.chunks[ds[3]]) {
+		t.Fatalf("LoadFirst returned %d chunks, not the first and the stored one alone", len(got))
+	}
+	close(release)
+	<-returned
+	if fetchCtx.Err() != nil {
+		t.Errorf("the fetch ran under the caller's ctx: %v", fetchCtx.Err())
+	}
+	got, err = s.Load(t.Context(), ds, noFetch(t)) // waits for the fetch to complete its claims
+	if err != nil {
+		t.Fatal(err)
+	}
+	src.checkLoaded(t, ds, got)
+	if calls, fetched := src.counts(); calls != 1 || fetched[ds[0]] != 1 || fetched[ds[3]] != 0 {
+		t.Errorf("%d fetches, %v; want one, without the stored chunk", calls, fetched)
+	}
+	checkDisk(t, s)
+}
+
+// TestLoadFirstAbandoned checks that LoadFirst loads its first chunks
+// itself when the fetch under bg gives up.
+func TestLoadFirstAbandoned(t *testing.T) {
+	src, ds := newSource(2, 1000)
+	s := openStore(t, t.TempDir(), 0)
+	bg, cancel := context.WithCancel(t.Context())
+	cancel()
+	fetch := func(ctx context.Context, missing []digest.Digest, _ Deliver) (map[digest.Digest][]byte, error) {
+		if err := ctx.Err(); err != nil {
+			return nil, err
+		}
+		return src.fetch(ctx, missing, nil)
+	}
+	got, err := s.LoadFirst(t.Context(), bg, ds, 1, fetch)
+	if err != nil {
+		t.Fatal(err)
+	}
+	src.checkLoaded(t, ds[:1], got[:1])
+	if _, fetched := src.counts(); fetched[ds[0]] != 1 || fetched[ds[1]] != 0 {
+		t.Errorf("fetched %v; want the first chunk once, the second not", fetched)
 	}
 }

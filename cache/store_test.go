@@ -262,7 +262,7 @@ func TestDamagedChunk(t *testing.T) {
 					t.Fatal(err)
 				}
 				fetches := 0
-				fetch := func(context.Context, []digest.Digest) (map[digest.Digest][]byte, error) {
+				fetch := func(context.Context, []digest.Digest, Deliver) (map[digest.Digest][]byte, error) {
 					fetches++
 					return map[digest.Digest][]byte{d: b}, nil
 				}

@@ -165,3 +165,67 @@ func TestReadDoesNotWaitForOthersFetches(t *testing.T) {
 		t.Fatalf("the other load: %v", err)
 	}
 }
+
+// TestReadDoesNotWaitForItsWholeRequest: a read returns once its own
+// chunks have arrived, while what it brings along in the same request is
+// still on its way; that arrives into the cache after, and Close stops
+// such a request.
+func TestReadDoesNotWaitForItsWholeRequest(t *testing.T) {
+	// Requests of 64 KiB: a read of d/f010 (10 KiB) brings d/f011 and
+	// the next few along.
+	l, blob, files := dirsLayer(t, Options{MinRequest: 64 << 10, MaxRequest: 64 << 10})
+	own, next := chunksOf(t, l, "d/f010"), chunksOf(t, l, "d/f011")
+	if next[0].offset < own[len(own)-1].end {
+		t.Fatalf("d/f011 at blob offset %d is not past d/f010", next[0].offset)
+	}
+	read := func(name string, own []chunk) {
+		t.Helper()
+		want := files[name]
+		ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
+		defer cancel()
+		p := make([]byte, len(want))
+		n, err := l.f.readAt(ctx, own, int64(len(want)), p, 0, 0)
+		if err != nil || !bytes.Equal(p[:n], want) {
+			t.Fatalf("read of %s while its request stalls past it: %d bytes, %v", name, n, err)
+		}
+	}
+	fetched := func() bool {
+		for _, c := range next {
+			if !l.f.cache.Has(c.dgst()) {
+				return false
+			}
+		}
+		return true
+	}
+
+	hold := &blobHold{from: next[0].offset, release: make(chan struct{})}
+	blob.stall.Store(hold)
+	read("d/f010", own)
+	if fetched() || !l.f.cache.Fetching(next[0].dgst()) {
+		t.Fatalf("d/f011 is cached (%v) or not being fetched: the read did not bring it along", fetched())
+	}
+	close(hold.release)
+	for !fetched() {
+		time.Sleep(time.Millisecond) // the test's deadline bounds this
+	}
+	if got := blob.requests.Load(); got != 1 {
+		t.Errorf("%d requests, want the read's one", got)
+	}
+
+	// Again for the next file, and the layer closed while the request
+	// stalls: Close stops it.
+	own, next = chunksOf(t, l, "d/f020"), chunksOf(t, l, "d/f021")
+	hold = &blobHold{from: next[0].offset, release: make(chan struct{})}
+	defer close(hold.release)
+	blob.stall.Store(hold)
+	read("d/f020", own)
+	if !l.f.cache.Fetching(next[0].dgst()) {
+		t.Fatal("d/f021 is not being fetched: the read did not bring it along")
+	}
+	if err := l.Close(); err != nil {
+		t.Fatal(err)
+	}
+	if l.f.cache.Fetching(next[0].dgst()) || fetched() {
+		t.Errorf("after Close, d/f021 is still being fetched (%v) or was fetched (%v)", l.f.cache.Fetching(next[0].dgst()), fetched())
+	}
+}

@@ -57,6 +57,52 @@ type fetcher struct {
 	// fetchedAhead, for a layer without a blob copy, keeps what it fetched
 	// for the layer's mount (see ReplayAhead); may be nil.
 	fetchedAhead *Recorded
+
+	// bg is the context of fetches that outlive the read that started
+	// them (see loadFirst), canceled by stopBackground; nil: there are
+	// none.
+	bg       context.Context
+	bgCancel context.CancelFunc
+	bgMu     sync.Mutex
+	bgClosed bool           // guarded by bgMu
+	bgRuns   sync.WaitGroup // fetches under bg; added to under bgMu
+}
+
+// errClosing refuses a fetch that would outlive a read of a layer being
+// closed.
+var errClosing = errors.New("the layer is closing")
+
+// startBackground lets reads leave their fetches running after they
+// return (see loadFirst), until stopBackground.
+func (f *fetcher) startBackground() {
+	f.bg, f.bgCancel = context.WithCancel(context.Background())
+}
+
+// bgStart counts a fetch under f.bg, unless the fetcher is stopping
+// them: then it returns false.
+func (f *fetcher) bgStart() bool {
+	f.bgMu.Lock()
+	defer f.bgMu.Unlock()
+	if f.bgClosed {
+		return false
+	}
+	f.bgRuns.Add(1)
+	return true
+}
+
+func (f *fetcher) bgDone() { f.bgRuns.Done() }
+
+// stopBackground stops the fetches that outlived their reads and waits
+// for them to return.
+func (f *fetcher) stopBackground() {
+	if f.bg == nil {
+		return
+	}
+	f.bgMu.Lock()
+	f.bgClosed = true
+	f.bgMu.Unlock()
+	f.bgCancel()
+	f.bgRuns.Wait()
 }
 
 // Activity tracks the on-demand requests of all the lazy layers that share
@@ -170,16 +216,47 @@ func (f *fetcher) load(ctx context.Context, cs []chunk) ([][]byte, error) {
 
 // loadWith is load with get fetching the missing chunks of cs (f.fetch
 // plans its own requests; a replay's groups are fetched whole).
-func (f *fetcher) loadWith(ctx context.Context, cs []chunk, get func(context.Context, []chunk, []digest.Digest) (map[digest.Digest][]byte, error)) ([][]byte, error) {
+func (f *fetcher) loadWith(ctx context.Context, cs []chunk, get getFunc) ([][]byte, error) {
+	return f.loadFirst(ctx, cs, len(cs), get)
+}
+
+// getFunc fetches the chunks of cs whose digests are missing, handing
+// each to deliver as soon as it has its bytes (see cache.FetchFunc).
+type getFunc func(ctx context.Context, cs []chunk, missing []digest.Digest, deliver cache.Deliver) (map[digest.Digest][]byte, error)
+
+// loadFirst is loadWith for a read that needs the first n chunks of cs
+// only, and brings the others along: it returns once the first n are
+// there (with nil for others it did not have at hand), while the request
+// goes on under the fetcher's own context (see cache.Store.LoadFirst,
+// fetcher.background): the rest of a whole file, or a read-ahead, does not
+// hold up the read.
+func (f *fetcher) loadFirst(ctx context.Context, cs []chunk, n int, get getFunc) ([][]byte, error) {
 	ds := make([]digest.Digest, len(cs))
 	for i := range cs {
 		ds[i] = cs[i].dgst()
 	}
-	fetch := func(ctx context.Context, missing []digest.Digest) (map[digest.Digest][]byte, error) {
+	fetch := func(ctx context.Context, missing []digest.Digest, deliver cache.Deliver) (map[digest.Digest][]byte, error) {
 		if err := f.recentlyFailed(missing); err != nil {
 			return nil, err
 		}
-		return get(ctx, cs, missing)
+		return get(ctx, cs, missing, deliver)
+	}
+	load := func(ctx context.Context) ([][]byte, error) { return f.cache.Load(ctx, ds, fetch) }
+	if n < len(cs) && f.bg != nil {
+		// The fetch outlives the read: it has its own watchdog, and
+		// stops when the layer closes.
+		bgFetch := func(ctx context.Context, missing []digest.Digest, deliver cache.Deliver) (map[digest.Digest][]byte, error) {
+			if !f.bgStart() {
+				return nil, errClosing
+			}
+			defer f.bgDone()
+			wctx, stop := f.watch(ctx)
+			defer stop()
+			return fetch(wctx, missing, deliver)
+		}
+		load = func(ctx context.Context) ([][]byte, error) {
+			return f.cache.LoadFirst(ctx, f.bg, ds, n, bgFetch)
+		}
 	}
 	wctx, stop := f.watch(ctx)
 	defer stop()
@@ -187,7 +264,7 @@ func (f *fetcher) loadWith(ctx context.Context, cs []chunk, get func(context.Con
 	badData := 0
 	var last error // the last failure other than the watchdog's
 	for {
-		bufs, err := f.cache.Load(wctx, ds, fetch)
+		bufs, err := load(wctx)
 		if err == nil {
 			return bufs, nil
 		}
@@ -333,7 +410,7 @@ func missingChunks(cs []chunk, missing []digest.Digest) []chunk {
 var errCorrupt = errors.New("corrupt compressed chunk")
 
 // fetch downloads the chunks among cs whose digests are missing.
-func (f *fetcher) fetch(ctx context.Context, cs []chunk, missing []digest.Digest) (map[digest.Digest][]byte, error) {
+func (f *fetcher) fetch(ctx context.Context, cs []chunk, missing []digest.Digest, deliver cache.Deliver) (map[digest.Digest][]byte, error) {
 	todo := missingChunks(cs, missing)
 	sort.Slice(todo, func(i, j int) bool {
 		if todo[i].offset != todo[j].offset {
@@ -349,7 +426,7 @@ func (f *fetcher) fetch(ctx context.Context, cs []chunk, missing []digest.Digest
 		todo = todo[n:]
 	}
 	if len(groups) == 1 {
-		if err := f.fetchSpan(ctx, groups[0], out); err != nil {
+		if err := f.fetchSpan(ctx, groups[0], out, deliver); err != nil {
 			return nil, err
 		}
 		return out, nil
@@ -362,7 +439,7 @@ func (f *fetcher) fetch(ctx context.Context, cs []chunk, missing []digest.Digest
 	for _, cs := range groups {
 		g.Go(func() error {
 			got := make(map[digest.Digest][]byte, len(cs))
-			if err := f.fetchSpan(gctx, cs, got); err != nil {
+			if err := f.fetchSpan(gctx, cs, got, deliver); err != nil {
 				return err
 			}
 			mu.Lock()
@@ -396,37 +473,46 @@ func (f *fetcher) span(cs []chunk) int {
 }
 
 // fetchSpan downloads the compressed streams of cs in one ranged request
-// and decompresses each chunk into out.
-func (f *fetcher) fetchSpan(ctx context.Context, cs []chunk, out map[digest.Digest][]byte) error {
+// and decompresses each chunk into out as soon as its stream has arrived,
+// handing it to deliver (if not nil) at once.
+func (f *fetcher) fetchSpan(ctx context.Context, cs []chunk, out map[digest.Digest][]byte, deliver cache.Deliver) error {
 	start, end := cs[0].offset, cs[0].end
 	for _, c := range cs {
 		end = max(end, c.end)
 	}
-	buf, err := f.read(ctx, span{start, end})
-	if err != nil {
-		return err
-	}
-	for i := 0; i < len(cs); {
-		// Chunks sharing a compressed stream are decompressed together.
-		j := i + 1
-		for j < len(cs) && cs[j].offset == cs[i].offset {
-			j++
+	next := 0 // the first chunk not decompressed yet
+	arrived := func(buf []byte, n int64) error {
+		for next < len(cs) {
+			// Chunks sharing a compressed stream are decompressed
+			// together.
+			i, j, streamEnd := next, next+1, cs[next].end
+			for j < len(cs) && cs[j].offset == cs[i].offset {
+				streamEnd = max(streamEnd, cs[j].end)
+				j++
+			}
+			if streamEnd-start > n {
+				return nil
+			}
+			if err := f.decompress(buf[cs[i].offset-start:streamEnd-start], cs[i:j], out, deliver); err != nil {
+				return err
+			}
+			next = j
 		}
-		if err := f.decompress(buf[cs[i].offset-start:cs[i].end-start], cs[i:j], out); err != nil {
-			return err
-		}
-		i = j
+		return nil
 	}
-	return nil
+	_, err := f.read(ctx, span{start, end}, arrived)
+	return err
 }
 
 // read returns the compressed bytes of s: from the local copy of the blob
-// when it holds them, else from the registry (and then into the copy).
-func (f *fetcher) read(ctx context.Context, s span) ([]byte, error) {
+// when it holds them, else from the registry (and then into the copy). It
+// calls arrived with the buffer each time more of it has arrived, with how
+// much has; an error from arrived ends the read with that error.
+func (f *fetcher) read(ctx context.Context, s span, arrived func(buf []byte, n int64) error) ([]byte, error) {
 	buf := make([]byte, s.len())
 	if f.partial != nil && f.partial.has(s) {
 		if _, err := f.partial.f.ReadAt(buf, s.start); err == nil {
-			return buf, nil
+			return buf, arrived(buf, s.len())
 		}
 	}
 	f.act.start()
@@ -438,7 +524,7 @@ func (f *fetcher) read(ctx context.Context, s span) ([]byte, error) {
 		return nil, err
 	}
 	firstByte := time.Since(t0)
-	n, err := io.ReadFull(progress{rc, &f.lastByte}, buf)
+	n, err, stopped := readArriving(progress{rc, &f.lastByte}, buf, arrived)
 	rc.Close()
 	if err == nil {
 		f.act.link.observe(firstByte, time.Since(t0), s.len())
@@ -449,11 +535,36 @@ func (f *fetcher) read(ctx context.Context, s span) ([]byte, error) {
 	f.requests.Add(1)
 	f.fetched.Add(int64(n))
 	f.metrics.Fetched(int64(n), false)
+	if stopped {
+		return nil, err
+	}
 	if err != nil {
 		return nil, fmt.Errorf("read bytes %d-%d: %w", s.start, s.end-1, err)
 	}
 	f.keep(ctx, buf, s.start)
 	return buf, nil
+}
+
+// readArriving fills b from r, as io.ReadFull does, calling arrived after
+// each read that returned bytes. stopped says that the error is arrived's.
+func readArriving(r io.Reader, b []byte, arrived func([]byte, int64) error) (n int, err error, stopped bool) {
+	for n < len(b) {
+		m, rerr := r.Read(b[n:])
+		n += m
+		if m > 0 {
+			if err := arrived(b, int64(n)); err != nil {
+				return n, err, true
+			}
+		}
+		switch {
+		case n == len(b):
+		case rerr == io.EOF:
+			return n, io.ErrUnexpectedEOF, false
+		case rerr != nil:
+			return n, rerr, false
+		}
+	}
+	return n, nil, false
 }
 
 // keep writes bytes fetched at off into the local blob copy, for
@@ -493,7 +604,7 @@ func (p progress) Read(b []byte) (int, error) {
 
 // decompress reads the chunks cs, sorted by inner offset, out of one
 // compressed stream.
-func (f *fetcher) decompress(stream []byte, cs []chunk, out map[digest.Digest][]byte) error {
+func (f *fetcher) decompress(stream []byte, cs []chunk, out map[digest.Digest][]byte, deliver cache.Deliver) error {
 	dr, err := f.dec.Reader(bytes.NewReader(stream))
 	if err != nil {
 		return fmt.Errorf("chunk %s at blob offset %d: %w: %w", cs[0].dgst(), cs[0].offset, err, errCorrupt)
@@ -512,6 +623,9 @@ func (f *fetcher) decompress(stream []byte, cs []chunk, out map[digest.Digest][]
 			return fmt.Errorf("chunk %s at blob offset %d: %w: %w", c.dgst(), c.offset, err, errCorrupt)
 		}
 		out[c.dgst()] = b
+		if deliver != nil {
+			deliver(c.dgst(), b)
+		}
 		pos = c.inner + c.size
 	}
 	return nil
@@ -604,8 +718,10 @@ func (f *fetcher) readAt(ctx context.Context, cs []chunk, size int64, p []byte, 
 	if n, ok := f.readCached(cs[i:need], cs[i:need], p, off, end); ok {
 		return n, nil
 	}
+	// The read waits for its own chunks only: what it brings along keeps
+	// arriving after it returns.
 	want := f.notFetching(f.plan(cs, i, j), need-i)
-	bufs, err := f.load(ctx, want)
+	bufs, err := f.loadFirst(ctx, want, need-i, f.fetch)
 	if errors.Is(err, errRetrying) && len(want) > need-i {
 		// The chunks that timed out a moment ago may be only the ones
 		// brought along, which this read does not need.

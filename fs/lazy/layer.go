@@ -228,6 +228,7 @@ func Open(ctx context.Context, ra io.ReaderAt, blob Blob, desc ocispec.Descripto
 			metrics: o.Metrics,
 		},
 	}
+	l.f.startBackground()
 	if ix.view != ViewExact {
 		log.G(ctx).WithField("layer", desc.Digest).Info("lazy view is " + ix.view)
 	}
@@ -411,8 +412,9 @@ func (l *Layer) DropBlob() error {
 	return l.f.partial.remove()
 }
 
-// Close stops the prefetch that Mount started and waits for it to return,
-// then saves what the local blob copy holds and closes it.
+// Close stops the prefetch that Mount started and the fetches that reads
+// left running, and waits for them to return, then saves what the local
+// blob copy holds and closes it.
 func (l *Layer) Close() error {
 	l.mu.Lock()
 	cancel, prefetched, aheadDone := l.cancel, l.prefetched, l.aheadDone
@@ -422,6 +424,7 @@ func (l *Layer) Close() error {
 		<-prefetched
 		<-aheadDone
 	}
+	l.f.stopBackground()
 	if l.f.partial == nil {
 		return nil
 	}

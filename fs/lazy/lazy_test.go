@@ -85,6 +85,36 @@ type testBlob struct {
 	// hold, if set, keeps requests for bytes at or past hold.from (and
 	// before hold.to, if set) waiting until hold.release is closed.
 	hold atomic.Pointer[blobHold]
+	// stall, if set, sends a reply's bytes before stall.from at once and
+	// the rest once stall.release is closed (stall.to is not used).
+	stall atomic.Pointer[blobHold]
+}
+
+// stalled is a reply that stops at a blob offset until released.
+type stalled struct {
+	ctx     context.Context
+	r       io.Reader
+	left    int64 // bytes until the stall
+	release chan struct{}
+}
+
+func (s *stalled) Read(p []byte) (int, error) {
+	if s.left == 0 {
+		select {
+		case <-s.release:
+		case <-s.ctx.Done():
+			return 0, s.ctx.Err()
+		}
+		s.left = -1
+	}
+	if s.left > 0 && int64(len(p)) > s.left {
+		p = p[:s.left]
+	}
+	n, err := s.r.Read(p)
+	if s.left > 0 {
+		s.left -= int64(n)
+	}
+	return n, err
 }
 
 type blobHold struct {
@@ -112,6 +142,9 @@ func (b *testBlob) ReadRange(ctx context.Context, off, n int64) (io.ReadCloser, 
 		for i := 50; i < len(p)-50; i += 7 {
 			p[i] ^= 0xff
 		}
+	}
+	if h := b.stall.Load(); h != nil && off < h.from && off+n > h.from {
+		return io.NopCloser(&stalled{ctx: ctx, r: bytes.NewReader(p), left: h.from - off, release: h.release}), nil
 	}
 	return io.NopCloser(bytes.NewReader(p)), nil
 }
@@ -199,6 +232,7 @@ func openLayer(t *testing.T, data []byte, blob Blob, desc ocispec.Descriptor, o 
 	if err != nil {
 		t.Fatal(err)
 	}
+	t.Cleanup(l.f.stopBackground) // before the cache closes
 	return l
 }
 

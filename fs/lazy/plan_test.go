@@ -173,7 +173,7 @@ func TestApartRequestsGoTogether(t *testing.T) {
 	// this context ends.
 	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
 	defer cancel()
-	got, err := l.f.fetch(ctx, cs, ds)
+	got, err := l.f.fetch(ctx, cs, ds, nil)
 	if err != nil {
 		t.Fatalf("fetch of 8 files apart: %v", err)
 	}

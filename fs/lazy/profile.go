@@ -19,6 +19,8 @@ import (
 	"github.com/opencontainers/go-digest"
 	ocispec "github.com/opencontainers/image-spec/specs-go/v1"
 	"golang.org/x/sync/errgroup"
+
+	"github.com/lazylayer/lazylayer/cache"
 )
 
 // Profile is a layer's access profile: the files a container opened while
@@ -273,7 +275,7 @@ func (f *fetcher) replayPlan(ix *index, files []uint32) [][]chunk {
 
 // fetchWhole fetches the chunks of cs that are missing in one request
 // spanning them all, gaps included: a replay's groups are planned so.
-func (f *fetcher) fetchWhole(ctx context.Context, cs []chunk, missing []digest.Digest) (map[digest.Digest][]byte, error) {
+func (f *fetcher) fetchWhole(ctx context.Context, cs []chunk, missing []digest.Digest, deliver cache.Deliver) (map[digest.Digest][]byte, error) {
 	todo := missingChunks(cs, missing)
 	out := make(map[digest.Digest][]byte, len(todo))
 	if len(todo) == 0 {
@@ -285,7 +287,7 @@ func (f *fetcher) fetchWhole(ctx context.Context, cs []chunk, missing []digest.D
 		}
 		return todo[i].inner < todo[j].inner
 	})
-	if err := f.fetchSpan(ctx, todo, out); err != nil {
+	if err := f.fetchSpan(ctx, todo, out, deliver); err != nil {
 		return nil, err
 	}
 	return out, nil
