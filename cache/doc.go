@@ -37,6 +37,10 @@
 // [Store.Load] is the read-through entry point: it returns a list of chunks,
 // reading those in the store and fetching the rest with one call of the
 // caller's fetch function. Concurrent Loads of the same chunk share one fetch.
+// The fetch function may hand over each chunk as soon as it has its bytes:
+// the Loads waiting for that chunk get it then, not when the whole fetch is
+// over. [Store.LoadFirst] returns once the first of its chunks are there and
+// leaves the fetch of the others running.
 //
 // What the package is not: it does not talk to registries (the caller's fetch
 // function does), it knows nothing of layers, files or tables of contents, and
