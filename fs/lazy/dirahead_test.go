@@ -4,6 +4,7 @@ import (
 	"archive/tar"
 	"bytes"
 	"context"
+	"errors"
 	"fmt"
 	"os"
 	"path/filepath"
@@ -227,5 +228,25 @@ func TestReadDoesNotWaitForItsWholeRequest(t *testing.T) {
 	}
 	if l.f.cache.Fetching(next[0].dgst()) || fetched() {
 		t.Errorf("after Close, d/f021 is still being fetched (%v) or was fetched (%v)", l.f.cache.Fetching(next[0].dgst()), fetched())
+	}
+}
+
+// TestReadAfterCloseFails: a read of a closed layer whose request would
+// outlive it fails at once, naming why, rather than retrying until the read
+// timeout.
+func TestReadAfterCloseFails(t *testing.T) {
+	l, _, files := dirsLayer(t, Options{MinRequest: 64 << 10, MaxRequest: 64 << 10})
+	if err := l.Close(); err != nil {
+		t.Fatal(err)
+	}
+	own := chunksOf(t, l, "d/f005")
+	p := make([]byte, len(files["d/f005"]))
+	start := time.Now()
+	_, err := l.f.readAt(context.Background(), own, int64(len(p)), p, 0, 0)
+	if !errors.Is(err, errClosing) {
+		t.Fatalf("read after Close: %v, want %v", err, errClosing)
+	}
+	if d := time.Since(start); d > 10*time.Second {
+		t.Errorf("read after Close took %v: it retried", d)
 	}
 }

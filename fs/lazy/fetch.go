@@ -271,9 +271,9 @@ func (f *fetcher) loadFirst(ctx context.Context, cs []chunk, n int, get getFunc)
 		if ctx.Err() != nil {
 			return nil, ctx.Err()
 		}
-		if errors.Is(err, errRetrying) || errors.Is(err, remote.ErrNotFound) {
+		if errors.Is(err, errRetrying) || errors.Is(err, remote.ErrNotFound) || errors.Is(err, errClosing) {
 			// A registry that does not have the blob is up: waiting
-			// for it does not help.
+			// for it does not help, nor for a layer being closed.
 			return nil, err
 		}
 		if wctx.Err() != nil {
