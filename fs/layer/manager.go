@@ -17,6 +17,7 @@ import (
 	"github.com/containerd/log"
 	"github.com/opencontainers/go-digest"
 	ocispec "github.com/opencontainers/image-spec/specs-go/v1"
+	"golang.org/x/sync/semaphore"
 	"golang.org/x/sync/singleflight"
 
 	"github.com/lazylayer/lazylayer/fs/extract"
@@ -129,10 +130,11 @@ type Manager struct {
 	cancel context.CancelFunc
 	wg     sync.WaitGroup
 	sem    chan struct{} // slots for layers fetched ahead
-	// building is the slot for building a metadata tree: one at a time,
-	// as when each layer's Prepare built its own, so that the trees of
-	// an image's many layers do not hold their entries all at once.
-	building chan struct{}
+	// building bounds the metadata trees built at once by their entries
+	// (treeEntriesAtOnce): the small trees of an image's layers are built
+	// together, a large one alone, so that the trees of an image's many
+	// layers do not hold their entries all at once.
+	building *semaphore.Weighted
 	group    singleflight.Group
 
 	mu        sync.Mutex
@@ -191,7 +193,7 @@ func New(ctx context.Context, reg Registry, cfg Config) (*Manager, error) {
 		ctx:       bg,
 		cancel:    cancel,
 		sem:       make(chan struct{}, cfg.ConcurrentLayers),
-		building:  make(chan struct{}, 1),
+		building:  semaphore.NewWeighted(treeEntriesAtOnce),
 		jobs:      map[digest.Digest]*job{},
 		dropped:   map[digest.Digest]bool{},
 		tocs:      map[digest.Digest]*tocJob{},

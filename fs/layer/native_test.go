@@ -6,6 +6,7 @@ import (
 	"os"
 	"path/filepath"
 	"testing"
+	"time"
 
 	"golang.org/x/sys/unix"
 
@@ -109,7 +110,9 @@ func TestNativeTreeHoldsPopulation(t *testing.T) {
 	m := newLifecycleManager(t, reg, Config{
 		Policy: PolicyManual, Native: true, DataDir: t.TempDir(), Lazy: lazy.Options{Activity: activity},
 	}, true)
-	m.building <- struct{}{} // the tree waits for its slot
+	if err := m.building.Acquire(context.Background(), treeEntriesAtOnce); err != nil { // the tree waits for its slot
+		t.Fatal(err)
+	}
 	ll, dir := prepareLazy(t, m, desc)
 	if activity.Busy() {
 		// Not yet: the early files may still be fetched (a read).
@@ -121,7 +124,7 @@ func TestNativeTreeHoldsPopulation(t *testing.T) {
 	if !activity.Busy() {
 		t.Error("on-demand activity is not marked while the layer's tree waits to be built")
 	}
-	<-m.building
+	m.building.Release(treeEntriesAtOnce)
 	if err := m.WaitPresent(context.Background(), dir); err != nil {
 		t.Fatal(err)
 	}
@@ -207,6 +210,33 @@ func TestNativeTreeRefused(t *testing.T) {
 	}
 	if _, err := os.Stat(filepath.Join(dir, metaDir)); err == nil {
 		t.Error("a metadata tree was left")
+	}
+	if err := m.Release(context.Background(), dir); err != nil {
+		t.Fatal(err)
+	}
+}
+
+// TestNativeSmallTreesTogether: a small layer's metadata tree is built
+// while other trees take most, but not all, of the entries built at once.
+func TestNativeSmallTreesTogether(t *testing.T) {
+	needFUSE(t)
+	noLeaks(t)
+	reg := newGatedRegistry()
+	desc := reg.addEstargz(t, "etc/passwd", "root:x:0:0::/root:/bin/sh\n")
+	m := newLifecycleManager(t, reg, Config{Policy: PolicyManual, Native: true, DataDir: t.TempDir()}, true)
+	const others = treeEntriesAtOnce - 100 // the layer has a handful of entries
+	if err := m.building.Acquire(context.Background(), others); err != nil {
+		t.Fatal(err)
+	}
+	defer m.building.Release(others)
+	ll, dir := prepareLazy(t, m, desc)
+	ctx, cancel := context.WithTimeout(context.Background(), time.Minute)
+	defer cancel()
+	if err := m.WaitPresent(ctx, dir); err != nil {
+		t.Fatalf("the small tree waited for the others: %v", err)
+	}
+	if !ll.metaBuilt.Load() {
+		t.Fatal("the tree was not built")
 	}
 	if err := m.Release(context.Background(), dir); err != nil {
 		t.Fatal(err)
