@@ -15,13 +15,15 @@ import (
 // rest. It may also hand each chunk to deliver as soon as it has its bytes,
 // before it returns (from any goroutine, until it returns): Load then
 // verifies and stores it and wakes the Loads waiting for it at once, instead
-// of when the whole fetch is over. Load verifies every chunk it is given and
-// keeps the slices, so fetch must not reuse them. fetch must return when ctx
-// is done.
+// of when the whole fetch is over; deliver returns the error of a chunk that
+// fails verification (wrapping ErrDigestMismatch), for fetch to stop there.
+// Load verifies every chunk it is given and keeps the slices, so fetch must
+// not reuse them. fetch must return when ctx is done.
 type FetchFunc func(ctx context.Context, missing []digest.Digest, deliver Deliver) (map[digest.Digest][]byte, error)
 
-// Deliver hands a chunk's bytes to Load before its FetchFunc returns.
-type Deliver func(d digest.Digest, b []byte)
+// Deliver hands a chunk's bytes to Load before its FetchFunc returns, and
+// returns the error of bytes that do not hash to d.
+type Deliver func(d digest.Digest, b []byte) error
 
 // call is a chunk that one Load is fetching and others may wait for. b and
 // err are set before done is closed and never change after.
@@ -331,10 +333,11 @@ func (s *Store) fetchClaims(ctx context.Context, claims []flight, fetch FetchFun
 		defer mu.Unlock()
 		return completed[i]
 	}
-	// verified verifies and stores the bytes b of claim i and completes it.
-	verified := func(i int, b []byte) {
+	// verified verifies and stores the bytes b of claim i and completes
+	// it, and returns the error of bytes that do not verify.
+	verified := func(i int, b []byte) error {
 		if isCompleted(i) {
-			return
+			return nil
 		}
 		err := verify(claims[i].key, b)
 		if err == nil {
@@ -343,11 +346,13 @@ func (s *Store) fetchClaims(ctx context.Context, claims []flight, fetch FetchFun
 			b = nil
 		}
 		finish(i, b, err, err)
+		return err
 	}
-	deliver := func(d digest.Digest, b []byte) {
+	deliver := func(d digest.Digest, b []byte) error {
 		if i, ok := index[d]; ok {
-			verified(i, b)
+			return verified(i, b)
 		}
+		return nil
 	}
 	defer func() {
 		for i := range claims { // fetch panicked, or the claim is complete

@@ -502,8 +502,12 @@ func TestLoadDelivered(t *testing.T) {
 		got, err := s.Load(t.Context(), ds, func(_ context.Context, missing []digest.Digest, deliver Deliver) (map[digest.Digest][]byte, error) {
 			close(fetching)
 			<-deliverNow
-			deliver(ds[0], src.chunks[ds[0]])
-			deliver(ds[1], src.chunks[ds[0]]) // wrong bytes
+			if err := deliver(ds[0], src.chunks[ds[0]]); err != nil {
+				t.Errorf("deliver of a chunk: %v", err)
+			}
+			if err := deliver(ds[1], src.chunks[ds[0]]); !errors.Is(err, ErrDigestMismatch) { // wrong bytes
+				t.Errorf("deliver of wrong bytes: %v, want %v", err, ErrDigestMismatch)
+			}
 			<-release
 			return map[digest.Digest][]byte{ds[1]: src.chunks[ds[1]], ds[2]: src.chunks[ds[2]]}, nil
 		})
@@ -573,7 +577,9 @@ func TestLoadFirst(t *testing.T) {
 	returned := make(chan struct{})
 	fetch := func(ctx context.Context, missing []digest.Digest, deliver Deliver) (map[digest.Digest][]byte, error) {
 		fetchCtx = ctx
-		deliver(ds[0], src.chunks[ds[0]])
+		if err := deliver(ds[0], src.chunks[ds[0]]); err != nil {
+			t.Errorf("deliver: %v", err)
+		}
 		<-release
 		defer close(returned)
 		return src.fetch(ctx, missing, nil)

@@ -228,8 +228,8 @@ type getFunc func(ctx context.Context, cs []chunk, missing []digest.Digest, deli
 // only, and brings the others along: it returns once the first n are
 // there (with nil for others it did not have at hand), while the request
 // goes on under the fetcher's own context (see cache.Store.LoadFirst,
-// fetcher.background): the rest of a whole file, or a read-ahead, does not
-// hold up the read.
+// fetcher.bg): the rest of a whole file, or a read-ahead, does not hold up
+// the read.
 func (f *fetcher) loadFirst(ctx context.Context, cs []chunk, n int, get getFunc) ([][]byte, error) {
 	ds := make([]digest.Digest, len(cs))
 	for i := range cs {
@@ -624,7 +624,11 @@ func (f *fetcher) decompress(stream []byte, cs []chunk, out map[digest.Digest][]
 		}
 		out[c.dgst()] = b
 		if deliver != nil {
-			deliver(c.dgst(), b)
+			// Bytes that do not verify end the request: none of it is
+			// kept in the blob copy.
+			if err := deliver(c.dgst(), b); err != nil {
+				return err
+			}
 		}
 		pos = c.inner + c.size
 	}
