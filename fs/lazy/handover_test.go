@@ -200,3 +200,25 @@ func TestHandover(t *testing.T) {
 		}
 	})
 }
+
+// TestCrashSuccessorHandles: a daemon that takes a connection over after
+// a crash (no record of the open files) hands out file handles that none
+// of the crashed daemon's opens had: the kernel still holds those, and a
+// read through one must reach its own file.
+func TestCrashSuccessorHandles(t *testing.T) {
+	l, _, _ := dirsLayer(t, Options{})
+	crashed := newRawFS(l, nil)
+	held := map[uint64]bool{}
+	for range 1000 {
+		held[crashed.addHandle(&handle{r: crashed, num: 1})] = true
+	}
+	next := newRawFS(l, nil)
+	if err := next.restore(nil); err != nil { // a crash: nothing recorded
+		t.Fatal(err)
+	}
+	for range 1000 {
+		if fh := next.addHandle(&handle{r: next, num: 2}); held[fh] {
+			t.Fatalf("the daemon after a crash handed out handle %d, which the crashed daemon had handed out", fh)
+		}
+	}
+}

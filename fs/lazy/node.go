@@ -79,11 +79,22 @@ func newRawFS(l *Layer, prefix []string) *rawFS {
 	return &rawFS{
 		RawFileSystem: fuse.NewDefaultRawFileSystem(),
 		l:             l, prefix: prefix, entryIno: uint64(len(l.ix.entries)) + 2,
-		nodes: map[uint32]*nodeState{}, handles: map[uint64]*handle{}, nextFh: 1,
+		nodes: map[uint32]*nodeState{}, handles: map[uint64]*handle{}, nextFh: firstFh(),
 		lookups: map[uint32]uint64{}, paths: map[uint32]string{0: ""},
 		parents: map[uint32]uint32{}, dirMisses: map[uint32]uint8{}, ahead: make(chan dirAheadReq, dirAheadQueue),
 	}
 }
+
+// firstFh is the first file handle a daemon hands out: the clock, in
+// nanoseconds. A daemon that takes a connection over after a crash knows
+// none of the handles the crashed one handed out, and the kernel still
+// holds them: had it started from 1 like the crashed one, a new open
+// could get the handle of a file opened before, and reads of that file
+// would be served from the new one (TestRestartHandover saw it once,
+// under load). From the clock, its handles are above every handle the
+// daemons before it handed out: each ran for more nanoseconds than it
+// opened files.
+func firstFh() uint64 { return max(uint64(time.Now().UnixNano()), 1) }
 
 func (r *rawFS) String() string              { return "lazylayer" }
 func (r *rawFS) Init(s *fuse.Server)         { r.server = s }
