@@ -55,9 +55,13 @@ func RunHolder(path string) error {
 		unix.Close(lfd)
 		return fmt.Errorf("holder socket %s: %w", path, err)
 	}
-	h := &holder{entries: map[string]held{}, lfd: lfd}
+	h := &holder{entries: map[string]held{}, lfd: lfd, stopped: make(chan struct{})}
 	h.idle = time.AfterFunc(time.Minute, h.stopIfIdle)
-	go h.reap()
+	reaped := make(chan struct{})
+	go func() {
+		defer close(reaped)
+		h.reap()
+	}()
 	for {
 		cfd, _, err := unix.Accept4(lfd, unix.SOCK_CLOEXEC)
 		if err != nil {
@@ -65,6 +69,7 @@ func RunHolder(path string) error {
 			done := h.done
 			h.mu.Unlock()
 			if done {
+				<-reaped // nothing of the holder outlives it
 				return nil
 			}
 			if err == unix.EINTR || err == unix.ECONNABORTED {
@@ -90,8 +95,9 @@ type held struct {
 }
 
 type holder struct {
-	lfd  int
-	idle *time.Timer
+	lfd     int
+	idle    *time.Timer
+	stopped chan struct{} // closed when done is set
 
 	mu      sync.Mutex
 	entries map[string]held // by mountpoint; guarded by mu
@@ -104,6 +110,7 @@ func (h *holder) stopIfIdle() {
 	defer h.mu.Unlock()
 	if h.clients == 0 && len(h.entries) == 0 && !h.done {
 		h.done = true
+		close(h.stopped)
 		unix.Shutdown(h.lfd, unix.SHUT_RDWR)
 		unix.Close(h.lfd)
 	}
@@ -127,11 +134,11 @@ func (h *holder) reap() {
 		}
 		h.mu.Unlock()
 		if len(fds) == 0 {
-			time.Sleep(time.Second)
+			h.pause(time.Second)
 			continue
 		}
 		if _, err := unix.Poll(fds, 1000); err != nil && err != unix.EINTR {
-			time.Sleep(time.Second)
+			h.pause(time.Second)
 			continue
 		}
 		ended := false
@@ -150,8 +157,18 @@ func (h *holder) reap() {
 		if ended {
 			h.stopIfIdle()
 		} else {
-			time.Sleep(100 * time.Millisecond)
+			h.pause(100 * time.Millisecond)
 		}
+	}
+}
+
+// pause waits d, or less if the holder stops meanwhile.
+func (h *holder) pause(d time.Duration) {
+	t := time.NewTimer(d)
+	defer t.Stop()
+	select {
+	case <-t.C:
+	case <-h.stopped:
 	}
 }
 

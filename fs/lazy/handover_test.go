@@ -82,7 +82,9 @@ func TestHandover(t *testing.T) {
 	go func() { holderDone <- fusefd.RunHolder(sock) }()
 
 	child := exec.Command(os.Args[0], "-test.run=^TestHandoverChild$")
-	child.Env = append(os.Environ(), "LAZY_HANDOVER_SOCK="+sock, "LAZY_HANDOVER_MNT="+mnt)
+	// The child is killed, so its own t.TempDir cleanups never run: its
+	// temporary directories go under this test's, which removes them.
+	child.Env = append(os.Environ(), "LAZY_HANDOVER_SOCK="+sock, "LAZY_HANDOVER_MNT="+mnt, "TMPDIR="+dir)
 	out, err := child.StdoutPipe()
 	if err != nil {
 		t.Fatal(err)
