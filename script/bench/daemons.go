@@ -162,6 +162,7 @@ type stack struct {
 	dir        string // state; removed by close
 	ctr        ctrClient
 	lazySock   string
+	lazyLog    string // lazylayer-snapshotter's log
 	lazylayer  *proc
 	peer       *proc // a peer snapshotter's daemon, or nil
 	containerd *proc
@@ -191,7 +192,8 @@ func startStack(ctx context.Context, t tools, dir, logPrefix, hostsDir, lazyConf
 	if err := os.WriteFile(lazyCfg, []byte("# defaults for everything but the paths\n"+lazyConfig), 0o644); err != nil {
 		return nil, err
 	}
-	s.lazylayer, err = startProc(t.snapshotter, logPrefix+"-lazylayer.log", t.env(),
+	s.lazyLog = logPrefix + "-lazylayer.log"
+	s.lazylayer, err = startProc(t.snapshotter, s.lazyLog, t.env(),
 		"--root", filepath.Join(dir, "lazylayer"), "--address", s.lazySock,
 		"--hosts-dir", hostsDir, "--config", lazyCfg)
 	if err != nil {

@@ -104,6 +104,21 @@ func runInner(ctx context.Context, o options, ns string) error {
 		return nil
 	}
 
+	stateDir := filepath.Join(o.work, "state")
+	about := "the work directory's file system (-state-disk=false)"
+	if o.disk {
+		d, err := mountStateDisk(ctx, o.work)
+		if err != nil {
+			return err
+		}
+		defer func() {
+			if err := d.unmount(); err != nil {
+				logf("%v", err)
+			}
+		}()
+		stateDir, about = filepath.Join(d.dir, "state"), d.about()
+	}
+
 	counter, err := registry.NewProxy(reg.Addr())
 	if err != nil {
 		return err
@@ -117,9 +132,10 @@ func runInner(ctx context.Context, o options, ns string) error {
 	sh := shaper{port: lk.port()}
 	defer sh.clear(context.WithoutCancel(ctx))
 
-	b := &bench{o: o, tools: t, hosts: hosts, ref: linkAddr, link: lk, counter: counter, regc: regc,
+	b := &bench{o: o, tools: t, hosts: hosts, stateDir: stateDir, ref: linkAddr, link: lk, counter: counter, regc: regc,
 		status: newStatusProbe(ctx, t.cli), images: pushed}
 	res := newResults(ctx, o, t, b, conv)
+	res.Meta.Disk = about
 	resPath := filepath.Join(o.work, "results.json")
 	err = b.loop(ctx, res, sh, regc, resPath)
 	res.Meta.Duration = time.Since(start).Round(time.Second)

@@ -43,6 +43,7 @@ type options struct {
 	copyConv bool          // never run `lazylayer convert`
 	quiet    time.Duration // how long to wait for a quiet machine before a run
 	lazyTOML string        // prepended to lazylayer's configuration in measured runs
+	disk     bool          // put the runs' state on a fresh ext4 with a journal (see disk.go)
 	args     []string      // the arguments as given, for the report
 }
 
@@ -64,6 +65,7 @@ func parseOptions(args []string) (options, error) {
 	fs.BoolVar(&o.prepare, "prepare", false, "build and push the images, then stop")
 	fs.DurationVar(&o.quiet, "quiet-wait", -1, "before each run, wait up to this long for the CPUs to be less than 25% busy (default 2m; -quick: 20s)")
 	fs.StringVar(&o.lazyTOML, "lazylayer-toml", "", "TOML put at the top of lazylayer's configuration in every measured run, for analysis (e.g. 'log_level = \"trace\"' logs each on-demand request); the report's command line shows it")
+	fs.BoolVar(&o.disk, "state-disk", true, "put the daemons' state on a fresh ext4 file system with a journal on a loop device, as on a node (false: on the work directory's file system)")
 	fs.BoolVar(&o.copyConv, "no-convert", false, "push the gzip images as the converted ones even if bin/lazylayer exists")
 	if err := fs.Parse(args); err != nil {
 		return o, err

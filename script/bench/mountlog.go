@@ -116,3 +116,41 @@ func logFields(line string) map[string]string {
 	}
 	return out
 }
+
+// localMsg is the message lazylayer-snapshotter logs when a layer turns
+// local (fs/layer/populate.go), with the field layer.
+const localMsg = "layer is local"
+
+// localWatch follows a daemon's log for the layers that turned local.
+type localWatch struct {
+	path   string
+	off    int64
+	rest   string          // a line not yet complete
+	layers map[string]bool // digests logged as local
+}
+
+// poll reads what the log gained since the last call and returns how many
+// layers it has said turned local.
+func (w *localWatch) poll() (int, error) {
+	f, err := os.Open(w.path)
+	if err != nil {
+		return 0, err
+	}
+	defer f.Close()
+	b, err := io.ReadAll(io.NewSectionReader(f, w.off, 1<<40))
+	if err != nil {
+		return 0, err
+	}
+	w.off += int64(len(b))
+	lines := strings.Split(w.rest+string(b), "\n")
+	w.rest = lines[len(lines)-1]
+	for _, l := range lines[:len(lines)-1] {
+		if !strings.Contains(l, localMsg) {
+			continue
+		}
+		if f := logFields(l); f["msg"] == localMsg && f["layer"] != "" {
+			w.layers[f["layer"]] = true
+		}
+	}
+	return len(w.layers), nil
+}

@@ -1,6 +1,8 @@
 package main
 
 import (
+	"os"
+	"path/filepath"
 	"reflect"
 	"strings"
 	"testing"
@@ -32,5 +34,37 @@ func TestLogFields(t *testing.T) {
 	want := map[string]string{"time": "t", "level": "warning", "msg": `a "quoted" message`, "error": "x=y z", "n": "3"}
 	if !reflect.DeepEqual(got, want) {
 		t.Errorf("logFields = %q, want %q", got, want)
+	}
+}
+
+// TestLocalWatch: the watch counts distinct layers logged as local, across
+// polls that end in the middle of a line.
+func TestLocalWatch(t *testing.T) {
+	path := filepath.Join(t.TempDir(), "lazylayer.log")
+	w := localWatch{path: path, layers: map[string]bool{}}
+	if _, err := w.poll(); err == nil {
+		t.Error("a missing log polled without error")
+	}
+	steps := []struct {
+		add  string
+		want int
+	}{
+		{`time="t" level=info msg="layer mounted lazily" layer="sha256:aaa"` + "\n", 0},
+		{`time="t" level=info msg="layer is local" elapsed=1s layer="sha256:a`, 0},
+		{`aa" size=3` + "\n" + `time="t" level=debug msg="not the layer is local message" layer="sha256:bbb"` + "\n", 1},
+		{`time="t" level=info msg="layer is local" layer="sha256:aaa"` + "\n", 1},
+		{`time="t" level=info msg="layer is local" layer="sha256:bbb"` + "\n", 2},
+	}
+	for i, s := range steps {
+		f, err := os.OpenFile(path, os.O_CREATE|os.O_APPEND|os.O_WRONLY, 0o644)
+		if err != nil {
+			t.Fatal(err)
+		}
+		f.WriteString(s.add)
+		f.Close()
+		n, err := w.poll()
+		if err != nil || n != s.want {
+			t.Errorf("step %d: %d layers local (%v), want %d", i, n, err, s.want)
+		}
 	}
 }

@@ -247,6 +247,9 @@ func renderSetup(w *strings.Builder, r *results) {
 	row := func(k, v string) { fmt.Fprintf(w, "| %s | %s |\n", k, v) }
 	row("Machine", fmt.Sprintf("%s, %d cores, %.0f GB RAM (%s)", m.CPU, m.Cores, m.MemoryGB, m.Host))
 	row("System", fmt.Sprintf("%s, kernel %s", m.OS, m.Kernel))
+	if m.Disk != "" {
+		row("Daemons' state on", m.Disk)
+	}
 	for _, k := range []string{"lazylayer", "lazylayer-snapshotter binary", "containerd", "runc", "docker-registry", "go (bench)"} {
 		row(k, "`"+m.Versions[k]+"`")
 	}

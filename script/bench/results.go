@@ -31,6 +31,7 @@ type meta struct {
 	Cores       int
 	MemoryGB    float64
 	Kernel      string
+	Disk        string // the file system the daemons' state was on; "" before it was recorded (the root's)
 	OS          string
 	Versions    map[string]string // program → version
 	LoadStart   string            // /proc/loadavg when measuring began
