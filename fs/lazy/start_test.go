@@ -20,8 +20,9 @@ func startLayer(t *testing.T, o Options) (l *Layer, start []string, other string
 	if len(names) < 3 {
 		t.Skipf("no start files listed for %s", runtime.GOARCH)
 	}
-	// etc/ld.so.cache and the first interpreter and C library listed.
-	start = []string{names[0], names[1], names[3]}
+	// etc/ld.so.cache, the first interpreter and C library listed, and
+	// Debian's /bin/sh.
+	start = []string{names[0], names[1], names[3], "usr/bin/dash"}
 	other = "usr/bin/program"
 	var entries []tarEntry
 	dirs := map[string]bool{}
@@ -45,6 +46,7 @@ func startLayer(t *testing.T, o Options) (l *Layer, start []string, other string
 	add(start[0], 20<<10)
 	add(start[1], 200<<10)
 	add(start[2], 600<<10)
+	add(start[3], 120<<10)
 	entries = append(entries, tarEntry{hdr: tar.Header{Name: "usr/lib/libc-link.so", Typeflag: tar.TypeSymlink, Linkname: path.Base(start[2])}})
 	data, desc := blobOf(t, entries)
 	return openLayer(t, data, &testBlob{data: data}, desc, o), start, other
