@@ -11,7 +11,9 @@
 // Bandwidth is shaped with tc on the namespace's loopback; round-trip
 // latency is added by the proxy.
 //
-// Each run starts cold: new daemon state directories, caches dropped. It
+// Each run starts cold: new daemon state directories (on an ext4 file
+// system with a journal made for the invocation, see disk.go), caches
+// dropped. It
 // records the time from `ctr image pull` to the first output line of
 // `ctr run`, the bytes and requests the registry side served until then,
 // the time until the image is fully local, steady-state reads inside a
