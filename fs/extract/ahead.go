@@ -17,10 +17,11 @@ const (
 var aheadPool = sync.Pool{New: func() any { return new([aheadBuffer]byte) }}
 
 type readAhead struct {
-	full chan aheadPiece
-	free chan *[aheadBuffer]byte
-	done chan struct{}
-	once sync.Once
+	full     chan aheadPiece
+	free     chan *[aheadBuffer]byte
+	done     chan struct{}
+	finished chan struct{} // closed when the goroutine has returned, after finally
+	once     sync.Once
 
 	cur []byte             // the unread part of buf
 	buf *[aheadBuffer]byte // being read; returned to free when read
@@ -41,14 +42,16 @@ type aheadPiece struct {
 // as soon as its source's Read does.
 func startReadAhead(r io.Reader, then func() error, finally func()) *readAhead {
 	a := &readAhead{
-		full: make(chan aheadPiece, aheadBuffers),
-		free: make(chan *[aheadBuffer]byte, aheadBuffers),
-		done: make(chan struct{}),
+		full:     make(chan aheadPiece, aheadBuffers),
+		free:     make(chan *[aheadBuffer]byte, aheadBuffers),
+		done:     make(chan struct{}),
+		finished: make(chan struct{}),
 	}
 	for range aheadBuffers {
 		a.free <- aheadPool.Get().(*[aheadBuffer]byte)
 	}
 	go func() {
+		defer close(a.finished)
 		defer finally()
 		a.run(r, then)
 	}()
@@ -63,8 +66,13 @@ func (a *readAhead) run(r io.Reader, then func() error) {
 		case <-a.done:
 			return
 		}
-		n, err := io.ReadFull(r, buf[:])
-		if err == io.EOF || err == io.ErrUnexpectedEOF {
+		// What r has is passed on at once: a source that follows a
+		// download must not wait for a buffer's worth.
+		n, err := 0, error(nil)
+		for n == 0 && err == nil {
+			n, err = r.Read(buf[:])
+		}
+		if err == io.EOF {
 			if err = then(); err == nil {
 				err = io.EOF
 			}

@@ -1,13 +1,19 @@
 package extract
 
 import (
+	"archive/tar"
 	"bytes"
+	"context"
 	"errors"
 	"io"
 	"math/rand/v2"
+	"strings"
+	"sync/atomic"
 	"testing"
 	"testing/iotest"
 	"time"
+
+	"github.com/opencontainers/go-digest"
 )
 
 // TestReadAheadStream: the stream read through a read-ahead is its
@@ -111,5 +117,64 @@ func TestReadAheadStopWhileReading(t *testing.T) {
 	case <-finished:
 	case <-time.After(10 * time.Second):
 		t.Fatal("the goroutine did not end after its source's Read returned")
+	}
+}
+
+// stallingSource serves data, then blocks in Read until ctx is done; it
+// records whether a Read is under way.
+type stallingSource struct {
+	data    *bytes.Reader
+	ctx     context.Context
+	reading atomic.Bool
+}
+
+func (s *stallingSource) Read(p []byte) (int, error) {
+	s.reading.Store(true)
+	defer s.reading.Store(false)
+	if s.data.Len() > 0 {
+		return s.data.Read(p)
+	}
+	<-s.ctx.Done()
+	time.Sleep(100 * time.Millisecond) // a Read takes a while to see it
+	return 0, context.Cause(s.ctx)
+}
+
+// TestLayerAbortsItsSource: an extraction that fails while its read-ahead
+// waits in the source's Read calls Abort, and returns only once that Read
+// has returned, so the caller may close the source; the error is the
+// extraction's, not the abort's.
+func TestLayerAbortsItsSource(t *testing.T) {
+	// A bad entry in the blob's first gzip member, then more of the
+	// stream than has arrived: the source stalls in the second member.
+	tarball := tarOf(t, entry{name: "../escape", typ: tar.TypeReg, body: "x"},
+		entry{name: "big", typ: tar.TypeReg, body: strings.Repeat("0123456789abcdef", 1<<16)})
+	first, second := gzipOf(t, tarball[:4096]), gzipOf(t, tarball[4096:])
+	blob := append(append([]byte{}, first...), second...)
+	ctx, cancel := context.WithCancelCause(context.Background())
+	defer cancel(nil)
+	src := &stallingSource{data: bytes.NewReader(blob[:len(first)+10]), ctx: ctx}
+	aborted := false
+	done := make(chan error, 1)
+	go func() {
+		_, err := Layer(context.Background(), src, t.TempDir(), Options{
+			Digest: digest.FromBytes(blob),
+			Abort:  func(err error) { aborted = true; cancel(err) },
+		})
+		done <- err
+	}()
+	select {
+	case err := <-done:
+		if !errors.Is(err, ErrInvalid) || !strings.Contains(err.Error(), "escape") {
+			t.Errorf("extraction failed with %v, want the bad entry", err)
+		}
+		if !aborted {
+			t.Error("Abort was not called")
+		}
+		if src.reading.Load() {
+			t.Error("Layer returned while its source was being read")
+		}
+	case <-time.After(30 * time.Second):
+		cancel(errors.New("test over"))
+		t.Fatal("Layer did not return: its source stalls until aborted")
 	}
 }

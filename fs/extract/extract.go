@@ -49,6 +49,13 @@ type Options struct {
 	// complete on disk, attributes included. An error stops extraction
 	// and is returned.
 	OnEntry func(hdr *tar.Header) error
+	// Abort, if set, is called with the error Layer is about to return,
+	// while a Read of the source may be under way (it is read ahead in a
+	// goroutine): it must make that Read return, by canceling what the
+	// source reads from. Layer returns once nothing reads the source, so
+	// that the caller may close it; without Abort it waits for such a
+	// Read to return by itself.
+	Abort func(error)
 }
 
 // Result tells what an extraction found.
@@ -101,7 +108,18 @@ func Layer(ctx context.Context, r io.Reader, dir string, opts Options) (Result, 
 		}
 		return nil
 	}, closeDecompressor)
-	defer tarReader.stop()
+	res, err := apply(ctx, dir, tarReader, opts, raw, blobHash, diffHash)
+	if err != nil && opts.Abort != nil {
+		opts.Abort(err)
+	}
+	tarReader.stop()
+	<-tarReader.finished // r is the caller's again
+	return res, err
+}
+
+// apply extracts the tar stream tarReader into dir and verifies the blob
+// raw read (Layer).
+func apply(ctx context.Context, dir string, tarReader io.Reader, opts Options, raw *countingReader, blobHash, diffHash digest.Digester) (Result, error) {
 	guard := newPathGuard(opts.HideRoot)
 	guard.onEntry = opts.OnEntry
 	applyOpts := []archive.ApplyOpt{

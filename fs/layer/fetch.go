@@ -210,12 +210,15 @@ func (m *Manager) run(j *job, ref string) {
 
 // extract streams desc from the registry into dir.
 func (m *Manager) extract(ctx context.Context, ref string, desc ocispec.Descriptor, dir string, parents []string) (extract.Result, error) {
+	ctx, cancel := context.WithCancel(ctx)
+	defer cancel()
 	rc, err := m.reg.Open(ctx, ref, desc)
 	if err != nil {
 		return extract.Result{}, classify(err)
 	}
 	defer rc.Close()
-	opts := extract.Options{Digest: desc.Digest, Size: desc.Size, Parents: parents}
+	// A failed extraction stops the stream's Read its read-ahead may be in.
+	opts := extract.Options{Digest: desc.Digest, Size: desc.Size, Parents: parents, Abort: func(error) { cancel() }}
 	if _, ok := lazy.Capable(desc); ok {
 		// An eStargz or zstd:chunked layer fetched in full: its format
 		// entries are no more part of the image than when it is lazy.

@@ -103,6 +103,7 @@ func (l *Layer) populate(ctx context.Context, dir string, o PopulateOptions, onE
 	src := yielding{ctx: ctx, r: l.f.partial.follow(ctx), act: l.f.act, quiet: o.Quiet}
 	_, err := extract.Layer(ctx, src, dir, extract.Options{
 		Digest: l.desc.Digest, Size: l.desc.Size, HideRoot: FormatNames(), OnEntry: onEntry,
+		Abort: func(err error) { cancel(err) }, // src's Read returns
 	})
 	if err != nil {
 		cancel(err)
