@@ -117,8 +117,9 @@ func Layer(ctx context.Context, r io.Reader, dir string, opts Options) (Result, 
 	return res, err
 }
 
-// apply extracts the tar stream tarReader into dir and verifies the blob
-// raw read (Layer).
+// apply extracts the tar stream tarReader into dir, reads it to its end,
+// and then checks what raw read against opts: the blob's size and digest,
+// and the tar's digest (see Layer).
 func apply(ctx context.Context, dir string, tarReader io.Reader, opts Options, raw *countingReader, blobHash, diffHash digest.Digester) (Result, error) {
 	guard := newPathGuard(opts.HideRoot)
 	guard.onEntry = opts.OnEntry
@@ -198,10 +199,9 @@ func (c *countingReader) classify(err error) error {
 }
 
 // countingReader counts the bytes read from the source and remembers the
-// source's error.
-// It is read by the read-ahead's goroutine: err, which classify may look
-// at while that still runs, is guarded by mu; n is read once the
-// read-ahead has ended.
+// source's error. The read-ahead's goroutine reads it: err, which classify
+// may look at while that goroutine runs, is guarded by mu; n is read once
+// the read-ahead has ended.
 type countingReader struct {
 	r   io.Reader
 	n   int64
