@@ -5,6 +5,7 @@ import (
 	"bytes"
 	"context"
 	"errors"
+	"fmt"
 	"io"
 	"os"
 	"path/filepath"
@@ -320,5 +321,71 @@ func blobOf(t *testing.T, entries []tarEntry) ([]byte, ocispec.Descriptor) {
 		Digest:      digest.FromBytes(blob),
 		Size:        int64(len(blob)),
 		Annotations: map[string]string{TOCDigestAnnotation: rc.TOCDigest().String()},
+	}
+}
+
+// TestPopulateIntoMany: population places files while extraction goes on
+// (on a goroutine of its own, up to placeQueue entries behind); a layer of
+// more files than that, with a hard link, ends up placed whole, each file
+// with its bytes, the link sharing its file's inode.
+func TestPopulateIntoMany(t *testing.T) {
+	if os.Getuid() != 0 {
+		t.Skip("population sets owners: needs root")
+	}
+	var buf bytes.Buffer
+	tw := tar.NewWriter(&buf)
+	want := map[string]string{}
+	add := func(hdr *tar.Header, body string) {
+		hdr.ModTime, hdr.Size = mtime, int64(len(body))
+		if hdr.Mode == 0 {
+			hdr.Mode = 0o644
+		}
+		if err := tw.WriteHeader(hdr); err != nil {
+			t.Fatal(err)
+		}
+		io.WriteString(tw, body)
+	}
+	for i := 0; i < 3*placeQueue; i++ {
+		if i%100 == 0 {
+			add(&tar.Header{Name: fmt.Sprintf("d%d/", i/100), Typeflag: tar.TypeDir, Mode: 0o755}, "")
+		}
+		name, body := fmt.Sprintf("d%d/f%04d", i/100, i), fmt.Sprintf("file %d\n", i)
+		add(&tar.Header{Name: name, Typeflag: tar.TypeReg}, body)
+		want[name] = body
+		if i == placeQueue {
+			add(&tar.Header{Name: "linked", Typeflag: tar.TypeReg}, "linked bytes\n")
+			add(&tar.Header{Name: "d0/link", Typeflag: tar.TypeLink, Linkname: "linked"}, "")
+			want["linked"], want["d0/link"] = "linked bytes\n", "linked bytes\n"
+		}
+	}
+	tw.Close()
+	rc, err := estargz.Build(io.NewSectionReader(bytes.NewReader(buf.Bytes()), 0, int64(buf.Len())))
+	if err != nil {
+		t.Fatal(err)
+	}
+	raw, err := io.ReadAll(rc)
+	rc.Close()
+	if err != nil {
+		t.Fatal(err)
+	}
+	desc := ocispec.Descriptor{MediaType: ocispec.MediaTypeImageLayerGzip, Digest: digest.FromBytes(raw), Size: int64(len(raw)),
+		Annotations: map[string]string{TOCDigestAnnotation: rc.TOCDigest().String()}}
+	l := openLayer(t, raw, &testBlob{data: raw}, desc, Options{})
+	defer l.Close()
+	root := t.TempDir()
+	staging, place := filepath.Join(root, "staging"), filepath.Join(root, "place")
+	os.Mkdir(staging, 0o700)
+	if err := l.PopulateInto(context.Background(), staging, place, PopulateOptions{RangeSize: 64 << 10}); err != nil {
+		t.Fatal(err)
+	}
+	for name, body := range want {
+		if b, err := os.ReadFile(filepath.Join(place, name)); err != nil || string(b) != body {
+			t.Errorf("placed %s: %q, %v; want %q", name, b, err, body)
+		}
+	}
+	a, errA := os.Stat(filepath.Join(place, "linked"))
+	b, errB := os.Stat(filepath.Join(place, "d0/link"))
+	if errA != nil || errB != nil || !os.SameFile(a, b) {
+		t.Errorf("d0/link is not a hard link of linked in the complete tree: %v %v", errA, errB)
 	}
 }

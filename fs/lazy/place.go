@@ -8,6 +8,7 @@ import (
 	"os"
 	"path/filepath"
 	"strings"
+	"sync"
 
 	"golang.org/x/sys/unix"
 
@@ -28,46 +29,167 @@ func (l *Layer) PopulateInto(ctx context.Context, staging, place string, o Popul
 	if err := os.MkdirAll(place, 0o755); err != nil {
 		return err
 	}
-	p := &placer{l: l, staging: staging, place: place}
-	if err := l.populate(ctx, staging, o, p.onEntry); err != nil {
-		return err
+	p := newPlacer(l, staging, place)
+	err := l.populate(ctx, staging, o, p.onEntry)
+	if ferr := p.finish(err == nil); err == nil {
+		err = ferr
 	}
-	if err := p.flush(); err != nil {
+	if err != nil {
 		return err
 	}
 	return p.merge(".")
 }
 
-// placer links verified files from a staging tree into place.
+// placer links verified files from a staging tree into place. Extraction
+// hands it each entry once the entry is complete, when the next one
+// begins; a goroutine of its own verifies and links them, in order, while
+// extraction goes on: verifying reads each file back and hashes it, which
+// took as much of a core as creating the files (python's base layer, 6,672
+// entries). An entry that would replace or remove a name handed on and not
+// yet placed, or one of its directories, waits until the placer has
+// caught up, so that the placer never reads a file extraction is
+// rewriting.
 type placer struct {
 	l              *Layer
 	staging, place string
-	// The entry extracted last, placed when the next one comes.
+	last           placeItem // the entry extracted last, handed on when the next one comes
+	todo           chan placeItem
+	done           chan struct{}
+
+	mu      sync.Mutex
+	caught  sync.Cond      // signalled when pending empties or err is set
+	pending map[string]int // names handed on and not placed, and their directories
+	err     error          // the first error placing
+
+	dirs map[string]bool // directories under place known to exist (placer goroutine)
+}
+
+// placeItem is an entry of the tar for the placer.
+type placeItem struct {
 	name, link string
 	typ        byte
-	placed     int
+}
+
+// placeQueue is how many entries extraction may be ahead of the placer.
+const placeQueue = 256
+
+func newPlacer(l *Layer, staging, place string) *placer {
+	p := &placer{
+		l: l, staging: staging, place: place,
+		todo:    make(chan placeItem, placeQueue),
+		done:    make(chan struct{}),
+		pending: map[string]int{},
+		dirs:    map[string]bool{},
+	}
+	p.caught.L = &p.mu
+	go p.run()
+	return p
 }
 
 func (p *placer) onEntry(hdr *tar.Header) error {
-	err := p.flush()
-	p.name, p.typ, p.link = cleanTarName(hdr.Name), hdr.Typeflag, ""
-	if hdr.Typeflag == tar.TypeLink {
-		p.link = cleanTarName(hdr.Linkname)
+	if err := p.handOn(); err != nil {
+		return err
 	}
-	return err
+	name := cleanTarName(hdr.Name)
+	p.last = placeItem{name: name, typ: hdr.Typeflag}
+	if hdr.Typeflag == tar.TypeLink {
+		p.last.link = cleanTarName(hdr.Linkname)
+	}
+	p.mu.Lock()
+	defer p.mu.Unlock()
+	// A whiteout removes a name; an entry replaces what its name holds
+	// (a directory with all under it).
+	if p.pending[name] > 0 || strings.HasPrefix(filepath.Base(name), ".wh.") {
+		for len(p.pending) > 0 && p.err == nil {
+			p.caught.Wait()
+		}
+	}
+	return p.err
 }
 
-// flush places the entry extracted last, if it is a regular file or a
-// hard link to one already placed.
-func (p *placer) flush() error {
-	name, typ, link := p.name, p.typ, p.link
-	p.name = ""
-	if name == "" || name == "." || strings.HasPrefix(filepath.Base(name), ".wh.") {
+// handOn passes the entry extracted last to the placer, if it is one
+// placed while extracting: a regular file, or a hard link to one.
+func (p *placer) handOn() error {
+	it := p.last
+	p.last = placeItem{}
+	switch {
+	case it.name == "" || it.name == "." || strings.HasPrefix(filepath.Base(it.name), ".wh."):
 		return nil // whiteouts are converted, not extracted as files
+	case it.typ != tar.TypeReg && it.typ != tar.TypeRegA && it.typ != tar.TypeLink: //nolint:staticcheck // old tars use TypeRegA
+		return nil
 	}
+	p.mu.Lock()
+	err := p.err
+	if err == nil {
+		for n := it.name; n != "."; n = filepath.Dir(n) {
+			p.pending[n]++
+		}
+	}
+	p.mu.Unlock()
+	if err != nil {
+		return err
+	}
+	p.todo <- it
+	return nil
+}
+
+// finish hands on the last entry if extraction succeeded, and returns
+// once the placer has stopped, with its first error.
+func (p *placer) finish(ok bool) error {
+	var err error
+	if ok {
+		err = p.handOn()
+	}
+	close(p.todo)
+	<-p.done
+	if err != nil {
+		return err
+	}
+	p.mu.Lock()
+	defer p.mu.Unlock()
+	return p.err
+}
+
+// run places the entries handed on, in order; after an error it only
+// takes them off the queue.
+func (p *placer) run() {
+	defer close(p.done)
+	for it := range p.todo {
+		p.mu.Lock()
+		failed := p.err != nil
+		p.mu.Unlock()
+		var err error
+		if !failed {
+			err = p.placeEntry(it)
+		}
+		p.mu.Lock()
+		for n := it.name; n != "."; n = filepath.Dir(n) {
+			if p.pending[n]--; p.pending[n] <= 0 {
+				delete(p.pending, n)
+			}
+		}
+		if err != nil && p.err == nil {
+			p.err = err
+		}
+		if len(p.pending) == 0 || p.err != nil {
+			p.caught.Broadcast()
+		}
+		p.mu.Unlock()
+	}
+}
+
+// placeEntry places it, a regular file or a hard link, if it is verified
+// (a link: if its target was placed).
+func (p *placer) placeEntry(it placeItem) error {
+	name := it.name
 	var src string
-	switch typ {
-	case tar.TypeReg, tar.TypeRegA: //nolint:staticcheck // old tars use TypeRegA
+	switch it.typ {
+	case tar.TypeLink:
+		if _, err := os.Lstat(filepath.Join(p.place, it.link)); err != nil {
+			return nil // its target is not placed: moved at the end
+		}
+		src = filepath.Join(p.place, it.link)
+	default:
 		f, err := openBeneath(p.staging, name)
 		if err != nil {
 			return fmt.Errorf("place %s: %w", name, err)
@@ -81,22 +203,15 @@ func (p *placer) flush() error {
 			return fmt.Errorf("layer %s: %w: %w", p.l.desc.Digest, err, extract.ErrInvalid)
 		}
 		src = filepath.Join(p.staging, name)
-	case tar.TypeLink:
-		if _, err := os.Lstat(filepath.Join(p.place, link)); err != nil {
-			return nil // its target is not placed: moved at the end
-		}
-		src = filepath.Join(p.place, link)
-	default:
-		return nil
 	}
-	if err := mkdirBeneath(p.place, filepath.Dir(name)); err != nil {
+	if err := p.mkdir(filepath.Dir(name)); err != nil {
 		return fmt.Errorf("place %s: %w", name, err)
 	}
 	// link(2) makes the name appear with the complete file, or fails.
 	dst := filepath.Join(p.place, name)
 	err := os.Link(src, dst)
 	switch {
-	case errors.Is(err, os.ErrExist) && typ != tar.TypeLink:
+	case errors.Is(err, os.ErrExist) && it.typ != tar.TypeLink:
 		// Placed before (PlaceNow, or an attempt before a restart) with
 		// the same verified bytes; the tar's attributes are the exact
 		// ones (a TOC's times are rounded), and containers see the
@@ -111,7 +226,34 @@ func (p *placer) flush() error {
 	case err != nil && !errors.Is(err, os.ErrExist):
 		return fmt.Errorf("place %s: %w", name, err)
 	}
-	p.placed++
+	return nil
+}
+
+// mkdir is mkdirBeneath(p.place, rel), remembering the directories that
+// exist: nothing under place is removed while the layer exists.
+func (p *placer) mkdir(rel string) error {
+	if rel == "." || p.dirs[rel] {
+		return nil
+	}
+	if err := p.mkdir(filepath.Dir(rel)); err != nil {
+		return err
+	}
+	// Its parents are directories (not symlinks): one component to check.
+	dir := filepath.Join(p.place, rel)
+	st, err := os.Lstat(dir)
+	if errors.Is(err, os.ErrNotExist) {
+		if err := os.Mkdir(dir, 0o755); err != nil && !errors.Is(err, os.ErrExist) {
+			return err
+		}
+		st, err = os.Lstat(dir)
+	}
+	switch {
+	case err != nil:
+		return err
+	case !st.IsDir():
+		return fmt.Errorf("%s is not a directory", dir)
+	}
+	p.dirs[rel] = true
 	return nil
 }
 
