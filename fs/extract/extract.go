@@ -22,6 +22,12 @@ import (
 // that would escape the layer root. errdefs.IsDataLoss reports true for it.
 var ErrInvalid error = invalidError{}
 
+// ErrDiffID is wrapped by the error of a blob whose digest matched but
+// whose uncompressed tar is not the one the image config names
+// (Options.DiffID). Fetching the blob again cannot help: the config is
+// wrong. It wraps ErrInvalid.
+var ErrDiffID = fmt.Errorf("the image config's diff ID names other content: %w", ErrInvalid)
+
 type invalidError struct{}
 
 func (invalidError) Error() string { return "invalid layer data" }
@@ -149,7 +155,7 @@ func apply(ctx context.Context, dir string, tarReader io.Reader, opts Options, r
 	}
 	res := Result{DiffID: diffHash.Digest(), ImplicitDirs: guard.implicitDirs}
 	if opts.DiffID != "" && res.DiffID != opts.DiffID {
-		return Result{}, fmt.Errorf("layer %s: uncompressed tar has digest %s, the image config says %s: %w", opts.Digest, res.DiffID, opts.DiffID, ErrInvalid)
+		return Result{}, fmt.Errorf("layer %s: uncompressed tar has digest %s, the image config says %s: %w", opts.Digest, res.DiffID, opts.DiffID, ErrDiffID)
 	}
 	return res, nil
 }

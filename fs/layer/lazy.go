@@ -42,11 +42,14 @@ const (
 // snapshotter's local, and retires the FUSE mount when the last container
 // started from it is gone.
 type Lazy struct {
-	m     *Manager
-	dir   string // snapshot directory
-	ref   string
-	desc  ocispec.Descriptor
-	layer *lazy.Layer
+	m    *Manager
+	dir  string // snapshot directory
+	ref  string
+	desc ocispec.Descriptor
+	// diffID is the image config's diff ID of the layer, if containerd
+	// gave it: population checks it (lazy.PopulateOptions.DiffID).
+	diffID digest.Digest
+	layer  *lazy.Layer
 	// native: containers see the layer through its metadata tree, and
 	// population places files in the data directory (native.go).
 	native bool
@@ -73,6 +76,10 @@ type Lazy struct {
 type savedLayer struct {
 	Ref        string             `json:"ref"`
 	Descriptor ocispec.Descriptor `json:"descriptor"`
+	// DiffID is the diff ID the image config gives the layer
+	// (containerd's label), which population checks; empty if
+	// containerd gave none (or an earlier version saved the layer).
+	DiffID digest.Digest `json:"diffID,omitempty"`
 }
 
 func (m *Manager) lazyCapable(desc ocispec.Descriptor) bool {
@@ -85,7 +92,7 @@ func (m *Manager) lazyCapable(desc ocispec.Descriptor) bool {
 
 // mountLazy reads the layer's TOC from the registry, saves it in dir and
 // mounts the layer at dir/lazy.
-func (m *Manager) mountLazy(ctx context.Context, dir, ref string, desc ocispec.Descriptor, ph phases) (*Lazy, error) {
+func (m *Manager) mountLazy(ctx context.Context, dir, ref string, desc ocispec.Descriptor, diffID digest.Digest, ph phases) (*Lazy, error) {
 	tocDigest, _ := lazy.Capable(desc)
 	blob, err := m.reg.Ranges(ctx, ref, desc)
 	if err != nil {
@@ -117,7 +124,7 @@ func (m *Manager) mountLazy(ctx context.Context, dir, ref string, desc ocispec.D
 		l.Close()
 		return nil, err
 	}
-	b, err := json.Marshal(savedLayer{Ref: ref, Descriptor: desc})
+	b, err := json.Marshal(savedLayer{Ref: ref, Descriptor: desc, DiffID: diffID})
 	if err == nil {
 		err = os.WriteFile(filepath.Join(dir, lazyDescFile), b, 0o600)
 	}
@@ -126,7 +133,7 @@ func (m *Manager) mountLazy(ctx context.Context, dir, ref string, desc ocispec.D
 		return nil, err
 	}
 	ph.since("save", t)
-	ll, err := m.mount(ctx, dir, ref, desc, l, ph, true)
+	ll, err := m.mount(ctx, dir, ref, desc, diffID, l, ph, true)
 	if err != nil {
 		return nil, err
 	}
@@ -251,7 +258,7 @@ func (m *Manager) lazyOptions(dir string) lazy.Options {
 // is on: built before mount returns, or, when later is true, after
 // (mounts of the layer wait for it, see WaitPresent). Its population
 // starts with Start.
-func (m *Manager) mount(ctx context.Context, dir, ref string, desc ocispec.Descriptor, l *lazy.Layer, ph phases, later bool) (*Lazy, error) {
+func (m *Manager) mount(ctx context.Context, dir, ref string, desc ocispec.Descriptor, diffID digest.Digest, l *lazy.Layer, ph phases, later bool) (*Lazy, error) {
 	native := m.cfg.Native
 	if native {
 		if err := m.mountNative(ctx, dir, l, ph); err != nil {
@@ -268,7 +275,7 @@ func (m *Manager) mount(ctx context.Context, dir, ref string, desc ocispec.Descr
 	}
 	popCtx, cancel := context.WithCancel(m.ctx)
 	ll := &Lazy{
-		m: m, dir: dir, ref: ref, desc: desc, layer: l, native: native,
+		m: m, dir: dir, ref: ref, desc: desc, diffID: diffID, layer: l, native: native,
 		ctx: popCtx, cancel: cancel, metaDone: make(chan struct{}),
 		begin: make(chan struct{}), local: make(chan struct{}), failed: make(chan struct{}),
 	}
@@ -336,7 +343,7 @@ func (m *Manager) Restore(ctx context.Context, dir string, _ map[string]string) 
 	if err != nil {
 		return nil, err
 	}
-	return m.mount(ctx, dir, saved.Ref, saved.Descriptor, l, nil, false)
+	return m.mount(ctx, dir, saved.Ref, saved.Descriptor, saved.DiffID, l, nil, false)
 }
 
 // Release implements snapshot.FileSystem: it stops the population of the

@@ -2,6 +2,7 @@ package layer
 
 import (
 	"bytes"
+	"compress/gzip"
 	"context"
 	"errors"
 	"io"
@@ -21,6 +22,7 @@ import (
 	"golang.org/x/sys/unix"
 
 	"github.com/lazylayer/lazylayer/cache"
+	"github.com/lazylayer/lazylayer/fs/extract"
 	"github.com/lazylayer/lazylayer/fs/layer/layerstatus"
 	"github.com/lazylayer/lazylayer/fs/lazy"
 )
@@ -1041,5 +1043,84 @@ func TestLifecycleManualReleaseSurvivesRestart(t *testing.T) {
 	if st := stat(m2, dirB); st.State != stateLazy || !st.HeldBack || recB.count() != 0 {
 		t.Errorf("the layer never released, after a restart: state %q, held back %v, local called %d times",
 			st.State, st.HeldBack, recB.count())
+	}
+}
+
+// TestLifecycleDiffID: population checks the layer against the diff ID
+// containerd names its snapshot after. With the image config's right diff
+// ID the layer turns local; with another, population gives up after one
+// download (the blob matched its digest: fetching again cannot help), the
+// layer never turns local and is still served lazily.
+func TestLifecycleDiffID(t *testing.T) {
+	needFUSE(t)
+	noLeaks(t)
+	for _, c := range []struct {
+		name  string
+		right bool
+	}{
+		{"right", true},
+		{"other", false},
+	} {
+		t.Run(c.name, func(t *testing.T) {
+			reg := newGatedRegistry()
+			desc := reg.addEstargz(t, "a", "layer a")
+			diffID := digest.FromString("another layer's tar")
+			if c.right {
+				zr, err := gzip.NewReader(bytes.NewReader(reg.blobs[desc.Digest]))
+				if err != nil {
+					t.Fatal(err)
+				}
+				h := digest.SHA256.Digester()
+				if _, err := io.Copy(h.Hash(), zr); err != nil {
+					t.Fatal(err)
+				}
+				diffID = h.Digest()
+			}
+			m := newLifecycleManager(t, reg, Config{
+				Policy: PolicyAuto, PopulateAttempts: 3,
+				Populate: lazy.PopulateOptions{Quiet: time.Millisecond},
+			}, true)
+			labels := labelsWith(desc)
+			labels[labelDiffID] = diffID.String()
+			dir := snapshotDir(t)
+			ll, err := m.Prepare(context.Background(), dir, nil, labels)
+			if err != nil || ll == nil {
+				t.Fatalf("Prepare: lazy %v, %v", ll != nil, err)
+			}
+			reg.arm(nil, false)
+			rec := newLocalRecorder(t, dir, map[string]string{"a": "layer a"})
+			ll.Start(rec.local)
+			ctx, cancel := context.WithTimeout(context.Background(), 20*time.Second)
+			defer cancel()
+			err = m.WaitLocal(ctx, desc.Digest)
+			if c.right {
+				if err != nil {
+					t.Fatalf("WaitLocal with the config's diff ID: %v", err)
+				}
+				return
+			}
+			if err == nil || !errors.Is(err, extract.ErrDiffID) {
+				t.Fatalf("WaitLocal: %v, want the diff ID's mismatch", err)
+			}
+			waitFor(t, "population to end", func() bool { return exited(ll) })
+			downloads := 0
+			for _, off := range reg.ranges() {
+				if off == 0 {
+					downloads++
+				}
+			}
+			if downloads != 1 {
+				t.Errorf("the blob was downloaded %d times, want once", downloads)
+			}
+			if st := stat(m, dir); st.State != stateFailed || !strings.Contains(st.Error, "diff ID") {
+				t.Errorf("status: state %q, error %q; want %q and the diff ID", st.State, st.Error, stateFailed)
+			}
+			if n := rec.count(); n != 0 {
+				t.Errorf("local called %d times for a layer the config misnames", n)
+			}
+			if b, err := os.ReadFile(filepath.Join(dir, lazyMount, "a")); err != nil || string(b) != "layer a" {
+				t.Errorf("the lazy layer reads %q, %v", b, err)
+			}
+		})
 	}
 }

@@ -267,7 +267,7 @@ func (m *Manager) Prepare(ctx context.Context, dir string, parents []string, lab
 		}
 	}
 	if m.lazyCapable(desc) {
-		l, err := m.mountLazy(ctx, dir, ref, desc, ph)
+		l, err := m.mountLazy(ctx, dir, ref, desc, digest.Digest(labels[labelDiffID]), ph)
 		if err == nil {
 			return l, nil
 		}

@@ -151,6 +151,13 @@ func (m *Manager) populate(ll *Lazy, local func(context.Context) error) {
 		ll.state.Store(stateLazy)
 		lg := log.G(ctx).WithError(err)
 		switch {
+		case errors.Is(err, extract.ErrDiffID):
+			// The blob is the manifest's, but the config names other
+			// content, and containerd named the snapshot after the
+			// config's diff ID. Fetching again cannot help.
+			ll.fail(err)
+			lg.Error("population gave up: the image config's diff ID for this layer does not match the layer's content (the blob matched its digest); the layer never turns local")
+			return
 		case errors.Is(err, extract.ErrInvalid):
 			if bad++; bad >= m.cfg.PopulateAttempts {
 				ll.fail(fmt.Errorf("the blob failed verification %d times: %w", bad, err))
@@ -230,8 +237,10 @@ func (m *Manager) populateOnce(ctx context.Context, ll *Lazy, local func(context
 		return "", err
 	}
 	tree := filepath.Join(ll.dir, "fs")
+	o := m.cfg.Populate
+	o.DiffID = ll.diffID
 	if ll.native {
-		if err := ll.layer.PopulateInto(ctx, staging, m.placeDir(ll.dir), m.cfg.Populate); err != nil {
+		if err := ll.layer.PopulateInto(ctx, staging, m.placeDir(ll.dir), o); err != nil {
 			return "", err
 		}
 		if err := m.linkTree(ll.dir); err != nil {
@@ -239,7 +248,7 @@ func (m *Manager) populateOnce(ctx context.Context, ll *Lazy, local func(context
 		}
 		tree = m.placeDir(ll.dir)
 	} else {
-		if err := ll.layer.Populate(ctx, staging, m.cfg.Populate); err != nil {
+		if err := ll.layer.Populate(ctx, staging, o); err != nil {
 			return "", err
 		}
 		// A daemon that died between moving a tree here and recording

@@ -10,6 +10,7 @@ import (
 	"time"
 
 	"github.com/containerd/log"
+	"github.com/opencontainers/go-digest"
 	"golang.org/x/time/rate"
 
 	"github.com/lazylayer/lazylayer/fs/extract"
@@ -32,6 +33,13 @@ type PopulateOptions struct {
 	// each burst should find the link and the CPUs free, so population
 	// fills the pauses between them.
 	Quiet time.Duration
+	// DiffID, if set, is the digest the layer's uncompressed tar must
+	// have: the image config's (containerd hands it to the snapshotter as
+	// a label). containerd names snapshots after these digests and shares
+	// a snapshot between images by that name, so a layer whose config
+	// names other content must never turn local. Checked once the whole
+	// blob is in.
+	DiffID digest.Digest
 }
 
 // Progress is how far population got.
@@ -102,7 +110,7 @@ func (l *Layer) populate(ctx context.Context, dir string, o PopulateOptions, onE
 	// they pause while on-demand reads are under way, as downloading does.
 	src := yielding{ctx: ctx, r: l.f.partial.follow(ctx), act: l.f.act, quiet: o.Quiet}
 	_, err := extract.Layer(ctx, src, dir, extract.Options{
-		Digest: l.desc.Digest, Size: l.desc.Size, HideRoot: FormatNames(), OnEntry: onEntry,
+		Digest: l.desc.Digest, Size: l.desc.Size, DiffID: o.DiffID, HideRoot: FormatNames(), OnEntry: onEntry,
 		Abort: func(err error) { cancel(err) }, // src's Read returns
 	})
 	if err != nil {
@@ -115,6 +123,10 @@ func (l *Layer) populate(ctx context.Context, dir string, o PopulateOptions, onE
 		// Every byte arrived and the whole blob matched its digest,
 		// whatever became of a request on-demand reads overtook.
 		return saveErr
+	case errors.Is(err, extract.ErrDiffID):
+		// The blob matched its digest: the copy is right, the config
+		// is not.
+		return errors.Join(err, saveErr)
 	case errors.Is(err, extract.ErrInvalid):
 		l.f.partial.reset()
 		return err
