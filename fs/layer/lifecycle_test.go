@@ -1050,7 +1050,8 @@ func TestLifecycleManualReleaseSurvivesRestart(t *testing.T) {
 // containerd names its snapshot after. With the image config's right diff
 // ID the layer turns local; with another, population gives up after one
 // download (the blob matched its digest: fetching again cannot help), the
-// layer never turns local and is still served lazily.
+// layer never turns local and is still served lazily, and after a restart
+// the restored layer is checked again.
 func TestLifecycleDiffID(t *testing.T) {
 	needFUSE(t)
 	noLeaks(t)
@@ -1120,6 +1121,28 @@ func TestLifecycleDiffID(t *testing.T) {
 			}
 			if b, err := os.ReadFile(filepath.Join(dir, lazyMount, "a")); err != nil || string(b) != "layer a" {
 				t.Errorf("the lazy layer reads %q, %v", b, err)
+			}
+
+			// The diff ID is kept with the layer: a restarted daemon
+			// checks it too.
+			if err := m.Close(); err != nil {
+				t.Fatal(err)
+			}
+			m2 := newLifecycleManager(t, reg, Config{
+				Policy: PolicyAuto, PopulateAttempts: 3,
+				Populate: lazy.PopulateOptions{Quiet: time.Millisecond},
+			}, true)
+			ll2, err := m2.Restore(context.Background(), dir, nil)
+			if err != nil {
+				t.Fatalf("Restore: %v", err)
+			}
+			rec2 := newLocalRecorder(t, dir, nil)
+			ll2.Start(rec2.local)
+			if err := m2.WaitLocal(ctx, desc.Digest); !errors.Is(err, extract.ErrDiffID) {
+				t.Errorf("after a restart, WaitLocal: %v, want the diff ID's mismatch", err)
+			}
+			if n := rec2.count(); n != 0 {
+				t.Errorf("after a restart, local called %d times for a layer the config misnames", n)
 			}
 		})
 	}
