@@ -239,19 +239,8 @@ func (p *placer) mkdir(rel string) error {
 		return err
 	}
 	// Its parents are directories (not symlinks): one component to check.
-	dir := filepath.Join(p.place, rel)
-	st, err := os.Lstat(dir)
-	if errors.Is(err, os.ErrNotExist) {
-		if err := os.Mkdir(dir, 0o755); err != nil && !errors.Is(err, os.ErrExist) {
-			return err
-		}
-		st, err = os.Lstat(dir)
-	}
-	switch {
-	case err != nil:
+	if err := mkdirOne(filepath.Join(p.place, rel)); err != nil {
 		return err
-	case !st.IsDir():
-		return fmt.Errorf("%s is not a directory", dir)
 	}
 	p.dirs[rel] = true
 	return nil
@@ -266,18 +255,28 @@ func mkdirBeneath(root, rel string) error {
 	dir := root
 	for _, name := range strings.Split(rel, "/") {
 		dir = filepath.Join(dir, name)
-		st, err := os.Lstat(dir)
-		switch {
-		case err == nil && st.IsDir():
-			continue
-		case err == nil:
-			return fmt.Errorf("%s is not a directory", dir)
-		case !errors.Is(err, os.ErrNotExist):
+		if err := mkdirOne(dir); err != nil {
 			return err
 		}
+	}
+	return nil
+}
+
+// mkdirOne makes directory dir unless it is one, refusing anything else
+// there (a symlink included).
+func mkdirOne(dir string) error {
+	st, err := os.Lstat(dir)
+	if errors.Is(err, os.ErrNotExist) {
 		if err := os.Mkdir(dir, 0o755); err != nil && !errors.Is(err, os.ErrExist) {
 			return err
 		}
+		st, err = os.Lstat(dir)
+	}
+	switch {
+	case err != nil:
+		return err
+	case !st.IsDir():
+		return fmt.Errorf("%s is not a directory", dir)
 	}
 	return nil
 }
